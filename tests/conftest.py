@@ -1,0 +1,48 @@
+"""Shared fixtures.  Add new fixtures in their own section below; keep each one self-contained."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from libvirt_harness import LibvirtHarness, missing_binaries
+
+OSINFO_DB = Path("/usr/share/osinfo")
+
+
+# ----------------------------------------------------------------- real libvirt
+
+
+@pytest.fixture(scope="session")
+def libvirt() -> Iterator[LibvirtHarness]:
+    """One daemon for the whole session: starting libvirtd per test would dominate the run time.
+
+    A developer machine without libvirt skips; CI (``CI`` set) fails instead, so a broken CI
+    image cannot turn the real-component tests into silent skips.
+    """
+    missing = missing_binaries()
+    if missing:
+        reason = f"libvirt/QEMU binaries not installed: {', '.join(missing)} (run scripts/setup.sh test)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but {reason}", pytrace=False)
+        pytest.skip(reason)
+    harness = LibvirtHarness()
+    harness.start()
+    try:
+        yield harness
+    finally:
+        harness.stop()
+
+
+# ----------------------------------------------------------------- osinfo-db
+
+
+@pytest.fixture(scope="session")
+def osinfo_db() -> Path:
+    """Guest-OS facts come from the real database, never from a copy that could drift."""
+    if not (OSINFO_DB / "os").is_dir():
+        pytest.fail(f"osinfo-db not found at {OSINFO_DB} (Debian package osinfo-db; scripts/setup.sh)",
+                    pytrace=False)
+    return OSINFO_DB

@@ -1,0 +1,142 @@
+"""The `virtpolicy` command line.
+
+Exit status: 0 solved, 2 conflicting requirements (a result, reported), 1 bad input (one line on
+stderr naming the input). Tracebacks are for bugs only, and only with VIRTPOLICY_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from virtpolicy import __version__
+from virtpolicy.errors import InputError
+from virtpolicy.models.domain import Domain
+from virtpolicy.models.guestos import DEFAULT_OSINFO_DB, OsinfoDB
+from virtpolicy.models.host import EMBEDDED_BUNDLE, Host, load_host_bundle
+
+EMBEDDED_EXAMPLE = Path(__file__).parent / "data" / "examples" / "rhel6-on-q35.xml"
+EXIT_OK, EXIT_INPUT, EXIT_CONFLICT = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="virtpolicy", description="Policy engine for libvirt domains.")
+    p.add_argument("--version", action="version", version=f"virtpolicy {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    solve = sub.add_parser("solve", help="complete a partial domain XML, or report the conflicting requirements")
+    solve.add_argument("domain", nargs="?", help="domain XML file, or - for stdin (default: the embedded example "
+                       "examples/rhel6-on-q35.xml when stdin is a terminal)")
+    solve.add_argument("--os", dest="os_id", help="guest OS short id or URI (default: the libosinfo metadata)")
+    solve.add_argument("--osinfo-db", type=Path, default=DEFAULT_OSINFO_DB, help="osinfo-db path (%(default)s)")
+    hosts = solve.add_mutually_exclusive_group()
+    hosts.add_argument("--host", type=Path, help="host bundle directory or a domcapabilities file")
+    hosts.add_argument("--connect", metavar="URI", help="read the host from a live libvirt")
+    solve.add_argument("--guest-support", choices=("strict", "lenient"), default="strict",
+                       help="lenient: guest-OS driver support becomes a soft preference")
+    solve.add_argument("--format", choices=("xml", "json"), default="xml")
+    solve.add_argument("-o", "--output", type=Path, help="write the XML here instead of stdout")
+    solve.add_argument("-q", "--quiet", action="store_true", help="no decision summary on stderr")
+
+    host = sub.add_parser("host", help="host bundles")
+    host_sub = host.add_subparsers(dest="host_command", required=True)
+    capture = host_sub.add_parser("capture", help="write a host bundle from a live libvirt")
+    capture.add_argument("--connect", metavar="URI", required=True)
+    capture.add_argument("directory", type=Path)
+    return p
+
+
+def _read_domain(arg: str | None) -> Domain:
+    if arg is None:
+        if sys.stdin.isatty():
+            print(f"virtpolicy: no domain given; solving the embedded example {EMBEDDED_EXAMPLE.name}", file=sys.stderr)
+            return Domain.from_file(EMBEDDED_EXAMPLE)
+        arg = "-"
+    if arg == "-":
+        return Domain.from_bytes(sys.stdin.buffer.read(), "<stdin>")
+    return Domain.from_file(Path(arg))
+
+
+def _host(args: argparse.Namespace, workdir: Path) -> Host:
+    if args.connect:
+        from virtpolicy.models.capture import live_host
+
+        return live_host(args.connect, workdir)
+    return load_host_bundle(args.host or EMBEDDED_BUNDLE)
+
+
+def _guest(args: argparse.Namespace, domain: Domain):  # type: ignore[no-untyped-def]
+    key = args.os_id or (domain.os_id.value if domain.os_id else None)
+    if key is None:
+        raise InputError(
+            f"{domain.source}: no guest OS: add <libosinfo:os id='...'/> metadata or pass --os "
+            "(--os generic for an OS osinfo-db does not know)"
+        )
+    return OsinfoDB(args.osinfo_db).lookup(key)
+
+
+def cmd_solve(args: argparse.Namespace) -> int:
+    from virtpolicy.solver.build import build
+    from virtpolicy.solver.render import render, to_bytes
+    from virtpolicy.solver.report import conflict_json, conflict_text, solution_json, solution_text
+    from virtpolicy.solver.solve import Conflict, solve
+
+    domain = _read_domain(args.domain)
+    with tempfile.TemporaryDirectory(prefix="virtpolicy-host-") as tmp:
+        host = _host(args, Path(tmp))
+    guest = _guest(args, domain)
+    start = time.perf_counter()
+    built = build(domain, host, guest, args.guest_support)
+    result = solve(built.problem)
+    if isinstance(result, Conflict):
+        if args.format == "json":
+            print(json.dumps(conflict_json(built, result), indent=2, sort_keys=True))
+        print(conflict_text(built, result), file=sys.stderr)
+        return EXIT_CONFLICT
+    xml = to_bytes(render(built, result))
+    elapsed = (time.perf_counter() - start) * 1000
+    if args.format == "json":
+        print(json.dumps(solution_json(built, result, xml.decode()), indent=2, sort_keys=True))
+    elif args.output:
+        args.output.write_bytes(xml)
+    else:
+        sys.stdout.buffer.write(xml)
+    if not args.quiet:
+        print(solution_text(built, result, elapsed), file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_host(args: argparse.Namespace) -> int:
+    from virtpolicy.models.capture import capture
+
+    for path in capture(args.connect, args.directory):
+        print(path)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "solve":
+            return cmd_solve(args)
+        return cmd_host(args)
+    except InputError as exc:
+        print(f"virtpolicy: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug: say so in one line unless asked for the traceback
+        if os.environ.get("VIRTPOLICY_DEBUG"):
+            raise
+        print(f"virtpolicy: internal error: {type(exc).__name__}: {exc} (VIRTPOLICY_DEBUG=1 shows more)",
+              file=sys.stderr)
+        return EXIT_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

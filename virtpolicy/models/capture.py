@@ -1,0 +1,67 @@
+"""Capturing a host bundle from a live libvirt (`virtpolicy host capture`, `--connect URI`).
+
+Uses the `virsh` client rather than libvirt's Python binding, so the package keeps its three
+dependencies; what is captured is exactly what `virsh capabilities` / `domcapabilities` print.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from virtpolicy.errors import InputError
+from virtpolicy.models.host import load_host_bundle
+from virtpolicy.models.machines import families
+
+VIRSH_TIMEOUT = 60
+
+
+def _virsh(uri: str, *args: str) -> str:
+    if shutil.which("virsh") is None:
+        raise InputError(f"--connect {uri}: virsh is not installed (Debian package libvirt-clients)")
+    try:
+        done = subprocess.run(
+            ["virsh", "-c", uri, *args], capture_output=True, text=True, timeout=VIRSH_TIMEOUT, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise InputError(f"--connect {uri}: virsh {' '.join(args)} did not answer in {VIRSH_TIMEOUT} s") from None
+    if done.returncode != 0:
+        message = (done.stderr.strip().splitlines() or ["failed"])[-1]
+        raise InputError(f"--connect {uri}: virsh {args[0]}: {message}")
+    return done.stdout
+
+
+def capture(uri: str, directory: Path) -> list[Path]:
+    """Write capabilities.xml and one domcaps file per machine family and virt type; return the files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    caps_file = directory / "capabilities.xml"
+    caps_file.write_text(_virsh(uri, "capabilities"))
+    written = [caps_file]
+    host = load_host_bundle_caps_only(caps_file)
+    for (arch, vt), machines in sorted(host.items()):
+        for fam in families():
+            if arch not in fam.arches:
+                continue
+            canonical = next((m for m, alias in machines if fam.matches(alias) and m != alias), None)
+            canonical = canonical or next((m for m, _ in machines if fam.matches(m)), None)
+            if canonical is None:
+                continue
+            out = directory / f"domcaps-{arch}-{fam.name}-{vt}.xml"
+            out.write_text(_virsh(uri, "domcapabilities", "--arch", arch, "--machine", canonical, "--virttype", vt))
+            written.append(out)
+    return written
+
+
+def load_host_bundle_caps_only(caps_file: Path) -> dict[tuple[str, str], list[tuple[str, str]]]:
+    """(arch, virt type) -> [(canonical, name)] from a capabilities file alone."""
+    from virtpolicy.models.host import Host, _read_capabilities
+
+    host = Host(source=str(caps_file.parent), arch="")
+    _read_capabilities(caps_file, host)
+    return {key: [(m.canonical, m.name) for m in ms] for key, ms in host.machines.items()}
+
+
+def live_host(uri: str, workdir: Path):  # type: ignore[no-untyped-def]
+    capture(uri, workdir)
+    return load_host_bundle(workdir)

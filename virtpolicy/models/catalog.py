@@ -1,0 +1,101 @@
+"""The device catalog (data/catalog.toml): device classes, their variables, values and guest identities."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+DATA = Path(__file__).parent / "data"
+
+
+@dataclass(frozen=True)
+class VirtioFamily:
+    key: str
+    name: str
+    legacy: str | None
+    modern: str
+
+
+@dataclass(frozen=True)
+class GuestDevice:
+    """What a guest must drive for one value of one variable."""
+
+    virtio: str | None = None  # virtio family key
+    mode_from: str | None = None  # variable (of the same instance) whose virtio model sets the mode
+    fixed_mode: str | None = None  # 'modern' for modern-only devices, 'virtio' for the scsi controller
+    ids: tuple[str, ...] = ()
+    name: str = ""
+    assumed: str = ""
+    supplement: str = ""
+
+
+@dataclass(frozen=True)
+class ClassVariable:
+    name: str
+    values: tuple[str, ...]
+    xml: str
+    guest: dict[str, GuestDevice] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeviceClass:
+    name: str
+    element: str  # XPath under /domain/devices
+    label: str
+    singleton: bool
+    explicit_none: bool
+    variables: dict[str, ClassVariable]
+
+
+@dataclass(frozen=True)
+class Supplement:
+    device: str
+    name: str
+    short_id_prefixes: tuple[str, ...]
+    why: str
+
+
+@dataclass(frozen=True)
+class Catalog:
+    virtio: dict[str, VirtioFamily]
+    classes: dict[str, DeviceClass]
+    supplements: tuple[Supplement, ...]
+
+    def lacks(self, short_id: str, device: str) -> Supplement | None:
+        """A fact osinfo does not record: this OS lacks `device`."""
+        for s in self.supplements:
+            if s.device == device and short_id.startswith(s.short_id_prefixes):
+                return s
+        return None
+
+
+@cache
+def catalog() -> Catalog:
+    data = tomllib.loads((DATA / "catalog.toml").read_text())
+    virtio = {
+        key: VirtioFamily(key, row["name"], row.get("legacy"), row["modern"]) for key, row in data["virtio"].items()
+    }
+    classes = {}
+    for cname, row in data["class"].items():
+        variables = {}
+        for vname, vrow in row["variables"].items():
+            guest = {
+                value: GuestDevice(
+                    virtio=g.get("virtio"), mode_from=g.get("mode_from"), fixed_mode=g.get("fixed_mode"),
+                    ids=tuple(g.get("ids", ())), name=g.get("name", ""), assumed=g.get("assumed", ""),
+                    supplement=g.get("supplement", ""),
+                )
+                for value, g in vrow.get("guest", {}).items()
+            }
+            variables[vname] = ClassVariable(vname, tuple(vrow["values"]), vrow["xml"], guest)
+        classes[cname] = DeviceClass(
+            name=cname, element=row["element"], label=row["label"], singleton=row.get("singleton", False),
+            explicit_none=row.get("explicit_none", False), variables=variables,
+        )
+    sup = tomllib.loads((DATA / "osinfo-supplement.toml").read_text())
+    supplements = tuple(
+        Supplement(r["device"], r["name"], tuple(r["short_id_prefixes"]), r["why"]) for r in sup.get("lacks", ())
+    )
+    return Catalog(virtio, classes, supplements)

@@ -1,0 +1,54 @@
+"""Machine-type families (q35, pc, virt, ...) and how host machine names map onto them (data/machines.toml)."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+DATA = Path(__file__).parent / "data" / "machines.toml"
+
+
+@dataclass(frozen=True)
+class MachineFamily:
+    name: str
+    arches: tuple[str, ...]
+    patterns: tuple[re.Pattern[str], ...]
+    root: str  # pcie | pci | ccw
+    guest_ids: tuple[str, ...] = ()
+    guest_name: str = ""
+
+    def matches(self, machine: str) -> bool:
+        return any(p.match(machine) for p in self.patterns)
+
+
+@cache
+def families() -> tuple[MachineFamily, ...]:
+    data = tomllib.loads(DATA.read_text())
+    return tuple(
+        MachineFamily(
+            name=name,
+            arches=tuple(row["arches"]),
+            patterns=tuple(re.compile(p) for p in row["patterns"]),
+            root=row["root"],
+            guest_ids=tuple(row.get("guest_ids", ())),
+            guest_name=row.get("guest_name", ""),
+        )
+        for name, row in data["family"].items()
+    )
+
+
+def family_of(machine: str) -> MachineFamily | None:
+    for fam in families():
+        if fam.matches(machine):
+            return fam
+    return None
+
+
+def family_named(name: str) -> MachineFamily:
+    for fam in families():
+        if fam.name == name:
+            return fam
+    raise KeyError(name)

@@ -1,0 +1,1 @@
+"""Problem building, solving, explanation and rendering."""

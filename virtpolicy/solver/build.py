@@ -1,0 +1,590 @@
+"""Turning the app's XML, the host, the guest OS and the rule tables into one constraint problem.
+
+Variables are named after what they decide: `machine`, `firmware`, `disk[0].bus`, `video.model`. Rule
+tables name classes (`disk.bus`) and are expanded here per device instance. Each constraint records its
+provenance, so a conflict can say which file, XPath, osinfo OS or host enum to change.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from lxml import etree
+
+from virtpolicy.models.catalog import Catalog, ClassVariable, DeviceClass, GuestDevice, catalog
+from virtpolicy.models.domain import Domain, Explicit, xpath_of
+from virtpolicy.models.guestos import GuestOS
+from virtpolicy.models.host import DomainCaps, Host
+from virtpolicy.models.machines import family_named, family_of, families
+from virtpolicy.rules.tables import HypervFeature, engine_defaults, host_enums, structural
+from virtpolicy.solver.problem import (
+    AtMost,
+    Constraint,
+    Forbid,
+    Problem,
+    Provenance,
+    Source,
+    Strength,
+    require,
+)
+
+VIRTIO_MODELS = ("virtio", "virtio-transitional", "virtio-non-transitional")
+GLOBAL_VARIABLES: dict[str, tuple[str, ...]] = {
+    "firmware": ("bios", "efi", "efi-secure"),
+    "clock.offset": ("utc", "localtime"),
+    "cpu.mode": ("host-passthrough", "host-model", "maximum", "none"),
+}
+GUEST_LENIENT_PRIORITY = 900
+
+
+@dataclass
+class Instance:
+    """One device the engine decides about: present in the XML, or a singleton it may add."""
+
+    cls: DeviceClass
+    index: int
+    element: etree._Element | None
+
+    @property
+    def prefix(self) -> str:
+        return self.cls.name if self.cls.singleton else f"{self.cls.name}[{self.index}]"
+
+    def var(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    @property
+    def xpath(self) -> str:
+        return xpath_of(self.element) if self.element is not None else f"/domain/devices ({self.cls.label} absent)"
+
+    @property
+    def has_address(self) -> bool:
+        return self.element is not None and self.element.find("address") is not None
+
+
+@dataclass
+class Build:
+    """A problem plus everything the renderer needs to write the answer back into the XML."""
+
+    problem: Problem
+    domain: Domain
+    host: Host
+    guest: GuestOS
+    arch: str
+    instances: list[Instance]
+    hyperv: list[HypervFeature] = field(default_factory=list)
+    app_machine: Explicit | None = None
+
+
+def _bind(element: etree._Element, xml: str) -> tuple[etree._Element | None, str]:
+    """Resolve a catalog binding ('@a', 'child/@a', '../x/@a') to (element, attribute)."""
+    path, _, attr = xml.rpartition("@")
+    path = path.rstrip("/")
+    target = element.find(path) if path else element
+    if path.startswith(".."):
+        parent = element.getparent()
+        target = parent.find(path[3:]) if parent is not None else None
+    return target, attr
+
+
+def read_explicit(element: etree._Element | None, variable: ClassVariable) -> Explicit | None:
+    if element is None:
+        return None
+    target, attr = _bind(element, variable.xml)
+    if target is None or target.get(attr) is None:
+        return None
+    return Explicit(target.get(attr, ""), f"{xpath_of(target)}/@{attr}")
+
+
+class Builder:
+    def __init__(self, domain: Domain, host: Host, guest: GuestOS, guest_support: str = "strict") -> None:
+        self.domain = domain
+        self.host = host
+        self.guest = guest
+        self.catalog: Catalog = catalog()
+        self.problem = Problem()
+        self.instances: list[Instance] = []
+        self.guest_strength = Strength.HARD if guest_support == "strict" else Strength.SOFT
+        arch = domain.attr("os/type", "arch")
+        self.arch = arch.value if arch else host.arch
+        self.app_machine = domain.attr("os/type", "machine")
+        self.realized = domain.is_realized
+        self.hyperv: list[HypervFeature] = []
+        self._ids: set[str] = set()
+
+    # --- entry point -----------------------------------------------------------------------------
+    def build(self) -> Build:
+        self._global_variables()
+        self._device_variables()
+        self._hyperv_variables()
+        self._app_constraints()
+        self._structural_constraints()
+        self._host_constraints()
+        self._guest_constraints()
+        self._engine_preferences()
+        return Build(
+            self.problem, self.domain, self.host, self.guest, self.arch, self.instances, self.hyperv,
+            self.app_machine,
+        )
+
+    # --- variables ----------------------------------------------------------------------------------
+    def _global_variables(self) -> None:
+        vtypes = ["kvm", "qemu"] + self.host.virt_types(self.arch)
+        app_type = self.domain.attr("", "type")
+        self.problem.add_variable("domain.type", vtypes + ([app_type.value] if app_type else []), "domain type")
+        fams = [f.name for f in families() if self.arch in f.arches]
+        if self.app_machine:
+            fam = family_of(self.app_machine.value)
+            fams.append(fam.name if fam else self.app_machine.value)
+        self.problem.add_variable("machine", fams, "machine type")
+        for name, values in GLOBAL_VARIABLES.items():
+            self.problem.add_variable(name, values, name)
+
+    def _device_variables(self) -> None:
+        for cls in self.catalog.classes.values():
+            elements = self.domain.devices(cls.element)
+            if cls.singleton:
+                elements = elements[:1] or [None]  # type: ignore[list-item]
+            for index, element in enumerate(elements):
+                inst = Instance(cls, index, element)
+                self.instances.append(inst)
+                for var in cls.variables.values():
+                    values = list(var.values)
+                    explicit = read_explicit(element, var)
+                    if explicit and explicit.value not in values:
+                        values.append(explicit.value)
+                    self.problem.add_variable(inst.var(var.name), values, f"{cls.label} {inst.xpath}")
+
+    def _hyperv_variables(self) -> None:
+        _, features = engine_defaults()
+        app_hyperv = self.domain.root.find("features/hyperv")
+        if not self.guest.is_windows and app_hyperv is None:
+            return
+        for feature in features:
+            if not self.guest.is_windows and self._app_hyperv(feature) is None:
+                continue
+            self.hyperv.append(feature)
+            self.problem.add_variable(f"hyperv.{feature.feature}", ("on", "off"), f"Hyper-V {feature.feature}")
+
+    def _app_hyperv(self, feature: HypervFeature) -> Explicit | None:
+        if feature.timer:
+            el = self.domain.root.find(f"clock/timer[@name='{feature.feature}']")
+            if el is None:
+                return None
+            on = el.get("present", "yes") == "yes"
+            return Explicit("on" if on else "off", xpath_of(el))
+        el = self.domain.root.find(f"features/hyperv/{feature.feature}")
+        if el is None:
+            return None
+        return Explicit(el.get("state", "on") == "on" and "on" or "off", xpath_of(el) + "/@state")
+
+    # --- the app's own values (hard) ----------------------------------------------------------------
+    def _pin(self, variable: str, allowed: Iterable[str], explicit: Explicit, message: str) -> None:
+        allowed = list(allowed)
+        var = self.problem.variables[variable]
+        self.problem.add(
+            require(
+                f"app:{explicit.xpath}", variable, allowed, var.values, message,
+                Provenance(Source.APP, explicit.xpath, f"'{explicit.value}'"),
+            )
+        )
+
+    def _app_constraints(self) -> None:
+        dom = self.domain
+        app_type = dom.attr("", "type")
+        if app_type:
+            self._pin("domain.type", [app_type.value], app_type, f"the domain type is {app_type.value}")
+        if self.app_machine:
+            fam = family_of(self.app_machine.value)
+            value = fam.name if fam else self.app_machine.value
+            self._pin("machine", [value], self.app_machine, f"the machine is {self.app_machine.value}")
+        firmware = self._app_firmware()
+        if firmware:
+            allowed, explicit = firmware
+            self._pin("firmware", allowed, explicit, f"the firmware is {' or '.join(allowed)}")
+        for name, path, attr, absent_value in (
+            ("clock.offset", "clock", "offset", "utc"),
+            ("cpu.mode", "cpu", "mode", "none"),
+        ):
+            explicit = dom.attr(path, attr)
+            if explicit is None and name == "cpu.mode" and dom.root.find("cpu/model") is not None:
+                explicit = Explicit("custom", xpath_of(dom.root.find("cpu")))
+            if explicit is not None:
+                self.problem.add_variable(name, [explicit.value])
+                self._pin(name, [explicit.value], explicit, f"{name} is {explicit.value}")
+            elif self.realized:
+                where = Explicit(absent_value, f"/domain ({path}/@{attr} absent in a realized domain)")
+                self._pin(name, [absent_value], where, f"{name} stays {absent_value}: the domain is already laid out")
+        for feature in self.hyperv:
+            explicit = self._app_hyperv(feature)
+            name = f"hyperv.{feature.feature}"
+            if explicit is not None:
+                self._pin(name, [explicit.value], explicit, f"Hyper-V {feature.feature} is {explicit.value}")
+            elif self.realized:
+                where = Explicit("off", f"/domain/features/hyperv ({feature.feature} absent in a realized domain)")
+                self._pin(name, ["off"], where, f"Hyper-V {feature.feature} stays off: the domain is already laid out")
+        for inst in self.instances:
+            self._app_device_constraints(inst)
+
+    def _app_firmware(self) -> tuple[list[str], Explicit] | None:
+        dom = self.domain
+        os_fw = dom.attr("os", "firmware")
+        loader = dom.root.find("os/loader")
+        secure_feature = dom.root.find("os/firmware/feature[@name='secure-boot']")
+        if secure_feature is not None:
+            on = secure_feature.get("enabled") == "yes"
+            return (["efi-secure"] if on else ["efi"]), Explicit(secure_feature.get("enabled", ""), xpath_of(secure_feature) + "/@enabled")
+        if loader is not None and (loader.get("secure") == "yes" or "secboot" in (loader.text or "")):
+            return ["efi-secure"], Explicit(loader.get("secure", loader.text or ""), xpath_of(loader))
+        if loader is not None and loader.get("type") == "pflash":
+            return ["efi"], Explicit(loader.text or "pflash", xpath_of(loader))
+        if os_fw is not None:
+            return (["efi", "efi-secure"] if os_fw.value == "efi" else [os_fw.value]), os_fw
+        if self.realized:
+            return ["bios"], Explicit("bios", "/domain/os (no firmware in a realized domain)")
+        return None
+
+    def _app_device_constraints(self, inst: Instance) -> None:
+        for var in inst.cls.variables.values():
+            name = inst.var(var.name)
+            explicit = read_explicit(inst.element, var)
+            if explicit is not None:
+                allowed = [explicit.value]
+                if explicit.value == "virtio" and set(VIRTIO_MODELS) <= set(var.values) and not inst.has_address:
+                    allowed = list(VIRTIO_MODELS)  # the app named the virtio family; the engine may pin a mode
+                self._pin(name, allowed, explicit, f"{inst.prefix} {var.name} is {explicit.value}")
+            elif inst.element is not None and inst.cls.singleton and "none" in var.values:
+                here = Explicit("present", xpath_of(inst.element))
+                self._pin(name, [v for v in var.values if v != "none"], here, f"the app wants a {inst.cls.label}")
+            elif inst.element is None and self.realized and "none" in var.values:
+                here = Explicit("absent", f"/domain/devices (no {inst.cls.label} in a realized domain)")
+                self._pin(name, ["none"], here, f"no {inst.cls.label}: the domain is already laid out")
+        if inst.cls.name == "disk" and inst.element is not None:
+            bus = read_explicit(inst.element, inst.cls.variables["bus"])
+            model = read_explicit(inst.element, inst.cls.variables["model"])
+            if model is None and bus is not None and bus.value == "virtio" and inst.has_address:
+                # libvirt laid this disk out as plain virtio: its mode is fixed by its address
+                here = Explicit("virtio", xpath_of(inst.element) + "/address")
+                self._pin(inst.var("model"), ["virtio"], here, f"{inst.prefix} stays plain virtio at its address")
+            if model is None and bus is not None and bus.value != "virtio":
+                pass  # structural rules force model 'n/a'
+
+    # --- structural facts -------------------------------------------------------------------------
+    def _expand(self, refs: Iterable[str]) -> Iterator[dict[str, str]]:
+        """Concrete variable names for class references, one mapping per device instance."""
+        refs = list(refs)
+        multi = sorted({r.split(".")[0] for r in refs if self._is_multi(r.split(".")[0])})
+        per_class = [[i for i in self.instances if i.cls.name == c] for c in multi]
+        for combo in itertools.product(*per_class):
+            chosen = {i.cls.name: i for i in combo}
+            mapping = {}
+            for r in refs:
+                cls, _, var = r.partition(".")
+                mapping[r] = chosen[cls].var(var) if cls in chosen else r
+            yield mapping
+
+    def _is_multi(self, cls: str) -> bool:
+        c = self.catalog.classes.get(cls)
+        return c is not None and not c.singleton
+
+    def _values(self, variable: str, spec: Iterable[str]) -> frozenset[str]:
+        domain = self.problem.variables[variable].values if variable in self.problem.variables else ()
+        spec = list(spec)
+        negated = [s[1:] for s in spec if s.startswith("!")]
+        if negated:
+            return frozenset(v for v in domain if v not in negated)
+        return frozenset(spec)
+
+    def _structural_constraints(self) -> None:
+        _, rules = structural()
+        for rule in rules.values():
+            prov = Provenance(Source.STRUCTURAL, rule.id, rule.where, rule.citation)
+            if rule.at_most:
+                refs = list(rule.at_most["variables"])  # type: ignore[arg-type]
+                names = [i.var(r.split(".")[1]) for r in refs for i in self.instances if i.cls.name == r.split(".")[0]]
+                if names:
+                    self.problem.add(AtMost(
+                        id=f"structural:{rule.id}", variables=tuple(names), message=rule.text, provenance=prov,
+                        value=str(rule.at_most["value"]), limit=int(rule.at_most["limit"]),  # type: ignore[call-overload]
+                    ))
+                continue
+            if rule.forbid_values:
+                for ref in rule.variables:
+                    for mapping in self._expand([ref, *rule.when]):
+                        conds = [(mapping[w], self._values(mapping[w], vals)) for w, vals in rule.when.items()]
+                        conds.append((mapping[ref], frozenset(rule.forbid_values)))
+                        self._add_forbid(f"structural:{rule.id}:{mapping[ref]}", conds, rule.text, prov)
+                continue
+            refs = list(rule.forbid) + list(rule.when) + list(rule.require)
+            for mapping in self._expand(refs):
+                conds = [(mapping[r], self._values(mapping[r], vals)) for r, vals in rule.forbid.items()]
+                conds += [(mapping[r], self._values(mapping[r], vals)) for r, vals in rule.when.items()]
+                for r, vals in rule.require.items():
+                    name = mapping[r]
+                    domain = self.problem.variables[name].values if name in self.problem.variables else ()
+                    conds.append((name, frozenset(v for v in domain if v not in vals)))
+                suffix = ",".join(sorted({n for n, _ in conds} - {r for r in refs}))
+                self._add_forbid(f"structural:{rule.id}" + (f":{suffix}" if suffix else ""), conds, rule.text, prov)
+
+    def _add_forbid(
+        self, cid: str, conds: list[tuple[str, frozenset[str]]], message: str, prov: Provenance,
+        strength: Strength = Strength.HARD, priority: int = 0, cites: tuple[str, ...] = (), group: str = "",
+    ) -> None:
+        if any(name not in self.problem.variables for name, _ in conds):
+            return
+        merged: dict[str, frozenset[str]] = {}
+        for name, vals in conds:
+            merged[name] = merged[name] & vals if name in merged else vals
+        if any(not vals for vals in merged.values()):
+            return  # can never be violated
+        # a condition covering the whole domain says nothing: leave it out
+        merged = {n: v for n, v in merged.items() if set(self.problem.variables[n].values) - v} or merged
+        if cid in self._ids:
+            cid = f"{cid}#{len(self.problem.constraints)}"
+        self._ids.add(cid)
+        self.problem.add(Forbid(
+            id=cid, variables=tuple(merged), message=message, provenance=prov, strength=strength,
+            priority=priority, cites=cites, group=group, sets=tuple(merged.values()),
+        ))
+
+    # --- host capabilities ------------------------------------------------------------------------
+    def _caps(self) -> Iterator[tuple[str, str, DomainCaps | None]]:
+        for fam in self.problem.variables["machine"].values:
+            for vt in self.problem.variables["domain.type"].values:
+                yield fam, vt, self.host.domcaps_for(self.arch, vt, fam)
+
+    def _host_where(self) -> str:
+        return self.host.source.rsplit("/", 1)[-1]
+
+    def _host_constraints(self) -> None:
+        offered = self.host.virt_types(self.arch)
+        for vt in self.problem.variables["domain.type"].values:
+            if vt not in offered:
+                self._add_forbid(
+                    f"host:domain-type:{vt}", [("domain.type", frozenset([vt]))],
+                    f"the host offers no '{vt}' domains for {self.arch} (it offers {', '.join(offered) or 'none'})",
+                    Provenance(Source.HOST, f"{self._host_where()}/capabilities.xml", f"guest arch {self.arch}"),
+                )
+        for fam, vt, caps in self._caps():
+            if vt not in offered:
+                continue
+            if caps is None:
+                self._add_forbid(
+                    f"host:machine:{fam}:{vt}", [("machine", frozenset([fam])), ("domain.type", frozenset([vt]))],
+                    f"the host describes no {fam} machine for {self.arch} {vt} domains",
+                    Provenance(Source.HOST, self._host_where(), f"no domcapabilities for {fam}/{vt}"),
+                )
+                continue
+            if self.domain.vcpus > caps.vcpu_max:
+                self._add_forbid(
+                    f"host:vcpu-max:{fam}:{vt}", [("machine", frozenset([fam])), ("domain.type", frozenset([vt]))],
+                    f"{self.domain.vcpus} vCPUs exceed the {caps.vcpu_max} that {caps.machine} allows",
+                    Provenance(Source.HOST, caps.source, f"vcpu max='{caps.vcpu_max}'"),
+                )
+            self._host_lists_app_machine(fam, vt)
+        for row in host_enums():
+            for mapping in self._expand([row.variable]):
+                name = mapping[row.variable]
+                if name not in self.problem.variables:
+                    continue
+                for value in self.problem.variables[name].values:
+                    if value in row.not_a_device or (row.value_map and value not in row.value_map):
+                        continue
+                    wanted = row.value_map.get(value, value)
+                    self._host_offers(name, value, row.key, wanted)
+        for feature in self.hyperv:
+            self._host_offers(f"hyperv.{feature.feature}", "on", "features/hyperv/features", feature.domcaps)
+
+    def _host_lists_app_machine(self, fam: str, vt: str) -> None:
+        """The app's versioned machine name must exist on the host (its ABI is that exact version)."""
+        app_family = family_of(self.app_machine.value) if self.app_machine else None
+        if self.app_machine is None or app_family is None or app_family.name != fam:
+            return
+        if self.app_machine.value in (m.name for m in self.host.machines.get((self.arch, vt), [])):
+            return
+        self._add_forbid(
+            f"host:machine-name:{vt}", [("machine", frozenset([fam])), ("domain.type", frozenset([vt]))],
+            f"the host lists no machine '{self.app_machine.value}' for {self.arch} {vt} domains",
+            Provenance(Source.HOST, f"{self._host_where()}/capabilities.xml", "guest/arch/machine"),
+        )
+
+    def _host_offers(self, name: str, value: str, key: str, wanted: str) -> None:
+        """Forbid `name == value` on every (machine, virt type) whose domcaps enum lacks `wanted`."""
+        for fam, vt, caps in self._caps():
+            if caps is None:
+                continue
+            enum = caps.enum(key)
+            if enum is None or wanted in enum:
+                continue
+            listed = ", ".join(enum) or "nothing"
+            self._add_forbid(
+                f"host:{name}={value}:{fam}:{vt}",
+                [(name, frozenset([value])), ("machine", frozenset([fam])), ("domain.type", frozenset([vt]))],
+                f"the host's {fam}/{vt} domcapabilities do not offer {key} '{wanted}' (they list {listed})",
+                Provenance(Source.HOST, caps.source, f"enum {key}"),
+            )
+
+    # --- guest OS driver support --------------------------------------------------------------------
+    def _guest_forbid(self, cid: str, conds: list[tuple[str, frozenset[str]]], message: str, detail: str,
+                      cites: tuple[str, ...] = ()) -> None:
+        prov = Provenance(Source.GUEST, self.guest.label, detail)
+        self._add_forbid(
+            f"guest:{cid}", conds, message, prov, strength=self.guest_strength,
+            priority=GUEST_LENIENT_PRIORITY if self.guest_strength is Strength.SOFT else 0, cites=cites,
+        )
+
+    def _guest_constraints(self) -> None:
+        g = self.guest
+        for fam_name in self.problem.variables["machine"].values:
+            try:
+                fam = family_named(fam_name)
+            except KeyError:
+                continue
+            if fam.guest_ids and not g.supports_any(fam.guest_ids):
+                self._guest_forbid(
+                    f"machine:{fam.name}", [("machine", frozenset([fam.name]))],
+                    f"{g.short_id} does not support {fam.guest_name or fam.name}", ", ".join(fam.guest_ids),
+                )
+        if g.firmware_supported(self.arch, "bios") is False:
+            self._guest_forbid("firmware:bios", [("firmware", frozenset(["bios"]))],
+                               f"{g.short_id} does not support BIOS firmware on {self.arch}", "<firmware type='bios' supported='false'>")
+        if g.firmware_supported(self.arch, "efi") is False:
+            self._guest_forbid("firmware:efi", [("firmware", frozenset(["efi", "efi-secure"]))],
+                               f"{g.short_id} does not support UEFI firmware on {self.arch}", "<firmware type='efi' supported='false'>")
+        for inst in self.instances:
+            for var in inst.cls.variables.values():
+                for value, dev in var.guest.items():
+                    if value in self.problem.variables[inst.var(var.name)].values:
+                        self._guest_device(inst, var, value, dev)
+
+    def _guest_device(self, inst: Instance, var: ClassVariable, value: str, dev: GuestDevice) -> None:
+        g = self.guest
+        name = inst.var(var.name)
+        what = f"{inst.prefix} ({inst.xpath})"
+        if dev.virtio:
+            self._guest_virtio(inst, var, value, dev)
+        elif dev.ids and not g.supports_any(dev.ids):
+            self._guest_forbid(
+                f"{name}={value}", [(name, frozenset([value]))],
+                f"{g.short_id} has no driver for {dev.name or value}: {what} cannot be {value}", ", ".join(dev.ids),
+            )
+        elif dev.supplement:
+            lack = self.catalog.lacks(g.short_id, dev.supplement)
+            if lack:
+                self._guest_forbid(
+                    f"{name}={value}", [(name, frozenset([value]))],
+                    f"{g.short_id} has no driver for {lack.name} ({lack.why}): {what} cannot be {value}",
+                    "osinfo-supplement.toml",
+                )
+
+    def _guest_virtio(self, inst: Instance, var: ClassVariable, value: str, dev: GuestDevice) -> None:
+        g = self.guest
+        family = self.catalog.virtio[dev.virtio or ""]
+        name = inst.var(var.name)
+        has_modern = g.supports(family.modern)
+        has_legacy = family.legacy is not None and g.supports(family.legacy)
+        supported = {"modern": has_modern, "transitional": has_modern or has_legacy}
+        what = f"{inst.prefix} ({inst.xpath})"
+        if dev.fixed_mode == "modern":
+            if not has_modern:
+                self._guest_forbid(
+                    f"{name}={value}", [(name, frozenset([value]))],
+                    f"{g.short_id} has no virtio 1.0 driver for {family.name} (modern-only): {what} cannot be {value}",
+                    family.modern,
+                )
+            return
+        mode_var = inst.var(dev.mode_from) if dev.mode_from else None
+        if mode_var is None:
+            models: tuple[str, ...] = ("virtio",)  # a fixed plain-virtio device (virtio-scsi controller)
+        elif mode_var == name:
+            models = (value,)  # the value is itself the virtio model
+        else:
+            models = self.problem.variables[mode_var].values
+        modes, _ = structural()
+        for model in models:
+            if model not in VIRTIO_MODELS:
+                continue
+            by_mode: dict[str, list[str]] = {}
+            rule_of: dict[str, str] = {}
+            for fam in self.problem.variables["machine"].values:
+                root = _root_of(fam)
+                for row in modes:
+                    if row.model == model and row.root in (root, "*"):
+                        by_mode.setdefault(row.mode, []).append(fam)
+                        rule_of[row.mode] = row.rule
+                        break
+            for mode, fams in by_mode.items():
+                if supported[mode]:
+                    continue
+                needs = family.modern if mode == "modern" else " or ".join(filter(None, (family.legacy, family.modern)))
+                conds = [(name, frozenset([value])), ("machine", frozenset(fams))]
+                if mode_var and mode_var != name:
+                    conds.append((mode_var, frozenset([model])))
+                shown = model if not mode_var or mode_var == name else f"{value} with model {model}"
+                on = f" on {'/'.join(fams)}" if model == "virtio" else ""
+                _, rules = structural()
+                self._guest_forbid(
+                    f"{name}={value}:{model}:{mode}", conds,
+                    f"{g.short_id} has no {'virtio 1.0' if mode == 'modern' else 'virtio'} driver for {family.name} "
+                    f"({mode} mode): {what} cannot be {shown}{on}, since {rules[rule_of[mode]].text}",
+                    needs, cites=(rule_of[mode],),
+                )
+
+    # --- engine defaults (soft, lowest) -------------------------------------------------------------
+    def _engine_preferences(self) -> None:
+        prefs, _ = engine_defaults()
+        for pref in prefs:
+            if any(getattr(self.guest, k) not in v for k, v in pref.when_guest.items()):
+                continue
+            for mapping in self._expand([pref.variable, *pref.when]):
+                name = mapping[pref.variable]
+                if name not in self.problem.variables:
+                    continue
+                domain = self.problem.variables[name].values
+                when = [(mapping[w], self._values(mapping[w], vals)) for w, vals in pref.when.items()]
+                for value in pref.order:
+                    if value not in domain:
+                        continue
+                    self._add_forbid(
+                        f"{pref.id}:{name}={value}",
+                        [*when, (name, frozenset(v for v in domain if v != value))],
+                        f"prefer {name} = {value}: {pref.why}",
+                        Provenance(Source.ENGINE, pref.id, pref.where),
+                        strength=Strength.SOFT, group=f"{pref.id}:{name}",
+                    )
+        for feature in self.hyperv:
+            name = f"hyperv.{feature.feature}"
+            self._add_forbid(
+                f"engine.hyperv:{name}=on", [(name, frozenset(["off"]))],
+                f"prefer Hyper-V {feature.feature} on for Windows guests, where the host offers it",
+                Provenance(Source.ENGINE, "engine.hyperv", "engine-defaults.toml [[hyperv]]"), strength=Strength.SOFT,
+            )
+        self._order_domains(prefs)
+
+    def _order_domains(self, prefs: Iterable[object]) -> None:
+        """Put each variable's preferred values first, so the first search already finds good witnesses."""
+        for name, var in list(self.problem.variables.items()):
+            order: list[str] = []
+            for c in self.problem.constraints:
+                if not c.is_hard and name in c.variables and isinstance(c, Forbid):
+                    idx = c.variables.index(name)
+                    allowed = [v for v in var.values if v not in c.sets[idx]]
+                    if len(allowed) == 1 and allowed[0] not in order:
+                        order.append(allowed[0])
+            order += [v for v in var.values if v not in order]
+            self.problem.variables[name] = type(var)(var.name, tuple(order), var.label)
+
+
+def _root_of(family: str) -> str:
+    try:
+        return family_named(family).root
+    except KeyError:
+        return "pci"
+
+
+def build(domain: Domain, host: Host, guest: GuestOS, guest_support: str = "strict") -> Build:
+    return Builder(domain, host, guest, guest_support).build()
+
+
+__all__ = ["Build", "Constraint", "Instance", "build"]

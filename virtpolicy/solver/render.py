@@ -1,0 +1,348 @@
+"""Writing a solution back into the app's XML: fill the gaps, never overwrite what the app wrote.
+
+The input tree is copied and completed in place, so unknown elements, comments and the app's metadata
+survive. Re-rendering an already complete domain adds nothing but the engine's own record, which makes
+solve idempotent: solving the output again gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+import string
+from collections.abc import Iterator
+
+from lxml import etree
+
+from virtpolicy import __version__
+from virtpolicy.models.catalog import ClassVariable
+from virtpolicy.models.domain import VIRTPOLICY_NS, Domain
+from virtpolicy.models.machines import family_of
+from virtpolicy.solver.build import Build, Instance, _bind
+from virtpolicy.solver.solve import Solution
+
+# Where new top-level elements go, relative to their siblings (libvirt's own output order).
+TOP_LEVEL_ORDER = (
+    "name", "uuid", "genid", "title", "description", "metadata", "maxMemory", "memory", "currentMemory",
+    "blkiotune", "memtune", "memoryBacking", "vcpu", "vcpus", "iothreads", "cputune", "numatune", "resource",
+    "sysinfo", "bootloader", "os", "idmap", "features", "cpu", "clock", "on_poweroff", "on_reboot", "on_crash",
+    "pm", "perf", "devices",
+)
+DEVICE_ORDER = (
+    "emulator", "disk", "controller", "lease", "filesystem", "interface", "smartcard", "serial", "parallel",
+    "console", "channel", "input", "tpm", "graphics", "sound", "audio", "video", "hostdev", "redirdev",
+    "redirfilter", "hub", "watchdog", "memballoon", "rng", "panic", "shmem", "memory", "iommu", "vsock",
+)
+TARGET_PREFIX = {"virtio": "vd", "sata": "sd", "scsi": "sd", "usb": "sd", "ide": "hd", "fdc": "fd"}
+
+
+def _insert_ordered(parent: etree._Element, child: etree._Element, order: tuple[str, ...]) -> etree._Element:
+    """Insert `child` after the last sibling that comes at or before it in `order`."""
+    rank = order.index(child.tag) if child.tag in order else len(order)
+    position = 0
+    for i, sibling in enumerate(parent):
+        tag = sibling.tag if isinstance(sibling.tag, str) else ""
+        if tag in order and order.index(tag) <= rank:
+            position = i + 1
+    parent.insert(position, child)
+    return child
+
+
+def _ensure(parent: etree._Element, tag: str, order: tuple[str, ...] = TOP_LEVEL_ORDER) -> etree._Element:
+    found = parent.find(tag)
+    return found if found is not None else _insert_ordered(parent, etree.Element(tag), order)
+
+
+def _set_if_unset(el: etree._Element, attr: str, value: str) -> None:
+    if el.get(attr) is None:
+        el.set(attr, value)
+
+
+def _target_names(prefix: str) -> Iterator[str]:
+    letters = string.ascii_lowercase
+    for first in ("", *letters):
+        for second in letters:
+            yield f"{prefix}{first}{second}"
+
+
+class Renderer:
+    def __init__(self, built: Build, solution: Solution) -> None:
+        self.built = built
+        self.values = solution.assignment
+        self.solution = solution
+        self.tree = copy.deepcopy(built.domain.tree)
+        self.root = self.tree.getroot()
+        self.domain = Domain(self.tree, built.domain.source)
+        # map instances of the original tree onto the copy, by XPath
+        self.elements: dict[int, etree._Element | None] = {}
+        for i, inst in enumerate(built.instances):
+            self.elements[i] = (
+                self.tree.find(built.domain.tree.getelementpath(inst.element)) if inst.element is not None else None
+            )
+
+    def render(self) -> etree._ElementTree:
+        self._domain_type_and_machine()
+        self._firmware()
+        self._features()
+        self._cpu()
+        self._clock()
+        for i, inst in enumerate(self.built.instances):
+            self._device(inst, self.elements[i])
+        self._disk_targets()
+        self._virtio_serial_controller()
+        self._scsi_controller()
+        self._record()
+        etree.indent(self.tree, space="  ")
+        return self.tree
+
+    # --- global decisions --------------------------------------------------------------------------
+    def _domain_type_and_machine(self) -> None:
+        self.root.set("type", self.values["domain.type"])
+        os_el = _ensure(self.root, "os")
+        type_el = os_el.find("type")
+        if type_el is None:
+            type_el = etree.Element("type")
+            os_el.insert(0, type_el)
+        if not (type_el.text or "").strip():
+            type_el.text = "hvm"
+        _set_if_unset(type_el, "arch", self.built.arch)
+        family = self.values["machine"]
+        app = self.built.app_machine
+        app_family = family_of(app.value) if app else None
+        keep_app = app is not None and app_family is not None and app.value != family and not _is_alias(app.value)
+        if not keep_app:
+            name = self.built.host.default_machine(self.built.arch, self.values["domain.type"], family)
+            type_el.set("machine", name or family)
+
+    def _firmware(self) -> None:
+        firmware = self.values["firmware"]
+        os_el = self.root.find("os")
+        if firmware == "bios" or os_el is None or os_el.find("loader") is not None:
+            return
+        _set_if_unset(os_el, "firmware", "efi")
+        fw = os_el.find("firmware")
+        if fw is None:
+            fw = etree.Element("firmware")
+            type_el = os_el.find("type")
+            os_el.insert(os_el.index(type_el) + 1 if type_el is not None else 0, fw)
+        if fw.find("feature[@name='secure-boot']") is None:
+            secure = "yes" if firmware == "efi-secure" else "no"
+            etree.SubElement(fw, "feature", enabled=secure, name="secure-boot")
+            if firmware == "efi-secure" and fw.find("feature[@name='enrolled-keys']") is None:
+                etree.SubElement(fw, "feature", enabled="yes", name="enrolled-keys")
+
+    def _features(self) -> None:
+        wants_smm = self.values["firmware"] == "efi-secure"
+        hyperv_on = [f for f in self.built.hyperv if not f.timer and self.values.get(f"hyperv.{f.feature}") == "on"]
+        features = self.root.find("features")
+        if features is None:
+            features = _insert_ordered(self.root, etree.Element("features"), TOP_LEVEL_ORDER)
+            if self.built.arch in ("x86_64", "i686"):
+                etree.SubElement(features, "acpi")
+                etree.SubElement(features, "apic")
+        if wants_smm and features.find("smm") is None:
+            etree.SubElement(features, "smm", state="on")
+        if hyperv_on:
+            hyperv = features.find("hyperv")
+            if hyperv is None:
+                hyperv = etree.SubElement(features, "hyperv", mode="custom")
+            for feature in hyperv_on:
+                if hyperv.find(feature.feature) is None:
+                    etree.SubElement(hyperv, feature.feature, state="on", **feature.attributes)
+        if len(features) == 0:
+            self.root.remove(features)
+
+    def _cpu(self) -> None:
+        mode = self.values["cpu.mode"]
+        cpu = self.root.find("cpu")
+        if mode in ("none", "custom"):
+            return
+        if cpu is None:
+            cpu = _insert_ordered(self.root, etree.Element("cpu"), TOP_LEVEL_ORDER)
+        _set_if_unset(cpu, "mode", mode)
+        if mode == "host-passthrough":
+            _set_if_unset(cpu, "check", "none")
+            _set_if_unset(cpu, "migratable", "on")
+
+    def _clock(self) -> None:
+        clock = self.root.find("clock")
+        if clock is None:
+            clock = _insert_ordered(self.root, etree.Element("clock"), TOP_LEVEL_ORDER)
+            if self.built.arch in ("x86_64", "i686"):
+                etree.SubElement(clock, "timer", name="rtc", tickpolicy="catchup")
+                etree.SubElement(clock, "timer", name="pit", tickpolicy="delay")
+                etree.SubElement(clock, "timer", name="hpet", present="no")
+        _set_if_unset(clock, "offset", self.values["clock.offset"])
+        for feature in self.built.hyperv:
+            if feature.timer and self.values.get(f"hyperv.{feature.feature}") == "on":
+                if clock.find(f"timer[@name='{feature.feature}']") is None:
+                    etree.SubElement(clock, "timer", name=feature.feature, present="yes")
+
+    # --- devices ----------------------------------------------------------------------------------
+    def _device(self, inst: Instance, element: etree._Element | None) -> None:
+        values = {v: self.values[inst.var(v)] for v in inst.cls.variables}
+        main = next(iter(values.values()))
+        devices = self.domain.devices_element
+        if element is None:
+            if main == "none" and not inst.cls.explicit_none:
+                return
+            element = _NEW_DEVICE[inst.cls.name](self, values, devices)
+            if element is None:
+                return
+        for var in inst.cls.variables.values():
+            self._write(element, var, values[var.name])
+
+    def _write(self, element: etree._Element, var: ClassVariable, value: str) -> None:
+        if value in ("n/a",):
+            return
+        path, _, attr = var.xml.rpartition("@")
+        path = path.rstrip("/")
+        if path.startswith(".."):
+            return  # written by the class's own constructor (the virtio-serial controller)
+        target, _ = _bind(element, var.xml)
+        if target is None:
+            target = etree.SubElement(element, path) if path else element
+        if target.get(attr) is None and not (attr == "model" and element.tag == "disk" and value == "virtio"):
+            target.set(attr, value)
+
+    def _disk_targets(self) -> None:
+        disks = self.domain.devices("disk")
+        used = {d.find("target").get("dev") for d in disks if d.find("target") is not None and d.find("target").get("dev")}
+        for disk in disks:
+            target = disk.find("target")
+            if target is None:
+                target = etree.SubElement(disk, "target")
+            if target.get("dev"):
+                continue
+            bus = target.get("bus") or ("fdc" if disk.get("device") == "floppy" else "ide")
+            for name in _target_names(TARGET_PREFIX.get(bus, "sd")):
+                if name not in used:
+                    used.add(name)
+                    target.set("dev", name)
+                    break
+            # libvirt wants dev before bus
+            bus_value = target.attrib.pop("bus", None)
+            if bus_value is not None:
+                target.set("bus", bus_value)
+
+    def _virtio_serial_controller(self) -> None:
+        """The agent's mode lives on the virtio-serial controller: add or complete it."""
+        model = self.values.get("agent.model", "none")
+        if model in ("none", "virtio"):
+            return
+        devices = self.domain.devices_element
+        controller = devices.find("controller[@type='virtio-serial']")
+        if controller is None:
+            _append(devices, etree.Element("controller", type="virtio-serial", index="0", model=model))
+        else:
+            _set_if_unset(controller, "model", model)
+
+    def _scsi_controller(self) -> None:
+        """SCSI disks get a virtio-scsi controller (libvirt's own default model may be one the guest lacks)."""
+        devices = self.domain.devices_element
+        wants = any(t.get("bus") == "scsi" for t in devices.findall("disk/target"))
+        if wants and devices.find("controller[@type='scsi']") is None:
+            _append(devices, etree.Element("controller", type="scsi", index="0", model="virtio-scsi"))
+
+    # --- the engine's record -----------------------------------------------------------------------
+    def _record(self) -> None:
+        metadata = _ensure(self.root, "metadata")
+        old = metadata.find(f"{{{VIRTPOLICY_NS}}}policy")
+        previous = self.built.domain.previous_decisions()
+        if old is not None:
+            metadata.remove(old)
+        record = etree.SubElement(
+            metadata, f"{{{VIRTPOLICY_NS}}}policy", nsmap={"virtpolicy": VIRTPOLICY_NS},
+        )
+        record.set("version", __version__)
+        record.set("os", self.built.guest.id)
+        for name, decision in self.solution.decisions.items():
+            reason = decision.reason.id if decision.reason is not None else "search order"
+            if name in previous and previous[name][0] == decision.value and reason.startswith("app:"):
+                reason = previous[name][1]  # decided by an earlier solve: keep its reason (idempotence)
+            etree.SubElement(record, f"{{{VIRTPOLICY_NS}}}decision", variable=name, value=decision.value, reason=reason)
+
+
+def _is_alias(machine: str) -> bool:
+    return machine in ("q35", "pc", "virt", "pseries", "s390-ccw-virtio")
+
+
+# --- constructors for devices the engine adds ----------------------------------------------------
+def _append(devices: etree._Element, el: etree._Element) -> etree._Element:
+    return _insert_ordered(devices, el, DEVICE_ORDER)
+
+
+def _new_graphics(r: Renderer, values: dict[str, str], devices: etree._Element) -> etree._Element:
+    el = etree.Element("graphics", type=values["type"], autoport="yes")
+    etree.SubElement(el, "listen", type="address")
+    return _append(devices, el)
+
+
+def _new_video(r: Renderer, values: dict[str, str], devices: etree._Element) -> etree._Element:
+    el = etree.Element("video")
+    etree.SubElement(el, "model", type=values["model"])
+    return _append(devices, el)
+
+
+def _new_usb(r: Renderer, values: dict[str, str], devices: etree._Element) -> etree._Element:
+    model = values["model"]
+    el = _append(devices, etree.Element("controller", type="usb", index="0", model=model))
+    if model == "qemu-xhci" or model == "nec-xhci":
+        el.set("ports", "15")
+    if model == "ich9-ehci1":  # USB 1.1 companions, as libvirt and virt-install lay out ICH9 USB 2
+        for n, port in ((1, "0"), (2, "2"), (3, "4")):
+            companion = etree.Element("controller", type="usb", index="0", model=f"ich9-uhci{n}")
+            etree.SubElement(companion, "master", startport=port)
+            devices.insert(devices.index(el) + n, companion)
+    return el
+
+
+def _new_tablet(r: Renderer, values: dict[str, str], devices: etree._Element) -> etree._Element:
+    return _append(devices, etree.Element("input", type="tablet", bus=values["bus"]))
+
+
+def _new_memballoon(r: Renderer, values: dict[str, str], devices: etree._Element) -> etree._Element:
+    return _append(devices, etree.Element("memballoon", model=values["model"]))
+
+
+def _new_rng(r: Renderer, values: dict[str, str], devices: etree._Element) -> etree._Element:
+    el = etree.Element("rng", model=values["model"])
+    backend = etree.SubElement(el, "backend", model="random")
+    backend.text = "/dev/urandom"
+    return _append(devices, el)
+
+
+def _new_agent(r: Renderer, values: dict[str, str], devices: etree._Element) -> etree._Element:
+    el = etree.Element("channel", type="unix")
+    etree.SubElement(el, "target", type="virtio", name="org.qemu.guest_agent.0")
+    return _append(devices, el)
+
+
+def _new_tpm(r: Renderer, values: dict[str, str], devices: etree._Element) -> etree._Element:
+    el = etree.Element("tpm", model=values["model"])
+    etree.SubElement(el, "backend", type="emulator", version="2.0")
+    return _append(devices, el)
+
+
+_NEW_DEVICE = {
+    "graphics": _new_graphics,
+    "video": _new_video,
+    "usb": _new_usb,
+    "tablet": _new_tablet,
+    "memballoon": _new_memballoon,
+    "rng": _new_rng,
+    "agent": _new_agent,
+    "tpm": _new_tpm,
+}
+
+
+def render(built: Build, solution: Solution) -> etree._ElementTree:
+    return Renderer(built, solution).render()
+
+
+def to_bytes(tree: etree._ElementTree) -> bytes:
+    """The document with its top-level comments and PIs, one per line, and no XML declaration."""
+    root = tree.getroot()
+    before = [etree.tostring(n, encoding="unicode") for n in reversed(list(root.itersiblings(preceding=True)))]
+    after = [etree.tostring(n, encoding="unicode") for n in root.itersiblings()]
+    body = etree.tostring(root, encoding="unicode", with_tail=False)
+    return ("\n".join([*before, body, *after]) + "\n").encode()
