@@ -30,15 +30,23 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     solve = sub.add_parser("solve", help="complete a partial domain XML, or report the conflicting requirements")
-    solve.add_argument("domain", nargs="?", help="domain XML file, or - for stdin (default: the embedded example "
-                       "examples/rhel6-on-q35.xml when stdin is a terminal)")
+    solve.add_argument(
+        "domain",
+        nargs="?",
+        help="domain XML file, or - for stdin (default: the embedded example "
+        "examples/rhel6-on-q35.xml when stdin is a terminal)",
+    )
     solve.add_argument("--os", dest="os_id", help="guest OS short id or URI (default: the libosinfo metadata)")
     solve.add_argument("--osinfo-db", type=Path, default=DEFAULT_OSINFO_DB, help="osinfo-db path (%(default)s)")
     hosts = solve.add_mutually_exclusive_group()
     hosts.add_argument("--host", type=Path, help="host bundle directory or a domcapabilities file")
     hosts.add_argument("--connect", metavar="URI", help="read the host from a live libvirt")
-    solve.add_argument("--guest-support", choices=("strict", "lenient"), default="strict",
-                       help="lenient: guest-OS driver support becomes a soft preference")
+    solve.add_argument(
+        "--guest-support",
+        choices=("strict", "lenient"),
+        default="strict",
+        help="lenient: guest-OS driver support becomes a soft preference",
+    )
     solve.add_argument("--format", choices=("xml", "json"), default="xml")
     solve.add_argument("-o", "--output", type=Path, help="write the XML here instead of stdout")
     solve.add_argument("-q", "--quiet", action="store_true", help="no decision summary on stderr")
@@ -133,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: say so in one line unless asked for the traceback
         if os.environ.get("VIRTPOLICY_DEBUG"):
             raise
-        print(f"virtpolicy: internal error: {type(exc).__name__}: {exc} (VIRTPOLICY_DEBUG=1 shows more)",
-              file=sys.stderr)
+        print(
+            f"virtpolicy: internal error: {type(exc).__name__}: {exc} (VIRTPOLICY_DEBUG=1 shows more)", file=sys.stderr
+        )
         return EXIT_INPUT
 
 

@@ -22,7 +22,11 @@ def _virsh(uri: str, *args: str) -> str:
         raise InputError(f"--connect {uri}: virsh is not installed (Debian package libvirt-clients)")
     try:
         done = subprocess.run(
-            ["virsh", "-c", uri, *args], capture_output=True, text=True, timeout=VIRSH_TIMEOUT, check=False,
+            ["virsh", "-c", uri, *args],
+            capture_output=True,
+            text=True,
+            timeout=VIRSH_TIMEOUT,
+            check=False,
         )
     except subprocess.TimeoutExpired:
         raise InputError(f"--connect {uri}: virsh {' '.join(args)} did not answer in {VIRSH_TIMEOUT} s") from None

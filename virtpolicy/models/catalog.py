@@ -83,16 +83,24 @@ def catalog() -> Catalog:
         for vname, vrow in row["variables"].items():
             guest = {
                 value: GuestDevice(
-                    virtio=g.get("virtio"), mode_from=g.get("mode_from"), fixed_mode=g.get("fixed_mode"),
-                    ids=tuple(g.get("ids", ())), name=g.get("name", ""), assumed=g.get("assumed", ""),
+                    virtio=g.get("virtio"),
+                    mode_from=g.get("mode_from"),
+                    fixed_mode=g.get("fixed_mode"),
+                    ids=tuple(g.get("ids", ())),
+                    name=g.get("name", ""),
+                    assumed=g.get("assumed", ""),
                     supplement=g.get("supplement", ""),
                 )
                 for value, g in vrow.get("guest", {}).items()
             }
             variables[vname] = ClassVariable(vname, tuple(vrow["values"]), vrow["xml"], guest)
         classes[cname] = DeviceClass(
-            name=cname, element=row["element"], label=row["label"], singleton=row.get("singleton", False),
-            explicit_none=row.get("explicit_none", False), variables=variables,
+            name=cname,
+            element=row["element"],
+            label=row["label"],
+            singleton=row.get("singleton", False),
+            explicit_none=row.get("explicit_none", False),
+            variables=variables,
         )
     sup = tomllib.loads((DATA / "osinfo-supplement.toml").read_text())
     supplements = tuple(

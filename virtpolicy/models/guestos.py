@@ -61,8 +61,13 @@ class GuestOS:
 
 
 GENERIC_OS = GuestOS(
-    id="generic", short_id="generic", name="Generic OS (no osinfo data)", family="generic",
-    version="", device_ids=frozenset(), source="built-in: an OS osinfo does not describe",
+    id="generic",
+    short_id="generic",
+    name="Generic OS (no osinfo data)",
+    family="generic",
+    version="",
+    device_ids=frozenset(),
+    source="built-in: an OS osinfo does not describe",
 )
 
 
@@ -91,8 +96,7 @@ def _read_os_file(path: Path) -> list[_Raw]:
     result = []
     for os_el in root.findall("os"):
         devices = tuple(
-            (d.get("id", ""), d.get("supported", "true") != "false")
-            for d in os_el.findall("devices/device")
+            (d.get("id", ""), d.get("supported", "true") != "false") for d in os_el.findall("devices/device")
         )
         firmware = tuple(
             (f.get("arch", "all"), f.get("type", ""), f.get("supported", "true") != "false")

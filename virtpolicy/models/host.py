@@ -179,7 +179,7 @@ def _read_capabilities(path: Path, host: Host) -> None:
                 GuestMachine(m.text or "", m.get("canonical", m.text or ""), int(m.get("maxCpus", "1")))
                 for m in dom.findall("machine")
             ]
-            host.machines[(arch, vt)] = (extra or base)
+            host.machines[(arch, vt)] = extra or base
 
 
 def load_host_bundle(path: Path) -> Host:

@@ -82,11 +82,16 @@ def structural() -> tuple[tuple[VirtioMode, ...], dict[str, StructuralRule]]:
     rules = {}
     for r in data["rule"]:
         rules[r["id"]] = StructuralRule(
-            id=r["id"], text=r["text"], citation=r["citation"],
+            id=r["id"],
+            text=r["text"],
+            citation=r["citation"],
             where=f"{path.name}:{_line_of(text, '[[rule]]', 'id', r['id'])}",
-            forbid=_tuple_map(r.get("forbid")), when=_tuple_map(r.get("when")),
-            require=_tuple_map(r.get("require")), forbid_values=tuple(r.get("forbid_values", ())),
-            variables=tuple(r.get("variables", ())), at_most=dict(r.get("at_most", {})),
+            forbid=_tuple_map(r.get("forbid")),
+            when=_tuple_map(r.get("when")),
+            require=_tuple_map(r.get("require")),
+            forbid_values=tuple(r.get("forbid_values", ())),
+            variables=tuple(r.get("variables", ())),
+            at_most=dict(r.get("at_most", {})),
         )
     return modes, rules
 
@@ -107,9 +112,13 @@ def engine_defaults() -> tuple[tuple[Preference, ...], tuple[HypervFeature, ...]
     data = tomllib.loads(text)
     prefs = tuple(
         Preference(
-            id=r["id"], variable=r["variable"], order=tuple(r["order"]), why=r["why"],
+            id=r["id"],
+            variable=r["variable"],
+            order=tuple(r["order"]),
+            why=r["why"],
             where=f"{path.name}:{_line_of(text, '[[prefer]]', 'id', r['id'])}",
-            when=_tuple_map(r.get("when")), when_guest=_tuple_map(r.get("when_guest")),
+            when=_tuple_map(r.get("when")),
+            when_guest=_tuple_map(r.get("when_guest")),
         )
         for r in data["prefer"]
     )

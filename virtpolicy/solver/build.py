@@ -17,7 +17,7 @@ from virtpolicy.models.catalog import Catalog, ClassVariable, DeviceClass, Guest
 from virtpolicy.models.domain import Domain, Explicit, xpath_of
 from virtpolicy.models.guestos import GuestOS
 from virtpolicy.models.host import DomainCaps, Host
-from virtpolicy.models.machines import family_named, family_of, families
+from virtpolicy.models.machines import families, family_named, family_of
 from virtpolicy.rules.tables import HypervFeature, engine_defaults, host_enums, structural
 from virtpolicy.solver.problem import (
     AtMost,
@@ -124,7 +124,13 @@ class Builder:
         self._guest_constraints()
         self._engine_preferences()
         return Build(
-            self.problem, self.domain, self.host, self.guest, self.arch, self.instances, self.hyperv,
+            self.problem,
+            self.domain,
+            self.host,
+            self.guest,
+            self.arch,
+            self.instances,
+            self.hyperv,
             self.app_machine,
         )
 
@@ -185,7 +191,11 @@ class Builder:
         var = self.problem.variables[variable]
         self.problem.add(
             require(
-                f"app:{explicit.xpath}", variable, allowed, var.values, message,
+                f"app:{explicit.xpath}",
+                variable,
+                allowed,
+                var.values,
+                message,
                 Provenance(Source.APP, explicit.xpath, f"'{explicit.value}'"),
             )
         )
@@ -234,7 +244,9 @@ class Builder:
         secure_feature = dom.root.find("os/firmware/feature[@name='secure-boot']")
         if secure_feature is not None:
             on = secure_feature.get("enabled") == "yes"
-            return (["efi-secure"] if on else ["efi"]), Explicit(secure_feature.get("enabled", ""), xpath_of(secure_feature) + "/@enabled")
+            return (["efi-secure"] if on else ["efi"]), Explicit(
+                secure_feature.get("enabled", ""), xpath_of(secure_feature) + "/@enabled"
+            )
         if loader is not None and (loader.get("secure") == "yes" or "secboot" in (loader.text or "")):
             return ["efi-secure"], Explicit(loader.get("secure", loader.text or ""), xpath_of(loader))
         if loader is not None and loader.get("type") == "pflash":
@@ -304,10 +316,16 @@ class Builder:
                 refs = list(rule.at_most["variables"])  # type: ignore[arg-type]
                 names = [i.var(r.split(".")[1]) for r in refs for i in self.instances if i.cls.name == r.split(".")[0]]
                 if names:
-                    self.problem.add(AtMost(
-                        id=f"structural:{rule.id}", variables=tuple(names), message=rule.text, provenance=prov,
-                        value=str(rule.at_most["value"]), limit=int(rule.at_most["limit"]),  # type: ignore[call-overload]
-                    ))
+                    self.problem.add(
+                        AtMost(
+                            id=f"structural:{rule.id}",
+                            variables=tuple(names),
+                            message=rule.text,
+                            provenance=prov,
+                            value=str(rule.at_most["value"]),
+                            limit=int(rule.at_most["limit"]),  # type: ignore[call-overload]
+                        )
+                    )
                 continue
             if rule.forbid_values:
                 for ref in rule.variables:
@@ -328,8 +346,15 @@ class Builder:
                 self._add_forbid(f"structural:{rule.id}" + (f":{suffix}" if suffix else ""), conds, rule.text, prov)
 
     def _add_forbid(
-        self, cid: str, conds: list[tuple[str, frozenset[str]]], message: str, prov: Provenance,
-        strength: Strength = Strength.HARD, priority: int = 0, cites: tuple[str, ...] = (), group: str = "",
+        self,
+        cid: str,
+        conds: list[tuple[str, frozenset[str]]],
+        message: str,
+        prov: Provenance,
+        strength: Strength = Strength.HARD,
+        priority: int = 0,
+        cites: tuple[str, ...] = (),
+        group: str = "",
     ) -> None:
         if any(name not in self.problem.variables for name, _ in conds):
             return
@@ -343,10 +368,19 @@ class Builder:
         if cid in self._ids:
             cid = f"{cid}#{len(self.problem.constraints)}"
         self._ids.add(cid)
-        self.problem.add(Forbid(
-            id=cid, variables=tuple(merged), message=message, provenance=prov, strength=strength,
-            priority=priority, cites=cites, group=group, sets=tuple(merged.values()),
-        ))
+        self.problem.add(
+            Forbid(
+                id=cid,
+                variables=tuple(merged),
+                message=message,
+                provenance=prov,
+                strength=strength,
+                priority=priority,
+                cites=cites,
+                group=group,
+                sets=tuple(merged.values()),
+            )
+        )
 
     # --- host capabilities ------------------------------------------------------------------------
     def _caps(self) -> Iterator[tuple[str, str, DomainCaps | None]]:
@@ -362,7 +396,8 @@ class Builder:
         for vt in self.problem.variables["domain.type"].values:
             if vt not in offered:
                 self._add_forbid(
-                    f"host:domain-type:{vt}", [("domain.type", frozenset([vt]))],
+                    f"host:domain-type:{vt}",
+                    [("domain.type", frozenset([vt]))],
                     f"the host offers no '{vt}' domains for {self.arch} (it offers {', '.join(offered) or 'none'})",
                     Provenance(Source.HOST, f"{self._host_where()}/capabilities.xml", f"guest arch {self.arch}"),
                 )
@@ -371,14 +406,16 @@ class Builder:
                 continue
             if caps is None:
                 self._add_forbid(
-                    f"host:machine:{fam}:{vt}", [("machine", frozenset([fam])), ("domain.type", frozenset([vt]))],
+                    f"host:machine:{fam}:{vt}",
+                    [("machine", frozenset([fam])), ("domain.type", frozenset([vt]))],
                     f"the host describes no {fam} machine for {self.arch} {vt} domains",
                     Provenance(Source.HOST, self._host_where(), f"no domcapabilities for {fam}/{vt}"),
                 )
                 continue
             if self.domain.vcpus > caps.vcpu_max:
                 self._add_forbid(
-                    f"host:vcpu-max:{fam}:{vt}", [("machine", frozenset([fam])), ("domain.type", frozenset([vt]))],
+                    f"host:vcpu-max:{fam}:{vt}",
+                    [("machine", frozenset([fam])), ("domain.type", frozenset([vt]))],
                     f"{self.domain.vcpus} vCPUs exceed the {caps.vcpu_max} that {caps.machine} allows",
                     Provenance(Source.HOST, caps.source, f"vcpu max='{caps.vcpu_max}'"),
                 )
@@ -404,7 +441,8 @@ class Builder:
         if self.app_machine.value in (m.name for m in self.host.machines.get((self.arch, vt), [])):
             return
         self._add_forbid(
-            f"host:machine-name:{vt}", [("machine", frozenset([fam])), ("domain.type", frozenset([vt]))],
+            f"host:machine-name:{vt}",
+            [("machine", frozenset([fam])), ("domain.type", frozenset([vt]))],
             f"the host lists no machine '{self.app_machine.value}' for {self.arch} {vt} domains",
             Provenance(Source.HOST, f"{self._host_where()}/capabilities.xml", "guest/arch/machine"),
         )
@@ -426,12 +464,18 @@ class Builder:
             )
 
     # --- guest OS driver support --------------------------------------------------------------------
-    def _guest_forbid(self, cid: str, conds: list[tuple[str, frozenset[str]]], message: str, detail: str,
-                      cites: tuple[str, ...] = ()) -> None:
+    def _guest_forbid(
+        self, cid: str, conds: list[tuple[str, frozenset[str]]], message: str, detail: str, cites: tuple[str, ...] = ()
+    ) -> None:
         prov = Provenance(Source.GUEST, self.guest.label, detail)
         self._add_forbid(
-            f"guest:{cid}", conds, message, prov, strength=self.guest_strength,
-            priority=GUEST_LENIENT_PRIORITY if self.guest_strength is Strength.SOFT else 0, cites=cites,
+            f"guest:{cid}",
+            conds,
+            message,
+            prov,
+            strength=self.guest_strength,
+            priority=GUEST_LENIENT_PRIORITY if self.guest_strength is Strength.SOFT else 0,
+            cites=cites,
         )
 
     def _guest_constraints(self) -> None:
@@ -443,15 +487,25 @@ class Builder:
                 continue
             if fam.guest_ids and not g.supports_any(fam.guest_ids):
                 self._guest_forbid(
-                    f"machine:{fam.name}", [("machine", frozenset([fam.name]))],
-                    f"{g.short_id} does not support {fam.guest_name or fam.name}", ", ".join(fam.guest_ids),
+                    f"machine:{fam.name}",
+                    [("machine", frozenset([fam.name]))],
+                    f"{g.short_id} does not support {fam.guest_name or fam.name}",
+                    ", ".join(fam.guest_ids),
                 )
         if g.firmware_supported(self.arch, "bios") is False:
-            self._guest_forbid("firmware:bios", [("firmware", frozenset(["bios"]))],
-                               f"{g.short_id} does not support BIOS firmware on {self.arch}", "<firmware type='bios' supported='false'>")
+            self._guest_forbid(
+                "firmware:bios",
+                [("firmware", frozenset(["bios"]))],
+                f"{g.short_id} does not support BIOS firmware on {self.arch}",
+                "<firmware type='bios' supported='false'>",
+            )
         if g.firmware_supported(self.arch, "efi") is False:
-            self._guest_forbid("firmware:efi", [("firmware", frozenset(["efi", "efi-secure"]))],
-                               f"{g.short_id} does not support UEFI firmware on {self.arch}", "<firmware type='efi' supported='false'>")
+            self._guest_forbid(
+                "firmware:efi",
+                [("firmware", frozenset(["efi", "efi-secure"]))],
+                f"{g.short_id} does not support UEFI firmware on {self.arch}",
+                "<firmware type='efi' supported='false'>",
+            )
         for inst in self.instances:
             for var in inst.cls.variables.values():
                 for value, dev in var.guest.items():
@@ -466,14 +520,17 @@ class Builder:
             self._guest_virtio(inst, var, value, dev)
         elif dev.ids and not g.supports_any(dev.ids):
             self._guest_forbid(
-                f"{name}={value}", [(name, frozenset([value]))],
-                f"{g.short_id} has no driver for {dev.name or value}: {what} cannot be {value}", ", ".join(dev.ids),
+                f"{name}={value}",
+                [(name, frozenset([value]))],
+                f"{g.short_id} has no driver for {dev.name or value}: {what} cannot be {value}",
+                ", ".join(dev.ids),
             )
         elif dev.supplement:
             lack = self.catalog.lacks(g.short_id, dev.supplement)
             if lack:
                 self._guest_forbid(
-                    f"{name}={value}", [(name, frozenset([value]))],
+                    f"{name}={value}",
+                    [(name, frozenset([value]))],
                     f"{g.short_id} has no driver for {lack.name} ({lack.why}): {what} cannot be {value}",
                     "osinfo-supplement.toml",
                 )
@@ -489,7 +546,8 @@ class Builder:
         if dev.fixed_mode == "modern":
             if not has_modern:
                 self._guest_forbid(
-                    f"{name}={value}", [(name, frozenset([value]))],
+                    f"{name}={value}",
+                    [(name, frozenset([value]))],
                     f"{g.short_id} has no virtio 1.0 driver for {family.name} (modern-only): {what} cannot be {value}",
                     family.modern,
                 )
@@ -525,10 +583,12 @@ class Builder:
                 on = f" on {'/'.join(fams)}" if model == "virtio" else ""
                 _, rules = structural()
                 self._guest_forbid(
-                    f"{name}={value}:{model}:{mode}", conds,
+                    f"{name}={value}:{model}:{mode}",
+                    conds,
                     f"{g.short_id} has no {'virtio 1.0' if mode == 'modern' else 'virtio'} driver for {family.name} "
                     f"({mode} mode): {what} cannot be {shown}{on}, since {rules[rule_of[mode]].text}",
-                    needs, cites=(rule_of[mode],),
+                    needs,
+                    cites=(rule_of[mode],),
                 )
 
     # --- engine defaults (soft, lowest) -------------------------------------------------------------
@@ -551,14 +611,17 @@ class Builder:
                         [*when, (name, frozenset(v for v in domain if v != value))],
                         f"prefer {name} = {value}: {pref.why}",
                         Provenance(Source.ENGINE, pref.id, pref.where),
-                        strength=Strength.SOFT, group=f"{pref.id}:{name}",
+                        strength=Strength.SOFT,
+                        group=f"{pref.id}:{name}",
                     )
         for feature in self.hyperv:
             name = f"hyperv.{feature.feature}"
             self._add_forbid(
-                f"engine.hyperv:{name}=on", [(name, frozenset(["off"]))],
+                f"engine.hyperv:{name}=on",
+                [(name, frozenset(["off"]))],
                 f"prefer Hyper-V {feature.feature} on for Windows guests, where the host offers it",
-                Provenance(Source.ENGINE, "engine.hyperv", "engine-defaults.toml [[hyperv]]"), strength=Strength.SOFT,
+                Provenance(Source.ENGINE, "engine.hyperv", "engine-defaults.toml [[hyperv]]"),
+                strength=Strength.SOFT,
             )
         self._order_domains(prefs)
 

@@ -114,10 +114,7 @@ class Forbid(Constraint):
     sets: tuple[frozenset[str], ...] = ()
 
     def holds(self, *values: str) -> bool:
-        for value, forbidden in zip(values, self.sets, strict=True):
-            if value not in forbidden:
-                return True
-        return False
+        return any(value not in forbidden for value, forbidden in zip(values, self.sets, strict=True))
 
 
 @dataclass(eq=False)
@@ -132,14 +129,23 @@ class AtMost(Constraint):
 
 
 def require(
-    cid: str, variable: str, allowed: Iterable[str], domain: Sequence[str], message: str,
-    provenance: Provenance, **kwargs: object,
+    cid: str,
+    variable: str,
+    allowed: Iterable[str],
+    domain: Sequence[str],
+    message: str,
+    provenance: Provenance,
+    **kwargs: object,
 ) -> Forbid:
     """`variable` must take one of `allowed`: a one-variable Forbid of the rest of its domain."""
     allowed_set = set(allowed)
     return Forbid(
-        id=cid, variables=(variable,), message=message, provenance=provenance,
-        sets=(frozenset(v for v in domain if v not in allowed_set),), **kwargs,  # type: ignore[arg-type]
+        id=cid,
+        variables=(variable,),
+        message=message,
+        provenance=provenance,
+        sets=(frozenset(v for v in domain if v not in allowed_set),),
+        **kwargs,  # type: ignore[arg-type]
     )
 
 

@@ -22,15 +22,68 @@ from virtpolicy.solver.solve import Solution
 
 # Where new top-level elements go, relative to their siblings (libvirt's own output order).
 TOP_LEVEL_ORDER = (
-    "name", "uuid", "genid", "title", "description", "metadata", "maxMemory", "memory", "currentMemory",
-    "blkiotune", "memtune", "memoryBacking", "vcpu", "vcpus", "iothreads", "cputune", "numatune", "resource",
-    "sysinfo", "bootloader", "os", "idmap", "features", "cpu", "clock", "on_poweroff", "on_reboot", "on_crash",
-    "pm", "perf", "devices",
+    "name",
+    "uuid",
+    "genid",
+    "title",
+    "description",
+    "metadata",
+    "maxMemory",
+    "memory",
+    "currentMemory",
+    "blkiotune",
+    "memtune",
+    "memoryBacking",
+    "vcpu",
+    "vcpus",
+    "iothreads",
+    "cputune",
+    "numatune",
+    "resource",
+    "sysinfo",
+    "bootloader",
+    "os",
+    "idmap",
+    "features",
+    "cpu",
+    "clock",
+    "on_poweroff",
+    "on_reboot",
+    "on_crash",
+    "pm",
+    "perf",
+    "devices",
 )
 DEVICE_ORDER = (
-    "emulator", "disk", "controller", "lease", "filesystem", "interface", "smartcard", "serial", "parallel",
-    "console", "channel", "input", "tpm", "graphics", "sound", "audio", "video", "hostdev", "redirdev",
-    "redirfilter", "hub", "watchdog", "memballoon", "rng", "panic", "shmem", "memory", "iommu", "vsock",
+    "emulator",
+    "disk",
+    "controller",
+    "lease",
+    "filesystem",
+    "interface",
+    "smartcard",
+    "serial",
+    "parallel",
+    "console",
+    "channel",
+    "input",
+    "tpm",
+    "graphics",
+    "sound",
+    "audio",
+    "video",
+    "hostdev",
+    "redirdev",
+    "redirfilter",
+    "hub",
+    "watchdog",
+    "memballoon",
+    "rng",
+    "panic",
+    "shmem",
+    "memory",
+    "iommu",
+    "vsock",
 )
 TARGET_PREFIX = {"virtio": "vd", "sata": "sd", "scsi": "sd", "usb": "sd", "ide": "hd", "fdc": "fd"}
 
@@ -206,7 +259,9 @@ class Renderer:
 
     def _disk_targets(self) -> None:
         disks = self.domain.devices("disk")
-        used = {d.find("target").get("dev") for d in disks if d.find("target") is not None and d.find("target").get("dev")}
+        used = {
+            d.find("target").get("dev") for d in disks if d.find("target") is not None and d.find("target").get("dev")
+        }
         for disk in disks:
             target = disk.find("target")
             if target is None:
@@ -251,7 +306,9 @@ class Renderer:
         if old is not None:
             metadata.remove(old)
         record = etree.SubElement(
-            metadata, f"{{{VIRTPOLICY_NS}}}policy", nsmap={"virtpolicy": VIRTPOLICY_NS},
+            metadata,
+            f"{{{VIRTPOLICY_NS}}}policy",
+            nsmap={"virtpolicy": VIRTPOLICY_NS},
         )
         record.set("version", __version__)
         record.set("os", self.built.guest.id)

@@ -29,15 +29,17 @@ def _reason_text(c: Constraint | None) -> str:
 def decisions_json(built: Build, solution: Solution) -> list[dict[str, Any]]:
     rows = []
     for name, d in solution.decisions.items():
-        rows.append({
-            "variable": name,
-            "value": d.value,
-            "label": built.problem.variables[name].label,
-            "reason": _constraint_json(d.reason) if d.reason is not None else None,
-            "passed_over": [
-                {"value": value, "because": [_constraint_json(b) for b in blame]} for value, blame in d.passed_over
-            ],
-        })
+        rows.append(
+            {
+                "variable": name,
+                "value": d.value,
+                "label": built.problem.variables[name].label,
+                "reason": _constraint_json(d.reason) if d.reason is not None else None,
+                "passed_over": [
+                    {"value": value, "because": [_constraint_json(b) for b in blame]} for value, blame in d.passed_over
+                ],
+            }
+        )
     return rows
 
 
@@ -100,7 +102,7 @@ def solution_text(built: Build, solution: Solution, elapsed_ms: float) -> str:
         value = d.value
         if name == "machine":
             rendered = built.host.default_machine(built.arch, solution.assignment["domain.type"], value)
-            if built.app_machine and not built.app_machine.value == value:
+            if built.app_machine and built.app_machine.value != value:
                 rendered = built.app_machine.value if "-" in built.app_machine.value else rendered
             value = f"{value} ({rendered})" if rendered else value
         line = f"  {name:<{width}}  {value:<28} {_reason_text(d.reason)}"

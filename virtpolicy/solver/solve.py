@@ -125,7 +125,9 @@ class Solver:
         return trial
 
     @staticmethod
-    def _keep(c: Constraint, domains: dict[str, list[str]], kept_multi: list[Constraint], kept: list[Constraint]) -> None:
+    def _keep(
+        c: Constraint, domains: dict[str, list[str]], kept_multi: list[Constraint], kept: list[Constraint]
+    ) -> None:
         kept.append(c)
         if len(c.variables) == 1:
             name = c.variables[0]
@@ -145,10 +147,7 @@ class Solver:
         trial = dict(witness)
         trial.update(wishes)
         touched = set(wishes)
-        return [
-            a for a in active
-            if touched & set(a.variables) and not a.holds(*(trial[v] for v in a.variables))
-        ]
+        return [a for a in active if touched & set(a.variables) and not a.holds(*(trial[v] for v in a.variables))]
 
     def _wish(self, c: Constraint, witness: Assignment) -> dict[str, str] | None:
         """The smallest change of the witness that satisfies c (one variable), if any."""
@@ -161,7 +160,10 @@ class Solver:
         return None
 
     def _decisions(
-        self, witness: Assignment, hard: list[Constraint], kept: list[Constraint],
+        self,
+        witness: Assignment,
+        hard: list[Constraint],
+        kept: list[Constraint],
         dropped: list[tuple[Constraint, list[Constraint]]],
     ) -> dict[str, Decision]:
         """Why each variable has its value, and which more preferred values were passed over, and why."""
@@ -170,8 +172,13 @@ class Solver:
         for name in self.problem.variables:
             value = witness[name]
             app = [c for c in hard if c.variables == (name,) and c.provenance.source is Source.APP]
-            reason = app[0] if app else next(
-                (c for c in kept if name in c.variables and self._decides(c, name, witness)), None,
+            reason = (
+                app[0]
+                if app
+                else next(
+                    (c for c in kept if name in c.variables and self._decides(c, name, witness)),
+                    None,
+                )
             )
             if reason is None:
                 reason = next((c for c in hard if name in c.variables and self._decides(c, name, witness)), None)
@@ -206,7 +213,9 @@ class Solver:
         members = self._quickxplain(background, [], candidates)
         return Conflict(members=members, background=[b for b in background if self._relevant(b, members)])
 
-    def _quickxplain(self, background: list[Constraint], delta: list[Constraint], constraints: list[Constraint]) -> list[Constraint]:
+    def _quickxplain(
+        self, background: list[Constraint], delta: list[Constraint], constraints: list[Constraint]
+    ) -> list[Constraint]:
         if delta and not self.consistent(background):
             return []
         if len(constraints) == 1:
