@@ -356,8 +356,8 @@ class Builder:
         cites: tuple[str, ...] = (),
         group: str = "",
     ) -> None:
-        if any(name not in self.problem.variables for name, _ in conds):
-            return
+        if not conds or any(name not in self.problem.variables for name, _ in conds):
+            return  # a citation-only row, or a rule about variables this domain does not have
         merged: dict[str, frozenset[str]] = {}
         for name, vals in conds:
             merged[name] = merged[name] & vals if name in merged else vals
@@ -560,6 +560,16 @@ class Builder:
         else:
             models = self.problem.variables[mode_var].values
         modes, _ = structural()
+        if not supported["transitional"]:
+            # no driver in any mode: one plain statement instead of one per model and machine
+            needs = " or ".join(filter(None, (family.legacy, family.modern)))
+            self._guest_forbid(
+                f"{name}={value}",
+                [(name, frozenset([value]))],
+                f"{g.short_id} has no driver for {family.name} in any mode: {what} cannot be {value}",
+                needs,
+            )
+            return
         for model in models:
             if model not in VIRTIO_MODELS:
                 continue

@@ -52,9 +52,12 @@ def solution_json(built: Build, solution: Solution, xml: str) -> dict[str, Any]:
         "host": built.host.source,
         "decisions": decisions_json(built, solution),
         "dropped_preferences": [
-            {"preference": _constraint_json(c), "because": [_constraint_json(b) for b in blame]}
-            for c, blame in solution.dropped
-            if c.provenance.source is not Source.ENGINE or blame
+            {
+                "preference": _constraint_json(d.constraint),
+                "because": [_constraint_json(b) for b in solution.why_dropped(d)],
+            }
+            for d in solution.dropped
+            if d.constraint.provenance.source is not Source.ENGINE
         ],
         "xml": xml,
     }
@@ -75,20 +78,27 @@ def conflict_json(built: Build, conflict: Conflict) -> dict[str, Any]:
 def _short(c: Constraint) -> str:
     """A few words for a summary line: who objects, and to what."""
     prov = c.provenance
-    if prov.source is Source.GUEST:
-        ids = ", ".join(i.replace("http://pcisig.com/pci/", "").replace("/", ":") for i in prov.detail.split(", "))
+    if prov.source is Source.GUEST and prov.detail.startswith("http"):
+        ids = prov.detail.replace("http://pcisig.com/pci/", "")
+        ids = ", ".join(i.replace("/", ":") if "://" not in i else i for i in ids.split(", "))
         return f"{prov.where.split(' ')[0]} lacks {ids}"
-    if prov.source is Source.HOST:
-        return f"host {prov.where} {prov.detail}"
     return c.message
+
+
+def _because(solution: Solution, wish: Constraint) -> list[Constraint]:
+    for d in solution.dropped:
+        if d.constraint is wish:
+            return solution.why_dropped(d)
+    return []
 
 
 def _passed_over_text(solution: Solution, name: str) -> str:
     by_reason: dict[str, list[str]] = {}
-    for value, blame in solution.decisions[name].passed_over:
-        hard = [b for b in blame if b.is_hard and b.provenance.source is not Source.ENGINE]
+    for value, wish in solution.decisions[name].passed_over:
+        blame = _because(solution, wish)
+        hard = [b for b in blame if b.is_hard and b.provenance.source is not Source.ENGINE] or blame
         if hard:
-            by_reason.setdefault(_short(hard[0]), []).append(value)
+            by_reason.setdefault(" and ".join(dict.fromkeys(_short(b) for b in hard)), []).append(value)
     return "; ".join(f"not {'/'.join(dict.fromkeys(values))}: {why}" for why, values in by_reason.items())
 
 

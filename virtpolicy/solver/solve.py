@@ -25,7 +25,15 @@ class Decision:
     variable: str
     value: str
     reason: Constraint | None  # the constraint that fixed it (None: the only value left / search order)
-    passed_over: list[tuple[str, list[Constraint]]] = field(default_factory=list)  # preferred values + blame
+    passed_over: list[tuple[str, Constraint]] = field(default_factory=list)  # more preferred values, and the wish
+
+
+@dataclass
+class Dropped:
+    """A soft constraint that was not kept, with the kept ones it was judged against."""
+
+    constraint: Constraint
+    kept_before: int  # how many soft constraints had been kept when this one was tried
 
 
 @dataclass
@@ -33,8 +41,17 @@ class Solution:
     assignment: Assignment
     decisions: dict[str, Decision]
     kept: list[Constraint]
-    dropped: list[tuple[Constraint, list[Constraint]]]  # soft constraints not kept, and what they clashed with
+    dropped: list[Dropped]
+    solver: Solver
     solves: int = 0
+    _why: dict[str, list[Constraint]] = field(default_factory=dict)
+
+    def why_dropped(self, dropped: Dropped) -> list[Constraint]:
+        """A minimal set of hard and earlier kept constraints that rule the soft one out (QuickXplain)."""
+        key = dropped.constraint.id
+        if key not in self._why:
+            self._why[key] = self.solver.why_not(dropped.constraint, self.kept[: dropped.kept_before])
+        return self._why[key]
 
 
 @dataclass
@@ -95,7 +112,7 @@ class Solver:
             return self.explain_conflict(hard)
         kept_multi: list[Constraint] = [c for c in hard if len(c.variables) > 1]
         kept: list[Constraint] = []
-        dropped: list[tuple[Constraint, list[Constraint]]] = []
+        dropped: list[Dropped] = []
         for c in soft:
             values = tuple(witness[v] for v in c.variables)
             if c.holds(*values):
@@ -103,16 +120,16 @@ class Solver:
                 continue
             trial = self._narrowed(c, domains)
             if trial is None:
-                dropped.append((c, self._blame(c, witness, hard + kept)))
+                dropped.append(Dropped(c, len(kept)))
                 continue
             candidate = self.find(kept_multi + ([c] if len(c.variables) > 1 else []), trial)
             if candidate is None:
-                dropped.append((c, self._blame(c, witness, hard + kept)))
+                dropped.append(Dropped(c, len(kept)))
                 continue
             witness = candidate
             self._keep(c, domains, kept_multi, kept)
         decisions = self._decisions(witness, hard, kept, dropped)
-        return Solution(witness, decisions, kept, dropped, self.solves)
+        return Solution(witness, decisions, kept, dropped, self, self.solves)
 
     @staticmethod
     def _narrowed(c: Constraint, domains: dict[str, list[str]]) -> dict[str, list[str]] | None:
@@ -135,19 +152,17 @@ class Solver:
         else:
             kept_multi.append(c)
 
-    def _blame(self, c: Constraint, witness: Assignment, active: list[Constraint]) -> list[Constraint]:
-        """Which active constraints a soft one clashes with, judged against the current witness.
-
-        Cheap by design (no search): the witness with the soft constraint's wish applied is checked
-        against the constraints on the same variables.
-        """
-        wishes = self._wish(c, witness)
-        if wishes is None:
+    def why_not(self, wish: Constraint, kept: list[Constraint]) -> list[Constraint]:
+        """The smallest set of hard and kept constraints that, with `wish`, is infeasible."""
+        hard = [c for c in self.problem.constraints if c.is_hard]
+        structural = [c for c in hard if c.provenance.source is Source.STRUCTURAL]
+        candidates = [c for c in hard if c.provenance.source is not Source.STRUCTURAL] + list(kept)
+        background = [*structural, wish]
+        if self.consistent(background + candidates):
             return []
-        trial = dict(witness)
-        trial.update(wishes)
-        touched = set(wishes)
-        return [a for a in active if touched & set(a.variables) and not a.holds(*(trial[v] for v in a.variables))]
+        if not self.consistent(background):
+            return []
+        return self._quickxplain(background, [], candidates)
 
     def _wish(self, c: Constraint, witness: Assignment) -> dict[str, str] | None:
         """The smallest change of the witness that satisfies c (one variable), if any."""
@@ -160,13 +175,9 @@ class Solver:
         return None
 
     def _decisions(
-        self,
-        witness: Assignment,
-        hard: list[Constraint],
-        kept: list[Constraint],
-        dropped: list[tuple[Constraint, list[Constraint]]],
+        self, witness: Assignment, hard: list[Constraint], kept: list[Constraint], dropped: list[Dropped]
     ) -> dict[str, Decision]:
-        """Why each variable has its value, and which more preferred values were passed over, and why."""
+        """Why each variable has its value, and which more preferred values were passed over."""
         order = {id(c): i for i, c in enumerate(self.problem.constraints)}
         decisions: dict[str, Decision] = {}
         for name in self.problem.variables:
@@ -175,20 +186,18 @@ class Solver:
             reason = (
                 app[0]
                 if app
-                else next(
-                    (c for c in kept if name in c.variables and self._decides(c, name, witness)),
-                    None,
-                )
+                else next((c for c in kept if name in c.variables and self._decides(c, name, witness)), None)
             )
             if reason is None:
                 reason = next((c for c in hard if name in c.variables and self._decides(c, name, witness)), None)
-            passed: list[tuple[str, list[Constraint]]] = []
+            passed: list[tuple[str, Constraint]] = []
             if reason is not None and reason.group:
-                for c, blame in dropped:
+                for d in dropped:
+                    c = d.constraint
                     if c.group == reason.group and order[id(c)] < order[id(reason)]:
                         wish = self._wish(c, witness) or {}
                         if wish.get(name, value) != value:
-                            passed.append((wish[name], blame))
+                            passed.append((wish[name], c))
             decisions[name] = Decision(name, value, reason, passed)
         return decisions
 
@@ -211,7 +220,8 @@ class Solver:
         if not self.consistent(background):
             return Conflict(members=[], background=background)
         members = self._quickxplain(background, [], candidates)
-        return Conflict(members=members, background=[b for b in background if self._relevant(b, members)])
+        needed = self._quickxplain(members, [], background) if background and self.consistent(members) else []
+        return Conflict(members=members, background=needed)
 
     def _quickxplain(
         self, background: list[Constraint], delta: list[Constraint], constraints: list[Constraint]
@@ -225,11 +235,6 @@ class Solver:
         d2 = self._quickxplain(background + first, first, second)
         d1 = self._quickxplain(background + d2, d2, first)
         return d1 + d2
-
-    @staticmethod
-    def _relevant(background: Constraint, members: list[Constraint]) -> bool:
-        names = {v for m in members for v in m.variables}
-        return bool(names & set(background.variables))
 
 
 def solve(problem: Problem) -> Solution | Conflict:
