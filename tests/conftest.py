@@ -46,3 +46,33 @@ def osinfo_db() -> Path:
         pytest.fail(f"osinfo-db not found at {OSINFO_DB} (Debian package osinfo-db; scripts/setup.sh)",
                     pytrace=False)
     return OSINFO_DB
+
+
+# ----------------------------------------------------------------- engine inputs
+
+
+@pytest.fixture(scope="session")
+def osdb(osinfo_db: Path):  # type: ignore[no-untyped-def]
+    """The real osinfo-db, indexed once per session."""
+    from virtpolicy.models.guestos import OsinfoDB
+
+    return OsinfoDB(osinfo_db)
+
+
+@pytest.fixture(scope="session")
+def host():  # type: ignore[no-untyped-def]
+    """The embedded host bundle: a real x86_64 KVM host (libvirt 9.0 / QEMU 7.2)."""
+    from virtpolicy.models.host import embedded_host
+
+    return embedded_host()
+
+
+@pytest.fixture(scope="session")
+def domain_schema():  # type: ignore[no-untyped-def]
+    """libvirt's own RelaxNG schema for domains (Debian libvirt0)."""
+    from lxml import etree
+
+    path = Path("/usr/share/libvirt/schemas/domain.rng")
+    if not path.exists():
+        pytest.fail(f"{path} missing (Debian package libvirt0)", pytrace=False)
+    return etree.RelaxNG(etree.parse(str(path)))

@@ -112,6 +112,7 @@ class Builder:
         self.realized = domain.is_realized
         self.hyperv: list[HypervFeature] = []
         self._ids: set[str] = set()
+        self._host_lacks: dict[str, set[str]] = {}
 
     # --- entry point -----------------------------------------------------------------------------
     def build(self) -> Build:
@@ -440,10 +441,11 @@ class Builder:
             return
         if self.app_machine.value in (m.name for m in self.host.machines.get((self.arch, vt), [])):
             return
-        self._add_forbid(
-            f"host:machine-name:{vt}",
-            [("machine", frozenset([fam])), ("domain.type", frozenset([vt]))],
-            f"the host lists no machine '{self.app_machine.value}' for {self.arch} {vt} domains",
+        self._forbid_on_host(
+            "machine-name",
+            [("machine", frozenset([fam]))],
+            vt,
+            f"the host lists no machine '{self.app_machine.value}' for {self.arch}",
             Provenance(Source.HOST, f"{self._host_where()}/capabilities.xml", "guest/arch/machine"),
         )
 
@@ -456,11 +458,27 @@ class Builder:
             if enum is None or wanted in enum:
                 continue
             listed = ", ".join(enum) or "nothing"
-            self._add_forbid(
-                f"host:{name}={value}:{fam}:{vt}",
-                [(name, frozenset([value])), ("machine", frozenset([fam])), ("domain.type", frozenset([vt]))],
-                f"the host's {fam}/{vt} domcapabilities do not offer {key} '{wanted}' (they list {listed})",
+            self._forbid_on_host(
+                f"{name}={value}:{fam}",
+                [(name, frozenset([value])), ("machine", frozenset([fam]))],
+                vt,
+                f"the host's {fam} domcapabilities do not offer {key} '{wanted}' (they list {listed})",
                 Provenance(Source.HOST, caps.source, f"enum {key}"),
+            )
+
+    def _forbid_on_host(
+        self, key: str, conds: list[tuple[str, frozenset[str]]], vt: str, message: str, prov: Provenance
+    ) -> None:
+        """A host fact for one virt type; when every virt type lacks it, one constraint says so for all."""
+        lacking = self._host_lacks.setdefault(key, set())
+        lacking.add(vt)
+        offered = set(self.host.virt_types(self.arch)) & set(self.problem.variables["domain.type"].values)
+        if lacking >= offered:
+            self.problem.constraints = [c for c in self.problem.constraints if not c.id.startswith(f"host:{key}:")]
+            self._add_forbid(f"host:{key}", conds, message, prov)
+        else:
+            self._add_forbid(
+                f"host:{key}:{vt}", [*conds, ("domain.type", frozenset([vt]))], f"{message} ({vt} domains)", prov
             )
 
     # --- guest OS driver support --------------------------------------------------------------------
