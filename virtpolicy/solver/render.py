@@ -226,9 +226,9 @@ class Renderer:
                 etree.SubElement(clock, "timer", name="hpet", present="no")
         _set_if_unset(clock, "offset", self.values["clock.offset"])
         for feature in self.built.hyperv:
-            if feature.timer and self.values.get(f"hyperv.{feature.feature}") == "on":
-                if clock.find(f"timer[@name='{feature.feature}']") is None:
-                    etree.SubElement(clock, "timer", name=feature.feature, present="yes")
+            wanted = feature.timer and self.values.get(f"hyperv.{feature.feature}") == "on"
+            if wanted and clock.find(f"timer[@name='{feature.feature}']") is None:
+                etree.SubElement(clock, "timer", name=feature.feature, present="yes")
 
     # --- devices ----------------------------------------------------------------------------------
     def _device(self, inst: Instance, element: etree._Element | None) -> None:
@@ -254,7 +254,11 @@ class Renderer:
         target, _ = _bind(element, var.xml)
         if target is None:
             target = etree.SubElement(element, path) if path else element
-        if target.get(attr) is None and not (attr == "model" and element.tag == "disk" and value == "virtio"):
+        current = target.get(attr)
+        refines = current == "virtio" and value in ("virtio-transitional", "virtio-non-transitional")
+        if refines:
+            target.set(attr, value)  # the app named the virtio family; the solution pins its mode
+        elif current is None and not (attr == "model" and element.tag == "disk" and value == "virtio"):
             target.set(attr, value)
 
     def _disk_targets(self) -> None:
@@ -288,8 +292,8 @@ class Renderer:
         controller = devices.find("controller[@type='virtio-serial']")
         if controller is None:
             _append(devices, etree.Element("controller", type="virtio-serial", index="0", model=model))
-        else:
-            _set_if_unset(controller, "model", model)
+        elif controller.get("model") in (None, "virtio"):
+            controller.set("model", model)
 
     def _scsi_controller(self) -> None:
         """SCSI disks get a virtio-scsi controller (libvirt's own default model may be one the guest lacks)."""
