@@ -17,7 +17,7 @@ from pathlib import Path
 from virtpolicy import __version__
 from virtpolicy.errors import InputError
 from virtpolicy.models.domain import Domain
-from virtpolicy.models.guestos import DEFAULT_OSINFO_DB, OsinfoDB
+from virtpolicy.models.guestos import DEFAULT_OSINFO_DB, GuestOS, OsinfoDB
 from virtpolicy.models.host import EMBEDDED_BUNDLE, Host, load_host_bundle
 
 EMBEDDED_EXAMPLE = Path(__file__).parent / "data" / "examples" / "rhel6-on-q35.xml"
@@ -78,7 +78,7 @@ def _host(args: argparse.Namespace, workdir: Path) -> Host:
     return load_host_bundle(args.host or EMBEDDED_BUNDLE)
 
 
-def _guest(args: argparse.Namespace, domain: Domain):  # type: ignore[no-untyped-def]
+def _guest(args: argparse.Namespace, domain: Domain) -> GuestOS:
     key = args.os_id or (domain.os_id.value if domain.os_id else None)
     if key is None:
         raise InputError(

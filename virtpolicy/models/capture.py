@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 from virtpolicy.errors import InputError
-from virtpolicy.models.host import load_host_bundle
+from virtpolicy.models.host import Host, load_host_bundle
 from virtpolicy.models.machines import families
 
 VIRSH_TIMEOUT = 60
@@ -59,13 +59,13 @@ def capture(uri: str, directory: Path) -> list[Path]:
 
 def load_host_bundle_caps_only(caps_file: Path) -> dict[tuple[str, str], list[tuple[str, str]]]:
     """(arch, virt type) -> [(canonical, name)] from a capabilities file alone."""
-    from virtpolicy.models.host import Host, _read_capabilities
+    from virtpolicy.models.host import _read_capabilities
 
     host = Host(source=str(caps_file.parent), arch="")
     _read_capabilities(caps_file, host)
     return {key: [(m.canonical, m.name) for m in ms] for key, ms in host.machines.items()}
 
 
-def live_host(uri: str, workdir: Path):  # type: ignore[no-untyped-def]
+def live_host(uri: str, workdir: Path) -> Host:
     capture(uri, workdir)
     return load_host_bundle(workdir)
