@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from lxml import etree
 
 from virtpolicy.models.host import EMBEDDED_BUNDLE
@@ -97,12 +96,6 @@ def test_corrupt_capabilities_in_host_dir(tmp_path: Path) -> None:
     assert_input_error(run(str(dom), "--os", "rhel9.0", "--host", str(bundle)), str(bundle / "capabilities.xml"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a domcaps file with a non-numeric <vcpu max> makes the CLI print 'virtpolicy: internal error: "
-    "ValueError: ...' without naming the file, instead of 'virtpolicy: error: <file>: ...'",
-)
 def test_non_numeric_domcaps_vcpu_max(tmp_path: Path) -> None:
     bad = write(tmp_path / "dc.xml", (EMBEDDED_BUNDLE / "domcaps-q35.xml").read_text().replace("max='288'", "max='x'"))
     dom = write(tmp_path / "plain.xml", PLAIN)
@@ -211,13 +204,6 @@ def test_solved_json_without_passed_over_values(tmp_path: Path) -> None:
     assert root.findtext("name") == "plain"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="report.decisions_json iterates each passed_over 'blame' as a list, but Solver._decisions now "
-    "stores a single Constraint there: --format json on any solve that passed over a preferred value "
-    "crashes with 'internal error: TypeError: 'Forbid' object is not iterable' (exit 1)",
-)
 def test_solved_json_example() -> None:
     root = _solved_json(run(str(EXAMPLE), "--format", "json", "-q"))
     assert root.findtext("name") == "rhel6-q35"

@@ -155,12 +155,6 @@ def test_wrong_root_in_bundle_named(tmp_path: Path) -> None:
     assert str(bundle / "capabilities.xml") in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="host._read_domcaps does int(vcpu/@max) unguarded: a non-numeric value raises ValueError, "
-    "not an InputError naming the file",
-)
 def test_non_numeric_vcpu_max_named(tmp_path: Path) -> None:
     bad = tmp_path / "domcaps.xml"
     text = (EMBEDDED_BUNDLE / "domcaps-q35.xml").read_text()
@@ -172,12 +166,6 @@ def test_non_numeric_vcpu_max_named(tmp_path: Path) -> None:
         load_host_bundle(bad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="host._read_capabilities does int(machine/@maxCpus) unguarded: a non-numeric value raises "
-    "ValueError, not an InputError naming capabilities.xml",
-)
 def test_non_numeric_max_cpus_named(tmp_path: Path) -> None:
     bundle = _copy_bundle(tmp_path)
     caps = bundle / "capabilities.xml"

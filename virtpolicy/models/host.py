@@ -45,6 +45,15 @@ class DomainCaps:
         return f"{self.source} enum {key}"
 
 
+def _int(el: etree._Element, attr: str, default: str, source: str) -> int:
+    """An integer attribute of host data, or an InputError naming file, line and attribute."""
+    raw = el.get(attr, default)
+    try:
+        return int(raw)
+    except ValueError:
+        raise InputError(f"{source}:{el.sourceline}: <{el.tag} {attr}='{raw}'> is not a number") from None
+
+
 def _read_domcaps(path: Path) -> DomainCaps:
     tree = parse_file(path)
     root = expect_root(tree, "domainCapabilities", str(path))
@@ -80,7 +89,7 @@ def _read_domcaps(path: Path) -> DomainCaps:
         machine=(root.findtext("machine") or "").strip(),
         virt_type=(root.findtext("domain") or "").strip(),
         arch=(root.findtext("arch") or "").strip(),
-        vcpu_max=int(vcpu.get("max", "1")) if vcpu is not None else 1,
+        vcpu_max=_int(vcpu, "max", "1", str(path)) if vcpu is not None else 1,
         enums=enums,
         present=frozenset(present),
         loaders=tuple(v.text or "" for v in root.findall("os/loader/value")),
@@ -161,7 +170,7 @@ def _read_capabilities(path: Path, host: Host) -> None:
     host.arch = (root.findtext("host/cpu/arch") or "").strip()
     cells = root.find("host/topology/cells")
     if cells is not None:
-        host.host_numa_cells = int(cells.get("num", "1"))
+        host.host_numa_cells = _int(cells, "num", "1", str(path))
     for guest in root.findall("guest"):
         if (guest.findtext("os_type") or "").strip() != "hvm":
             continue
@@ -170,13 +179,13 @@ def _read_capabilities(path: Path, host: Host) -> None:
             continue
         arch = arch_el.get("name", "")
         base = [
-            GuestMachine(m.text or "", m.get("canonical", m.text or ""), int(m.get("maxCpus", "1")))
+            GuestMachine(m.text or "", m.get("canonical", m.text or ""), _int(m, "maxCpus", "1", str(path)))
             for m in arch_el.findall("machine")
         ]
         for dom in arch_el.findall("domain"):
             vt = dom.get("type", "")
             extra = [
-                GuestMachine(m.text or "", m.get("canonical", m.text or ""), int(m.get("maxCpus", "1")))
+                GuestMachine(m.text or "", m.get("canonical", m.text or ""), _int(m, "maxCpus", "1", str(path)))
                 for m in dom.findall("machine")
             ]
             host.machines[(arch, vt)] = extra or base

@@ -43,7 +43,14 @@ def parse_bytes(data: bytes, source: str) -> etree._ElementTree:
         line = exc.lineno or 0
         msg = (exc.msg or str(exc)).splitlines()[0]
         raise InputError(f"{source}:{line}: malformed XML: {msg}") from None
-    return root.getroottree()
+    tree = root.getroottree()
+    # the byte scan above misses other encodings (UTF-16) and late declarations: ask the parser too
+    info = tree.docinfo
+    if info.doctype or info.internalDTD is not None or info.externalDTD is not None or info.system_url:
+        raise InputError(f"{source}:1: DOCTYPE/ENTITY declarations are not accepted (entity expansion is refused)")
+    for node in root.iter(etree.Entity):
+        raise InputError(f"{source}:{node.sourceline or 1}: entity reference {node.text} is not accepted")
+    return tree
 
 
 def parse_file(path: Path) -> etree._ElementTree:

@@ -36,7 +36,8 @@ def decisions_json(built: Build, solution: Solution) -> list[dict[str, Any]]:
                 "label": built.problem.variables[name].label,
                 "reason": _constraint_json(d.reason) if d.reason is not None else None,
                 "passed_over": [
-                    {"value": value, "because": [_constraint_json(b) for b in blame]} for value, blame in d.passed_over
+                    {"value": value, "because": [_constraint_json(b) for b in _because(solution, wish)]}
+                    for value, wish in d.passed_over
                 ],
             }
         )
@@ -136,5 +137,8 @@ def conflict_text(built: Build, conflict: Conflict) -> str:
     cited = {r for c in conflict.members for r in c.cites}
     if cited:
         lines.append(f"    rules relied on: {', '.join(sorted(cited))}")
-    lines.append("  Change or drop one of these requirements; removing any one of them makes the rest satisfiable.")
+    lines.append(
+        "  Change or drop one of these requirements: without any one of them, the rest of this set can hold "
+        "(other, independent conflicts may remain)."
+    )
     return "\n".join(lines)

@@ -216,7 +216,11 @@ class Solver:
     # --- conflicts ---------------------------------------------------------------------------------
     def explain_conflict(self, hard: list[Constraint]) -> Conflict:
         background = [c for c in hard if c.provenance.source is Source.STRUCTURAL]
-        candidates = [c for c in hard if c.provenance.source is not Source.STRUCTURAL]
+        # one-variable requirements first: QuickXplain favours early constraints, and a conflict stated
+        # in direct requirements ("machine is q35" vs "rhel5 lacks q35") is the one a user can act on
+        candidates = sorted(
+            (c for c in hard if c.provenance.source is not Source.STRUCTURAL), key=lambda c: len(c.variables)
+        )
         if not self.consistent(background):
             return Conflict(members=[], background=background)
         members = self._quickxplain(background, [], candidates)
