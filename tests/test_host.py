@@ -91,7 +91,7 @@ def test_single_domcaps_file_aarch64() -> None:
 
 def test_single_embedded_domcaps_file(tmp_path: Path) -> None:
     """A lone domcaps file is a host of one machine; no capabilities.xml needed."""
-    host = load_host_bundle(EMBEDDED_BUNDLE / "domcaps-pc.xml")
+    host = load_host_bundle(EMBEDDED_BUNDLE / "domcaps-x86_64-pc-kvm.xml")
     assert host.arch == "x86_64"
     assert host.virt_types("x86_64") == ["kvm"]
     assert host.families("x86_64", "kvm") == ["pc"]
@@ -105,7 +105,7 @@ def test_missing_bundle_path_named(tmp_path: Path) -> None:
 
 
 def test_bundle_without_capabilities_named(tmp_path: Path) -> None:
-    shutil.copy(EMBEDDED_BUNDLE / "domcaps-q35.xml", tmp_path)
+    shutil.copy(EMBEDDED_BUNDLE / "domcaps-x86_64-q35-kvm.xml", tmp_path)
     with pytest.raises(InputError, match="capabilities.xml") as info:
         load_host_bundle(tmp_path)
     assert str(tmp_path) in str(info.value)
@@ -134,10 +134,10 @@ def test_corrupt_capabilities_named(tmp_path: Path) -> None:
 
 def test_corrupt_domcaps_named(tmp_path: Path) -> None:
     bundle = _copy_bundle(tmp_path)
-    (bundle / "domcaps-pc.xml").write_text("<domainCapabilities>\n<path>")
+    (bundle / "domcaps-x86_64-pc-kvm.xml").write_text("<domainCapabilities>\n<path>")
     with pytest.raises(InputError) as info:
         load_host_bundle(bundle)
-    assert str(bundle / "domcaps-pc.xml") in str(info.value)
+    assert str(bundle / "domcaps-x86_64-pc-kvm.xml") in str(info.value)
 
 
 def test_wrong_root_single_file_named() -> None:
@@ -157,7 +157,7 @@ def test_wrong_root_in_bundle_named(tmp_path: Path) -> None:
 
 def test_non_numeric_vcpu_max_named(tmp_path: Path) -> None:
     bad = tmp_path / "domcaps.xml"
-    text = (EMBEDDED_BUNDLE / "domcaps-q35.xml").read_text()
+    text = (EMBEDDED_BUNDLE / "domcaps-x86_64-q35-kvm.xml").read_text()
     bad.write_text(
         text.replace("<vcpu max='288'/>", "<vcpu max='lots'/>").replace('<vcpu max="288"/>', '<vcpu max="lots"/>')
     )
