@@ -124,6 +124,7 @@ class Host:
     machines: dict[tuple[str, str], list[GuestMachine]] = field(default_factory=dict)
     domcaps: list[DomainCaps] = field(default_factory=list)
     host_numa_cells: int = 1
+    _index: dict[tuple[str, str, str], DomainCaps] | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -139,12 +140,15 @@ class Host:
         return None
 
     def domcaps_for(self, arch: str, virt_type: str, family: str) -> DomainCaps | None:
-        """The domcaps of the newest machine of `family` the bundle describes for this arch/virt type."""
-        for caps in self.domcaps:
-            fam = family_of(caps.machine)
-            if caps.arch == arch and caps.virt_type == virt_type and fam is not None and fam.name == family:
-                return caps
-        return None
+        """The domcaps describing `family` for this arch and virt type (the first one the bundle lists)."""
+        if self._index is None:
+            index: dict[tuple[str, str, str], DomainCaps] = {}
+            for caps in self.domcaps:
+                fam = family_of(caps.machine)
+                if fam is not None:
+                    index.setdefault((caps.arch, caps.virt_type, fam.name), caps)
+            self._index = index
+        return self._index.get((arch, virt_type, family))
 
     def default_machine(self, arch: str, virt_type: str, family: str) -> str | None:
         """The canonical versioned name for a family: the alias' target (q35 -> pc-q35-7.2)."""
