@@ -44,13 +44,20 @@ def decisions_json(built: Build, solution: Solution) -> list[dict[str, Any]]:
     return rows
 
 
-def solution_json(built: Build, solution: Solution, xml: str) -> dict[str, Any]:
+def _header(built: Build, status: str) -> dict[str, Any]:
+    """What every report says first: schema version, outcome, and which domain, OS and host it is about."""
     return {
         "schema": REPORT_SCHEMA_VERSION,
-        "status": "solved",
+        "status": status,
         "domain": built.domain.name,
         "os": {"id": built.guest.id, "short_id": built.guest.short_id},
-        "host": built.host.source,
+        "host": built.host.name,
+    }
+
+
+def solution_json(built: Build, solution: Solution, xml: str) -> dict[str, Any]:
+    return {
+        **_header(built, "solved"),
         "decisions": decisions_json(built, solution),
         "dropped_preferences": [
             {
@@ -66,11 +73,7 @@ def solution_json(built: Build, solution: Solution, xml: str) -> dict[str, Any]:
 
 def conflict_json(built: Build, conflict: Conflict) -> dict[str, Any]:
     return {
-        "schema": REPORT_SCHEMA_VERSION,
-        "status": "conflict",
-        "domain": built.domain.name,
-        "os": {"id": built.guest.id, "short_id": built.guest.short_id},
-        "host": built.host.source,
+        **_header(built, "conflict"),
         "conflict": [_constraint_json(c) for c in conflict.members],
         "background": [_constraint_json(c) for c in conflict.background],
     }
