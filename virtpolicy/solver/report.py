@@ -20,7 +20,7 @@ def _constraint_json(c: Constraint) -> dict[str, Any]:
 
 def _reason_text(c: Constraint | None) -> str:
     if c is None:
-        return "only value left"
+        return "the only value the host and the rules allow"
     if c.provenance.source is Source.ENGINE:
         return f"engine default {c.provenance.where}"
     return c.provenance.describe()

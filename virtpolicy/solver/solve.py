@@ -204,6 +204,8 @@ class Solver:
     def _decides(self, c: Constraint, name: str, assignment: Assignment) -> bool:
         """Does c, given the other variables, rule out every other value of `name`?"""
         others = [v for v in self.problem.variables[name].values if v != assignment[name]]
+        if not others:
+            return False  # a one-value variable is decided by its domain, not by any constraint
         if not c.holds(*(assignment[v] for v in c.variables)):
             return False
         for other in others:
