@@ -97,7 +97,10 @@ def test_corrupt_capabilities_in_host_dir(tmp_path: Path) -> None:
 
 
 def test_non_numeric_domcaps_vcpu_max(tmp_path: Path) -> None:
-    bad = write(tmp_path / "dc.xml", (EMBEDDED_BUNDLE / "domcaps-x86_64-q35-kvm.xml").read_text().replace("max='288'", "max='x'"))
+    bad = write(
+        tmp_path / "dc.xml",
+        (EMBEDDED_BUNDLE / "domcaps-x86_64-q35-kvm.xml").read_text().replace("max='288'", "max='x'"),
+    )
     dom = write(tmp_path / "plain.xml", PLAIN)
     assert_input_error(run(str(dom), "--os", "rhel9.0", "--host", str(bad)), str(bad))
 
