@@ -62,6 +62,11 @@ class Catalog:
     virtio: dict[str, VirtioFamily]
     classes: dict[str, DeviceClass]
     supplements: tuple[Supplement, ...]
+    target_prefix: dict[str, str]  # bus -> disk target name prefix
+
+    def buses_for_target(self, dev: str) -> list[str]:
+        """The buses libvirt would infer from a target name (vdb -> virtio; sdb -> sata/scsi/usb)."""
+        return [bus for bus, prefix in self.target_prefix.items() if dev.startswith(prefix)]
 
     def lacks(self, short_id: str, device: str) -> Supplement | None:
         """A fact osinfo does not record: this OS lacks `device`."""
@@ -106,4 +111,4 @@ def catalog() -> Catalog:
     supplements = tuple(
         Supplement(r["device"], r["name"], tuple(r["short_id_prefixes"]), r["why"]) for r in sup.get("lacks", ())
     )
-    return Catalog(virtio, classes, supplements)
+    return Catalog(virtio, classes, supplements, dict(data["target_prefix"]))

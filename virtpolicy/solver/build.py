@@ -273,6 +273,18 @@ class Builder:
             elif inst.element is None and self.realized and "none" in var.values:
                 here = Explicit("absent", f"/domain/devices (no {inst.cls.label} in a realized domain)")
                 self._pin(name, ["none"], here, f"no {inst.cls.label}: the domain is already laid out")
+        if inst.cls.name in ("disk", "cdrom") and inst.element is not None:
+            target = inst.element.find("target")
+            dev = target.get("dev") if target is not None else None
+            if dev and target.get("bus") is None:
+                buses = [
+                    b for b in self.catalog.buses_for_target(dev) if b in self.problem.variables[inst.var("bus")].values
+                ]
+                if buses:
+                    here = Explicit(dev, xpath_of(target) + "/@dev")
+                    self._pin(
+                        inst.var("bus"), buses, here, f"{inst.prefix} target '{dev}' implies bus {' or '.join(buses)}"
+                    )
         if inst.cls.name == "disk" and inst.element is not None:
             bus = read_explicit(inst.element, inst.cls.variables["bus"])
             model = read_explicit(inst.element, inst.cls.variables["model"])
@@ -485,6 +497,8 @@ class Builder:
     def _guest_forbid(
         self, cid: str, conds: list[tuple[str, frozenset[str]]], message: str, detail: str, cites: tuple[str, ...] = ()
     ) -> None:
+        if f"guest:{cid}" in self._ids:
+            return  # the same fact, reached from another value of the same variable
         prov = Provenance(Source.GUEST, self.guest.label, detail)
         self._add_forbid(
             f"guest:{cid}",
@@ -581,10 +595,13 @@ class Builder:
         if not supported["transitional"]:
             # no driver in any mode: one plain statement instead of one per model and machine
             needs = " or ".join(filter(None, (family.legacy, family.modern)))
+            values = [value]
+            if mode_var == name:  # every virtio model of this variable is the same device family
+                values = [v for v, d in var.guest.items() if d.virtio == family.key]
             self._guest_forbid(
-                f"{name}={value}",
-                [(name, frozenset([value]))],
-                f"{g.short_id} has no driver for {family.name} in any mode: {what} cannot be {value}",
+                f"{name}={'|'.join(values)}",
+                [(name, frozenset(values))],
+                f"{g.short_id} has no driver for {family.name} in any mode: {what} cannot be {' or '.join(values)}",
                 needs,
             )
             return

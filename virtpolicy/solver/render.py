@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from lxml import etree
 
 from virtpolicy import __version__
-from virtpolicy.models.catalog import ClassVariable
+from virtpolicy.models.catalog import ClassVariable, catalog
 from virtpolicy.models.domain import VIRTPOLICY_NS, Domain
 from virtpolicy.models.machines import family_of
 from virtpolicy.solver.build import Build, Instance, _bind
@@ -85,7 +85,6 @@ DEVICE_ORDER = (
     "iommu",
     "vsock",
 )
-TARGET_PREFIX = {"virtio": "vd", "sata": "sd", "scsi": "sd", "usb": "sd", "ide": "hd", "fdc": "fd"}
 
 
 def _insert_ordered(parent: etree._Element, child: etree._Element, order: tuple[str, ...]) -> etree._Element:
@@ -273,7 +272,7 @@ class Renderer:
             if target.get("dev"):
                 continue
             bus = target.get("bus") or ("fdc" if disk.get("device") == "floppy" else "ide")
-            for name in _target_names(TARGET_PREFIX.get(bus, "sd")):
+            for name in _target_names(catalog().target_prefix.get(bus, "sd")):
                 if name not in used:
                     used.add(name)
                     target.set("dev", name)
