@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -70,11 +69,14 @@ def _read_domain(arg: str | None) -> Domain:
     return Domain.from_file(Path(arg))
 
 
-def _host(args: argparse.Namespace, workdir: Path) -> Host:
+def _host(args: argparse.Namespace) -> Host:
     if args.connect:
+        import tempfile
+
         from virtpolicy.models.capture import live_host
 
-        return live_host(args.connect, workdir)
+        with tempfile.TemporaryDirectory(prefix="virtpolicy-host-") as tmp:
+            return live_host(args.connect, Path(tmp))
     return load_host_bundle(args.host or EMBEDDED_BUNDLE)
 
 
@@ -95,8 +97,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
     from virtpolicy.solver.solve import Conflict, solve
 
     domain = _read_domain(args.domain)
-    with tempfile.TemporaryDirectory(prefix="virtpolicy-host-") as tmp:
-        host = _host(args, Path(tmp))
+    host = _host(args)
     guest = _guest(args, domain)
     start = time.perf_counter()
     built = build(domain, host, guest, args.guest_support)

@@ -21,7 +21,6 @@ from virtpolicy.models.machines import families, family_named, family_of
 from virtpolicy.rules.tables import HypervFeature, engine_defaults, host_enums, structural
 from virtpolicy.solver.problem import (
     AtMost,
-    Constraint,
     Forbid,
     Problem,
     Provenance,
@@ -292,8 +291,6 @@ class Builder:
                 # libvirt laid this disk out as plain virtio: its mode is fixed by its address
                 here = Explicit("virtio", xpath_of(inst.element) + "/address")
                 self._pin(inst.var("model"), ["virtio"], here, f"{inst.prefix} stays plain virtio at its address")
-            if model is None and bus is not None and bus.value != "virtio":
-                pass  # structural rules force model 'n/a'
 
     # --- structural facts -------------------------------------------------------------------------
     def _expand(self, refs: Iterable[str]) -> Iterator[dict[str, str]]:
@@ -668,9 +665,9 @@ class Builder:
                 Provenance(Source.ENGINE, "engine.hyperv", "engine-defaults.toml [[hyperv]]"),
                 strength=Strength.SOFT,
             )
-        self._order_domains(prefs)
+        self._order_domains()
 
-    def _order_domains(self, prefs: Iterable[object]) -> None:
+    def _order_domains(self) -> None:
         """Put each variable's preferred values first, so the first search already finds good witnesses."""
         for name, var in list(self.problem.variables.items()):
             order: list[str] = []
@@ -693,6 +690,3 @@ def _root_of(family: str) -> str:
 
 def build(domain: Domain, host: Host, guest: GuestOS, guest_support: str = "strict") -> Build:
     return Builder(domain, host, guest, guest_support).build()
-
-
-__all__ = ["Build", "Constraint", "Instance", "build"]

@@ -1,0 +1,49 @@
+"""Reading the host from a live libvirt: `host capture` and `solve --connect`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from libvirt_harness import URI, LibvirtHarness
+
+from virtpolicy.models.host import load_host_bundle
+
+pytestmark = pytest.mark.libvirt
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "virtpolicy.cli", *args], capture_output=True, timeout=120, cwd=REPO, check=False
+    )
+
+
+def test_capture_writes_a_loadable_bundle(libvirt: LibvirtHarness, tmp_path: Path):
+    done = _cli("host", "capture", "--connect", URI, str(tmp_path / "bundle"))
+    assert done.returncode == 0, done.stderr.decode()
+    host = load_host_bundle(tmp_path / "bundle")
+    assert host.arch == "x86_64"
+    assert {"q35", "pc"} <= set(host.families("x86_64", "kvm"))
+    assert host.default_machine("x86_64", "kvm", "q35").startswith("pc-q35-")
+    assert "ide" not in host.domcaps_for("x86_64", "kvm", "q35").enum("devices/disk/bus")
+
+
+def test_solve_against_the_live_host_matches_the_embedded_capture(libvirt: LibvirtHarness):
+    """The embedded bundle was captured from this kind of machine: both hosts give the same answer."""
+    example = str(REPO / "examples" / "rhel6-on-q35.xml")
+    live = _cli("solve", example, "-q", "--connect", URI)
+    embedded = _cli("solve", example, "-q")
+    assert live.returncode == 0, live.stderr.decode()
+    assert live.stdout == embedded.stdout
+
+
+def test_unreachable_libvirt_is_one_line_error():
+    done = _cli(
+        "solve", str(REPO / "examples" / "rhel6-on-q35.xml"), "--connect", "qemu+unix:///system?socket=/nonexistent"
+    )
+    assert done.returncode == 1
+    lines = done.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("virtpolicy: error: --connect"), lines
