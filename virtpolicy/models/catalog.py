@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from functools import cache
@@ -53,7 +54,7 @@ class DeviceClass:
 class Supplement:
     device: str
     name: str
-    short_id_prefixes: tuple[str, ...]
+    short_ids: tuple[re.Pattern[str], ...]
     why: str
 
 
@@ -71,7 +72,7 @@ class Catalog:
     def lacks(self, short_id: str, device: str) -> Supplement | None:
         """A fact osinfo does not record: this OS lacks `device`."""
         for s in self.supplements:
-            if s.device == device and short_id.startswith(s.short_id_prefixes):
+            if s.device == device and any(p.match(short_id) for p in s.short_ids):
                 return s
         return None
 
@@ -109,6 +110,7 @@ def catalog() -> Catalog:
         )
     sup = tomllib.loads((DATA / "osinfo-supplement.toml").read_text())
     supplements = tuple(
-        Supplement(r["device"], r["name"], tuple(r["short_id_prefixes"]), r["why"]) for r in sup.get("lacks", ())
+        Supplement(r["device"], r["name"], tuple(re.compile(p) for p in r["short_ids"]), r["why"])
+        for r in sup.get("lacks", ())
     )
     return Catalog(virtio, classes, supplements, dict(data["target_prefix"]))

@@ -40,6 +40,7 @@ class StructuralRule:
     forbid_values: tuple[str, ...] = ()
     variables: tuple[str, ...] = ()
     at_most: dict[str, object] = field(default_factory=dict)
+    only_where_missing: str = ""  # applies only to device instances lacking this child element
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ def structural() -> tuple[tuple[VirtioMode, ...], dict[str, StructuralRule]]:
             forbid_values=tuple(r.get("forbid_values", ())),
             variables=tuple(r.get("variables", ())),
             at_most=dict(r.get("at_most", {})),
+            only_where_missing=r.get("only_where_missing", ""),
         )
     return modes, rules
 

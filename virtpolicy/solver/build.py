@@ -293,11 +293,21 @@ class Builder:
                 self._pin(inst.var("model"), ["virtio"], here, f"{inst.prefix} stays plain virtio at its address")
 
     # --- structural facts -------------------------------------------------------------------------
-    def _expand(self, refs: Iterable[str]) -> Iterator[dict[str, str]]:
-        """Concrete variable names for class references, one mapping per device instance."""
+    def _expand(self, refs: Iterable[str], lacking: str = "") -> Iterator[dict[str, str]]:
+        """Concrete variable names for class references, one mapping per device instance.
+
+        With `lacking`, only instances whose element has no such child count (e.g. cdroms without media).
+        """
         refs = list(refs)
         multi = sorted({r.split(".")[0] for r in refs if self._is_multi(r.split(".")[0])})
-        per_class = [[i for i in self.instances if i.cls.name == c] for c in multi]
+        per_class = [
+            [
+                i
+                for i in self.instances
+                if i.cls.name == c and not (lacking and i.element is not None and i.element.find(lacking) is not None)
+            ]
+            for c in multi
+        ]
         for combo in itertools.product(*per_class):
             chosen = {i.cls.name: i for i in combo}
             mapping = {}
@@ -345,7 +355,7 @@ class Builder:
                         self._add_forbid(f"structural:{rule.id}:{mapping[ref]}", conds, rule.text, prov)
                 continue
             refs = list(rule.forbid) + list(rule.when) + list(rule.require)
-            for mapping in self._expand(refs):
+            for mapping in self._expand(refs, rule.only_where_missing):
                 conds = [(mapping[r], self._values(mapping[r], vals)) for r, vals in rule.forbid.items()]
                 conds += [(mapping[r], self._values(mapping[r], vals)) for r, vals in rule.when.items()]
                 for r, vals in rule.require.items():
