@@ -150,8 +150,9 @@ def test_dumpxml_of_plain_virtio_rhel6_on_q35_is_reported(osdb, host, libvirt: L
     devices = (
         "<disk type='file' device='disk'><source file='/var/lib/libvirt/images/r6.qcow2'/>"
         "<target dev='vda' bus='virtio'/></disk><interface type='user'><model type='virtio'/></interface>"
-        # a USB controller RHEL 6 drives: libvirt's own q35 default (qemu-xhci) is a second, separate conflict
-        "<controller type='usb' model='ich9-ehci1'/>"
+        # a USB controller RHEL 6 drives and no balloon: libvirt's own defaults (qemu-xhci, a virtio balloon)
+        # would be further, separate conflicts for RHEL 6
+        "<controller type='usb' model='ich9-ehci1'/><memballoon model='none'/>"
     )
     xml = partial_domain("vp-r6-plain", "http://redhat.com/rhel/6.10", "q35", devices)
     dumped = libvirt.define(xml)
