@@ -18,6 +18,7 @@ from virtpolicy.errors import InputError
 from virtpolicy.models.domain import Domain
 from virtpolicy.models.guestos import DEFAULT_OSINFO_DB, GuestOS, OsinfoDB
 from virtpolicy.models.host import EMBEDDED_BUNDLE, Host, load_host_bundle
+from virtpolicy.solver.compile import SelectedProfile
 
 EMBEDDED_EXAMPLE = Path(__file__).parent / "data" / "examples" / "rhel6-on-q35.xml"
 EXIT_OK, EXIT_INPUT, EXIT_CONFLICT = 0, 1, 2
@@ -45,6 +46,26 @@ def _parser() -> argparse.ArgumentParser:
         choices=("strict", "lenient"),
         default="strict",
         help="lenient: guest-OS driver support becomes a soft preference",
+    )
+    solve.add_argument(
+        "--profile",
+        action="append",
+        default=[],
+        metavar="NAME[@VERSION]",
+        help="apply a profile (repeatable; after those the domain's metadata selects)",
+    )
+    solve.add_argument(
+        "--profile-path",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="DIR",
+        help="look for profiles here first (repeatable)",
+    )
+    solve.add_argument(
+        "--refresh",
+        action="store_true",
+        help="re-decide what earlier solves decided (not what the app wrote); show the diff",
     )
     solve.add_argument("--format", choices=("xml", "json"), default="xml")
     solve.add_argument("-o", "--output", type=Path, help="write the XML here instead of stdout")
@@ -90,6 +111,21 @@ def _guest(args: argparse.Namespace, domain: Domain) -> GuestOS:
     return OsinfoDB(args.osinfo_db).lookup(key)
 
 
+def _selected_profiles(args: argparse.Namespace, domain: Domain) -> list[SelectedProfile]:
+    from virtpolicy.rules.profile import find_profile
+
+    selected = []
+    for sel in domain.profile_selections():
+        profile = find_profile(sel.name, args.profile_path, sel.version, f"{domain.source}: {sel.where}")
+        selected.append(SelectedProfile(profile, sel.priority, sel.where))
+    for spec in args.profile:
+        name, _, version = spec.partition("@")
+        profile = find_profile(name, args.profile_path, version or None, f"--profile {spec}")
+        selected.append(SelectedProfile(profile, 0, "--profile"))
+    names = [s.profile.name for s in selected]
+    return [s for i, s in enumerate(selected) if s.profile.name not in names[:i]]
+
+
 def cmd_solve(args: argparse.Namespace) -> int:
     from virtpolicy.solver.build import build
     from virtpolicy.solver.render import render, to_bytes
@@ -99,8 +135,14 @@ def cmd_solve(args: argparse.Namespace) -> int:
     domain = _read_domain(args.domain)
     host = _host(args)
     guest = _guest(args, domain)
+    profiles = _selected_profiles(args, domain)
+    original = domain
+    if args.refresh:
+        from virtpolicy.solver.refresh import forget_engine_decisions
+
+        domain = forget_engine_decisions(domain)
     start = time.perf_counter()
-    built = build(domain, host, guest, args.guest_support)
+    built = build(domain, host, guest, args.guest_support, profiles, OsinfoDB(args.osinfo_db).device_names())
     result = solve(built.problem)
     if isinstance(result, Conflict):
         if args.format == "json":
@@ -109,6 +151,10 @@ def cmd_solve(args: argparse.Namespace) -> int:
         return EXIT_CONFLICT
     xml = to_bytes(render(built, result))
     elapsed = (time.perf_counter() - start) * 1000
+    if args.refresh:
+        from virtpolicy.solver.refresh import diff
+
+        print(diff(original, xml) or "virtpolicy: --refresh: nothing would change", file=sys.stderr)
     if args.format == "json":
         print(json.dumps(solution_json(built, result, xml.decode()), indent=2, sort_keys=True))
     elif args.output:

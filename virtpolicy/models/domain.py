@@ -17,6 +17,17 @@ from virtpolicy.models.xmlsafe import expect_root, parse_bytes
 
 LIBOSINFO_NS = "http://libosinfo.org/xmlns/libvirt/domain/1.0"
 VIRTPOLICY_NS = "http://virtpolicy.org/xmlns/domain/1.0"
+VIRTUNED_NS = "http://virt-manager.org/schemas/virtuned/0.1"
+
+
+@dataclass(frozen=True)
+class ProfileSelection:
+    """A profile the domain's metadata (or the command line) asks for."""
+
+    name: str
+    priority: int
+    version: str | None
+    where: str  # XPath of the selecting element, or "--profile"
 
 
 @dataclass(frozen=True)
@@ -112,6 +123,24 @@ class Domain:
         hardware, so the engine checks it instead of completing it.
         """
         return self.root.find("devices//address[@type='pci']") is not None
+
+    def profile_selections(self) -> list[ProfileSelection]:
+        """Profiles selected in metadata: <virtpolicy:profile name= priority= version=/> (or the draft's
+        <virtuned:profile>), in document order."""
+        found = []
+        for ns in (VIRTPOLICY_NS, VIRTUNED_NS):
+            for el in self.root.iterfind(f"metadata//{{{ns}}}profile"):
+                if el.getparent() is not None and el.getparent().tag == f"{{{VIRTPOLICY_NS}}}policy":
+                    continue  # the engine's own record of what it applied
+                where = xpath_of(el)
+                name = el.get("name", "")
+                if not name:
+                    raise InputError(f"{self.source}:{el.sourceline}: {where} has no name attribute")
+                raw = el.get("priority", "0")
+                if not raw.isdigit() or int(raw) > 1000:
+                    raise InputError(f"{self.source}:{el.sourceline}: {where}/@priority='{raw}': use 0 to 1000")
+                found.append(ProfileSelection(name, int(raw), el.get("version"), where))
+        return found
 
     def previous_decisions(self) -> dict[str, tuple[str, str]]:
         """The engine's own record from an earlier solve: variable -> (value, reason)."""

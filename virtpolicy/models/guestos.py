@@ -134,6 +134,7 @@ class OsinfoDB:
         self._index: dict[str, str] = {}  # id or short-id -> file
         self._raw: dict[str, _Raw] = {}
         self._resolved: dict[str, GuestOS] = {}
+        self._device_names: dict[str, str] | None = None
         self._load_index()
 
     def _signature(self) -> str:
@@ -187,6 +188,19 @@ class OsinfoDB:
             if raw.id == key or key in raw.short_ids:
                 return raw
         return None
+
+    def device_names(self) -> dict[str, str]:
+        """osinfo device names ('virtio1.0-net') -> ids, so conditions can say os.supports("virtio1.0-net")."""
+        if self._device_names is None:
+            names: dict[str, str] = {}
+            for file in sorted((self.path / "device").rglob("*.xml")):
+                root = parse_file(file).getroot()
+                for dev in root.findall("device"):
+                    name = _text(dev, "name")
+                    if name and dev.get("id"):
+                        names.setdefault(name, dev.get("id", ""))
+            self._device_names = names
+        return self._device_names
 
     def lookup(self, key: str) -> GuestOS:
         """Resolve an OS by URI or short id; InputError with suggestions when unknown."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lxml import etree
 
@@ -18,9 +18,12 @@ from virtpolicy.models.domain import Domain, Explicit, xpath_of
 from virtpolicy.models.guestos import GuestOS
 from virtpolicy.models.host import DomainCaps, Host
 from virtpolicy.models.machines import families, family_named, family_of
+from virtpolicy.rules.facts import Facts
 from virtpolicy.rules.tables import HypervFeature, engine_defaults, host_enums, structural
+from virtpolicy.solver.compile import ProfileCompiler, SelectedProfile, XmlAction
 from virtpolicy.solver.problem import (
     AtMost,
+    Constraint,
     Forbid,
     Problem,
     Provenance,
@@ -35,7 +38,7 @@ GLOBAL_VARIABLES: dict[str, tuple[str, ...]] = {
     "clock.offset": ("utc", "localtime"),
     "cpu.mode": ("host-passthrough", "host-model", "maximum", "none"),
 }
-GUEST_LENIENT_PRIORITY = 900
+GUEST_LENIENT_PRIORITY = 50  # above engine defaults, below every profile preference
 
 
 @dataclass
@@ -74,6 +77,9 @@ class Build:
     instances: list[Instance]
     hyperv: list[HypervFeature] = field(default_factory=list)
     app_machine: Explicit | None = None
+    profiles: list[SelectedProfile] = field(default_factory=list)
+    actions: list[XmlAction] = field(default_factory=list)
+    facts: Facts | None = None
 
 
 def _bind(element: etree._Element, xml: str) -> tuple[etree._Element | None, str]:
@@ -97,10 +103,19 @@ def read_explicit(element: etree._Element | None, variable: ClassVariable) -> Ex
 
 
 class Builder:
-    def __init__(self, domain: Domain, host: Host, guest: GuestOS, guest_support: str = "strict") -> None:
+    def __init__(
+        self,
+        domain: Domain,
+        host: Host,
+        guest: GuestOS,
+        guest_support: str = "strict",
+        profiles: list[SelectedProfile] | None = None,
+        device_names: dict[str, str] | None = None,
+    ) -> None:
         self.domain = domain
         self.host = host
         self.guest = guest
+        self.profiles = list(profiles or [])
         self.catalog: Catalog = catalog()
         self.problem = Problem()
         self.instances: list[Instance] = []
@@ -112,6 +127,8 @@ class Builder:
         self.hyperv: list[HypervFeature] = []
         self._ids: set[str] = set()
         self._host_lacks: dict[str, set[str]] = {}
+        self.facts = Facts(domain, guest, host, self.arch, device_names or {})
+        self.compiler = ProfileCompiler(self, self.facts)
 
     # --- entry point -----------------------------------------------------------------------------
     def build(self) -> Build:
@@ -121,7 +138,9 @@ class Builder:
         self._app_constraints()
         self._structural_constraints()
         self._host_constraints()
+        self._declared_drivers()
         self._guest_constraints()
+        self.compiler.compile(self.profiles)
         self._engine_preferences()
         return Build(
             self.problem,
@@ -132,7 +151,34 @@ class Builder:
             self.instances,
             self.hyperv,
             self.app_machine,
+            self.profiles,
+            self.compiler.actions,
+            self.facts,
         )
+
+    def _declared_drivers(self) -> None:
+        """Profiles may declare driver packs (virtio-win): the guest then drives those devices."""
+        declared = self.compiler.drivers(self.profiles)
+        if declared:
+            ids = frozenset(d for d, _ in declared)
+            rules = ", ".join(sorted({f"{r.profile}:{r.id}" for _, r in declared}))
+            self.guest = replace(
+                self.guest,
+                device_ids=self.guest.device_ids | ids,
+                short_id=self.guest.short_id,
+                source=f"{self.guest.source} + drivers declared by {rules}",
+            )
+            self.facts.guest = self.guest
+
+    def app_wrote(self, variable: str) -> bool:
+        """Did the app's XML give this variable a value (so a profile 'default' leaves it alone)?"""
+        return any(c.variables == (variable,) and c.provenance.source is Source.APP for c in self.problem.constraints)
+
+    def add_constraint(self, constraint: Constraint) -> None:
+        if constraint.id in self._ids:
+            constraint.id = f"{constraint.id}#{len(self.problem.constraints)}"
+        self._ids.add(constraint.id)
+        self.problem.add(constraint)
 
     # --- variables ----------------------------------------------------------------------------------
     def _global_variables(self) -> None:
@@ -698,5 +744,12 @@ def _root_of(family: str) -> str:
         return "pci"
 
 
-def build(domain: Domain, host: Host, guest: GuestOS, guest_support: str = "strict") -> Build:
-    return Builder(domain, host, guest, guest_support).build()
+def build(
+    domain: Domain,
+    host: Host,
+    guest: GuestOS,
+    guest_support: str = "strict",
+    profiles: list[SelectedProfile] | None = None,
+    device_names: dict[str, str] | None = None,
+) -> Build:
+    return Builder(domain, host, guest, guest_support, profiles, device_names).build()

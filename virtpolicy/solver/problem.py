@@ -8,7 +8,7 @@ layer) compile to the same objects.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -180,3 +180,13 @@ class Problem:
             if c.id == cid:
                 return c
         raise KeyError(cid)
+
+
+@dataclass(eq=False)
+class Predicate(Constraint):
+    """Any test over named values: profile implications ("if machine is q35 then ...")."""
+
+    test: Callable[[dict[str, str]], bool] = field(default=lambda values: True)
+
+    def holds(self, *values: str) -> bool:
+        return self.test(dict(zip(self.variables, values, strict=True)))

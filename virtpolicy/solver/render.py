@@ -18,6 +18,7 @@ from virtpolicy.models.catalog import ClassVariable, catalog
 from virtpolicy.models.domain import VIRTPOLICY_NS, Domain
 from virtpolicy.models.machines import family_of
 from virtpolicy.solver.build import Build, Instance, _bind
+from virtpolicy.solver.compile import apply_actions
 from virtpolicy.solver.solve import Solution
 
 # Where new top-level elements go, relative to their siblings (libvirt's own output order).
@@ -142,6 +143,8 @@ class Renderer:
         self._disk_targets()
         self._virtio_serial_controller()
         self._scsi_controller()
+        if self.built.facts is not None:
+            apply_actions(self.built.actions, self.root, self.values, self.built.facts)
         self._record()
         etree.indent(self.tree, space="  ")
         return self.tree
@@ -315,6 +318,15 @@ class Renderer:
         )
         record.set("version", __version__)
         record.set("os", self.built.guest.id)
+        for sel in self.built.profiles:
+            etree.SubElement(
+                record,
+                f"{{{VIRTPOLICY_NS}}}applied",
+                name=sel.profile.name,
+                version=sel.profile.version,
+                digest=sel.profile.digest,
+                priority=str(sel.priority),
+            )
         for name, decision in self.solution.decisions.items():
             reason = decision.reason.id if decision.reason is not None else "search order"
             if name in previous and previous[name][0] == decision.value and reason.startswith("app:"):

@@ -1,0 +1,144 @@
+"""Domain XML snippets in profiles: what they say about modelled variables, and how the rest is applied.
+
+A snippet that touches a modelled variable (`<video><model type='qxl'/></video>`) becomes a constraint
+on that variable, so a host without QXL is a conflict, not broken XML. Everything else (redirdevs,
+channels, clock timers, ...) is applied to the output document after solving, with the draft's
+semantics: `add` (multiple = yes | no | auto), `default` (fill only what is unset) and `remove`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from lxml import etree
+
+from virtpolicy.models.catalog import catalog
+from virtpolicy.models.machines import family_of
+
+# elements that may appear several times side by side, keyed by the attribute that tells them apart
+KEYED = {"timer": "name", "feature": "name", "channel": None, "redirdev": None}
+REPEATABLE_PARENTS = {"devices"}
+
+
+@dataclass(frozen=True)
+class Modelled:
+    """One variable value a snippet states: `variable` is a class reference (video.model) or global."""
+
+    variable: str
+    value: str
+
+
+def modelled_parts(root: etree._Element, action: str) -> tuple[list[Modelled], etree._Element]:
+    """Split a snippet (<domain>-rooted) into variable values and the XML left to apply by hand."""
+    rest = copy.deepcopy(root)
+    found: list[Modelled] = []
+    for cls in catalog().classes.values():
+        for el in list(rest.xpath(f"devices/{cls.element}")):
+            for var in cls.variables.values():
+                path, _, attr = var.xml.rpartition("@")
+                path = path.rstrip("/")
+                if path.startswith(".."):
+                    value = "virtio" if action != "remove" else "none"
+                else:
+                    target = el.find(path) if path else el
+                    value = target.get(attr) if target is not None else None
+                if action == "remove" and "none" in var.values:
+                    value = "none"
+                if value is not None:
+                    found.append(Modelled(f"{cls.name}.{var.name}", value))
+            el.getparent().remove(el)
+    for path, attr, variable in (
+        ("os/type", "machine", "machine"),
+        ("os", "firmware", "firmware"),
+        ("clock", "offset", "clock.offset"),
+        ("cpu", "mode", "cpu.mode"),
+    ):
+        el = rest.find(path)
+        if el is not None and el.get(attr):
+            value = el.get(attr, "")
+            if variable == "machine":
+                fam = family_of(value)
+                value = fam.name if fam else value
+            found.append(Modelled(variable, value))
+            del el.attrib[attr]
+    for el in list(rest.xpath("features/hyperv/*")):
+        found.append(Modelled(f"hyperv.{el.tag}", "off" if action == "remove" else el.get("state", "on")))
+        el.getparent().remove(el)
+    _prune_empty(rest)
+    return found, rest
+
+
+def _prune_empty(el: etree._Element) -> None:
+    for child in list(el):
+        _prune_empty(child)
+        if len(child) == 0 and not child.attrib and not (child.text or "").strip():
+            el.remove(child)
+
+
+def is_empty(root: etree._Element) -> bool:
+    return len(root) == 0
+
+
+def matches(pattern: etree._Element, candidate: etree._Element) -> bool:
+    """`candidate` has the pattern's tag, attributes and (recursively) children; extra ones are fine."""
+    if pattern.tag != candidate.tag:
+        return False
+    if any(candidate.get(k) != v for k, v in pattern.attrib.items()):
+        return False
+    if (pattern.text or "").strip() and (pattern.text or "").strip() != (candidate.text or "").strip():
+        return False
+    return all(any(matches(p, c) for c in candidate) for p in pattern)
+
+
+def contains(domain: etree._Element, fragment: etree._Element) -> bool:
+    """The draft's <match>: every part of the fragment is present in the domain."""
+    return all(any(matches(part, child) for child in domain) for part in fragment)
+
+
+def _same_slot(pattern: etree._Element, candidate: etree._Element) -> bool:
+    if pattern.tag != candidate.tag:
+        return False
+    key = KEYED.get(pattern.tag)
+    return key is None or pattern.get(key) == candidate.get(key)
+
+
+def _repeatable(el: etree._Element, parent: etree._Element) -> bool:
+    return parent.tag in REPEATABLE_PARENTS or (el.tag in KEYED and KEYED[el.tag] is None)
+
+
+def apply(action: str, multiple: str, fragment: etree._Element, target: etree._Element) -> None:
+    """Apply one snippet's unmodelled XML to the output domain element `target`."""
+    for part in fragment:
+        _apply(action, multiple, part, target)
+
+
+def _apply(action: str, multiple: str, part: etree._Element, parent: etree._Element) -> None:
+    if action == "remove":
+        for child in list(parent):
+            if matches(part, child):
+                parent.remove(child)
+            elif child.tag == part.tag and len(part):
+                for sub in part:
+                    _apply("remove", multiple, sub, child)
+        return
+    if _repeatable(part, parent) and (action == "add" and multiple in ("yes", "auto")):
+        # 'make sure the snippet exists': as many equal elements as the snippet lists, and no more, so
+        # that solving the output again adds nothing (idempotence)
+        wanted = sum(1 for sibling in part.getparent() if matches(part, sibling))
+        present = sum(1 for child in parent if matches(part, child))
+        if present < wanted:
+            parent.append(copy.deepcopy(part))
+        return
+    existing = next((c for c in parent if _same_slot(part, c)), None)
+    if existing is None:
+        parent.append(copy.deepcopy(part))
+        return
+    for key, value in part.attrib.items():
+        if action == "default" and existing.get(key) is not None:
+            continue
+        existing.set(key, value)
+    if (part.text or "").strip() and (action != "default" or not (existing.text or "").strip()):
+        existing.text = part.text
+    for sub in part:
+        _apply(action, multiple, sub, existing)
