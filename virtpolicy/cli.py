@@ -71,6 +71,17 @@ def _parser() -> argparse.ArgumentParser:
     solve.add_argument("-o", "--output", type=Path, help="write the XML here instead of stdout")
     solve.add_argument("-q", "--quiet", action="store_true", help="no decision summary on stderr")
 
+    profiles = sub.add_parser("profiles", help="list, show and check profiles")
+    profiles_sub = profiles.add_subparsers(dest="profiles_command", required=True)
+    listing = profiles_sub.add_parser("list", help="profiles on the search path")
+    show = profiles_sub.add_parser("show", help="one profile's rules")
+    show.add_argument("name")
+    check = profiles_sub.add_parser("check", help="lint profiles, and find pairs that can never be combined")
+    check.add_argument("files", nargs="*", type=Path, help="profile files (default: every profile on the path)")
+    for p_ in (listing, show, check):
+        p_.add_argument("--profile-path", action="append", default=[], type=Path, metavar="DIR")
+    check.add_argument("--osinfo-db", type=Path, default=DEFAULT_OSINFO_DB)
+
     host = sub.add_parser("host", help="host bundles")
     host_sub = host.add_subparsers(dest="host_command", required=True)
     capture = host_sub.add_parser("capture", help="write a host bundle from a live libvirt")
@@ -174,11 +185,46 @@ def cmd_host(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_profiles(args: argparse.Namespace) -> int:
+    from virtpolicy.rules.profile import available, find_profile, load_profile
+
+    if args.profiles_command == "list":
+        for name, path in sorted(available(args.profile_path).items()):
+            try:
+                profile = load_profile(path)
+                print(f"{name:<24} {profile.version:<6} {profile.description}")
+            except InputError as exc:
+                print(f"{name:<24} {'?':<6} unusable: {exc}")
+        return EXIT_OK
+    if args.profiles_command == "show":
+        from virtpolicy.solver.check import profile_summary
+
+        print("\n".join(profile_summary(find_profile(args.name, args.profile_path))))
+        return EXIT_OK
+    from virtpolicy.models.host import embedded_host
+    from virtpolicy.solver.check import ProfileChecker
+
+    files = args.files or sorted(available(args.profile_path).values())
+    start = time.perf_counter()
+    report = ProfileChecker(embedded_host(), OsinfoDB(args.osinfo_db)).check(files)
+    for finding in report.findings:
+        print(finding)
+    elapsed = time.perf_counter() - start
+    print(
+        f"virtpolicy: checked {len(files)} profile(s), {len(report.incompatible)} incompatible pair(s), "
+        f"{len(report.errors)} error(s) in {elapsed:.2f} s",
+        file=sys.stderr,
+    )
+    return EXIT_INPUT if report.errors else EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "solve":
             return cmd_solve(args)
+        if args.command == "profiles":
+            return cmd_profiles(args)
         return cmd_host(args)
     except InputError as exc:
         print(f"virtpolicy: error: {exc}", file=sys.stderr)

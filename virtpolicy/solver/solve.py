@@ -183,11 +183,16 @@ class Solver:
         for name in self.problem.variables:
             value = witness[name]
             app = [c for c in hard if c.variables == (name,) and c.provenance.source is Source.APP]
-            reason = (
-                app[0]
-                if app
-                else next((c for c in kept if name in c.variables and self._decides(c, name, witness)), None)
+            deciding_hard = (
+                c
+                for c in hard
+                if c.provenance.source is not Source.STRUCTURAL
+                and name in c.variables
+                and self._decides(c, name, witness)
             )
+            reason = app[0] if app else next(deciding_hard, None)
+            if reason is None:
+                reason = next((c for c in kept if name in c.variables and self._decides(c, name, witness)), None)
             if reason is None:
                 reason = next((c for c in hard if name in c.variables and self._decides(c, name, witness)), None)
             passed: list[tuple[str, Constraint]] = []
