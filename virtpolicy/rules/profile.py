@@ -141,7 +141,7 @@ class Profile:
 
 
 def _line_of_rules(text: str) -> list[int]:
-    return [text.count("\n", 0, m.start()) + 1 for m in re.finditer(r"^\s*\[\[rule\]\]", text, re.M)]
+    return [text.count("\n", 0, m.start()) + 1 for m in re.finditer(r"^[ \t]*\[\[rule\]\]", text, re.M)]
 
 
 def _line_of_key(text: str, start_line: int, key: str) -> int:

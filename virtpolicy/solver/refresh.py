@@ -47,7 +47,9 @@ def forget_engine_decisions(domain: Domain) -> Domain:
 
 
 def diff(before: Domain, after_xml: bytes) -> str:
-    old = etree.tostring(before.tree, encoding="unicode").splitlines()
+    tree = copy.deepcopy(before.tree)
+    etree.indent(tree, space="  ")
+    old = etree.tostring(tree, encoding="unicode").splitlines()
     new = after_xml.decode().splitlines()
     strip = [line for line in old if "virtpolicy:decision" not in line]
     new_strip = [line for line in new if "virtpolicy:decision" not in line]
