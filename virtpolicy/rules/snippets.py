@@ -16,8 +16,9 @@ from lxml import etree
 from virtpolicy.models.catalog import catalog
 from virtpolicy.models.machines import family_of
 
-# elements that may appear several times side by side, keyed by the attribute that tells them apart
-KEYED = {"timer": "name", "feature": "name", "channel": None, "redirdev": None}
+# elements that may appear several times side by side, and the attributes that tell them apart
+KEYED: dict[str, tuple[str, ...]] = {"timer": ("name",), "feature": ("name",), "controller": ("type", "index"),
+                                     "channel": ("type",), "serial": ("type",), "console": ("type",)}
 REPEATABLE_PARENTS = {"devices"}
 
 
@@ -97,14 +98,14 @@ def contains(domain: etree._Element, fragment: etree._Element) -> bool:
 
 
 def _same_slot(pattern: etree._Element, candidate: etree._Element) -> bool:
+    """The element a snippet part overrides: same tag and the same identifying attributes."""
     if pattern.tag != candidate.tag:
         return False
-    key = KEYED.get(pattern.tag)
-    return key is None or pattern.get(key) == candidate.get(key)
+    return all(pattern.get(k) == candidate.get(k) for k in KEYED.get(pattern.tag, ()))
 
 
 def _repeatable(el: etree._Element, parent: etree._Element) -> bool:
-    return parent.tag in REPEATABLE_PARENTS or (el.tag in KEYED and KEYED[el.tag] is None)
+    return parent.tag in REPEATABLE_PARENTS
 
 
 def apply(action: str, multiple: str, fragment: etree._Element, target: etree._Element) -> None:
@@ -130,6 +131,8 @@ def _apply(action: str, multiple: str, part: etree._Element, parent: etree._Elem
         if present < wanted:
             parent.append(copy.deepcopy(part))
         return
+    if any(matches(part, c) for c in parent):
+        return  # already there as the snippet says
     existing = next((c for c in parent if _same_slot(part, c)), None)
     if existing is None:
         parent.append(copy.deepcopy(part))
