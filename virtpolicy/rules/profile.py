@@ -283,13 +283,19 @@ def _rule(raw: object, index: int, profile: str, path: Path, text: str, line: in
     )
 
 
-def load_toml_profile(path: Path) -> Profile:
+def read_profile_bytes(path: Path) -> bytes:
+    """A profile file's bytes, refusing unreadable and oversized files with file:line."""
     try:
-        data_bytes = path.read_bytes()
+        data = path.read_bytes()
     except OSError as exc:
         raise ProfileError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if len(data_bytes) > MAX_PROFILE_BYTES:
-        raise ProfileError(f"{path}:1: profile is {len(data_bytes)} bytes; the limit is {MAX_PROFILE_BYTES}")
+    if len(data) > MAX_PROFILE_BYTES:
+        raise ProfileError(f"{path}:1: profile is {len(data)} bytes; the limit is {MAX_PROFILE_BYTES}")
+    return data
+
+
+def load_toml_profile(path: Path) -> Profile:
+    data_bytes = read_profile_bytes(path)
     try:
         text = data_bytes.decode("utf-8")
         data = tomllib.loads(text)

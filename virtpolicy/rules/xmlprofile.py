@@ -21,7 +21,7 @@ from lxml import etree
 
 from virtpolicy.errors import InputError
 from virtpolicy.models.xmlsafe import parse_bytes
-from virtpolicy.rules.profile import MAX_PROFILE_BYTES, Profile, ProfileError, Rule, Snippet
+from virtpolicy.rules.profile import Profile, ProfileError, Rule, Snippet, read_profile_bytes
 
 ACTIONS = {"add": "add", "default": "default", "defaults": "default", "remove": "remove"}
 
@@ -35,12 +35,7 @@ def _fragment(el: etree._Element) -> etree._Element:
 
 
 def load_xml_profile(path: Path) -> Profile:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ProfileError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if len(data) > MAX_PROFILE_BYTES:
-        raise ProfileError(f"{path}:1: profile is {len(data)} bytes; the limit is {MAX_PROFILE_BYTES}")
+    data = read_profile_bytes(path)
     try:
         root = parse_bytes(data, str(path)).getroot()
     except InputError as exc:
