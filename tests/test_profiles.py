@@ -335,3 +335,16 @@ def test_existing_domain_keeps_its_abi_until_refresh(tmp_path: Path) -> None:
     assert refreshed.returncode == 0, refreshed.stderr.decode()
     assert etree.fromstring(refreshed.stdout).find("devices/video/model").get("type") == "bochs"
     assert b'-      <model type="vga"/>' in refreshed.stderr and b'+      <model type="bochs"/>' in refreshed.stderr
+
+
+def test_derived_values_from_the_domain(host, osdb, domain_schema, tmp_path: Path) -> None:
+    (tmp_path / "derived.toml").write_text(
+        'name = "derived"\nversion = "1"\ndescription = "d"\n[[rule]]\nid = "io"\n'
+        'set = { "iothreads/text()" = "domain.disks", "devices/interface/driver/@queues" = "min(domain.vcpus, 8)" }\n'
+    )
+    xml = (DATA / "compose" / "domain.xml").read_bytes()
+    _, result, out = solve_with(xml, "fedora37", ["derived"], host, osdb, [tmp_path])
+    root = etree.fromstring(out)
+    assert root.findtext("iothreads") == "1"
+    assert root.find("devices/interface/driver").get("queues") == "2"
+    assert domain_schema.validate(etree.ElementTree(root)), domain_schema.error_log

@@ -240,13 +240,13 @@ def _rule(raw: object, index: int, profile: str, path: Path, text: str, line: in
         if not isinstance(raw["set"], dict):
             raise ProfileError(f"{where}: 'set' must be a table of XPath = expression")
         for xpath, source in raw["set"].items():
-            parent, _, attr = xpath.rpartition("/@")
+            parent, _, attr = xpath.rpartition("/@") if "/@" in xpath else (xpath.removesuffix("/text()"), "", "text()")
             try:
                 etree.XPath(parent)
             except etree.XPathSyntaxError:
                 parent = ""
-            if not parent or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", attr):
-                raise ProfileError(f"{where}: set: '{xpath}' must be an element XPath ending in /@attribute")
+            if not parent or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*|text\(\)", attr):
+                raise ProfileError(f"{where}: set: '{xpath}' must be an element XPath ending in /@attribute or /text()")
             derive[xpath] = check_expression(str(source), f"{path}:{_line_of_key(text, line, 'set')}")
     drivers: list[str] = []
     for d in raw.get("drivers", []):

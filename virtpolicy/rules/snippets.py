@@ -17,8 +17,14 @@ from virtpolicy.models.catalog import catalog
 from virtpolicy.models.machines import family_of
 
 # elements that may appear several times side by side, and the attributes that tell them apart
-KEYED: dict[str, tuple[str, ...]] = {"timer": ("name",), "feature": ("name",), "controller": ("type", "index"),
-                                     "channel": ("type",), "serial": ("type",), "console": ("type",)}
+KEYED: dict[str, tuple[str, ...]] = {
+    "timer": ("name",),
+    "feature": ("name",),
+    "controller": ("type", "index"),
+    "channel": ("type",),
+    "serial": ("type",),
+    "console": ("type",),
+}
 REPEATABLE_PARENTS = {"devices"}
 
 

@@ -239,7 +239,8 @@ def apply_actions(actions: list[XmlAction], root: etree._Element, values: dict[s
 
 
 def _derive(action: XmlAction, path: str, expr: Expression, root: etree._Element, facts: Facts) -> None:
-    parent_path, _, attr = path.rpartition("/@")
+    """Set an attribute (…/@name) or an element's text (…/text()), creating the last element if missing."""
+    parent_path, _, attr = path.rpartition("/@") if "/@" in path else (path.removesuffix("/text()"), "", "text()")
     parent_path, _, child = parent_path.rpartition("/") if "/" in parent_path else ("", "", parent_path)
     try:
         value = expr.evaluate(facts.resolve, facts.functions())
@@ -251,9 +252,24 @@ def _derive(action: XmlAction, path: str, expr: Expression, root: etree._Element
             continue
         target = parent.find(child)
         if target is None:
-            target = etree.SubElement(parent, child)
-        if target.get(attr) is None or action.rule.hard:
-            target.set(attr, str(value).lower() if isinstance(value, bool) else str(value))
+            target = _insert_top_level(parent, child) if parent is root else etree.SubElement(parent, child)
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        if attr == "text()":
+            if not (target.text or "").strip() or action.rule.hard:
+                target.text = text
+        elif target.get(attr) is None or action.rule.hard:
+            target.set(attr, text)
+
+
+def _insert_top_level(root: etree._Element, tag: str) -> etree._Element:
+    """A new child of <domain> goes before <devices> (libvirt's order), not after it."""
+    el = etree.Element(tag)
+    devices = root.find("devices")
+    if devices is not None:
+        devices.addprevious(el)
+    else:
+        root.append(el)
+    return el
 
 
 __all__ = ["Forbid", "ProfileCompiler", "SelectedProfile", "XmlAction", "apply_actions"]
