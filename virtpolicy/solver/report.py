@@ -52,6 +52,17 @@ def _header(built: Build, status: str) -> dict[str, Any]:
         "domain": built.domain.name,
         "os": {"id": built.guest.id, "short_id": built.guest.short_id},
         "host": built.host.name,
+        "profiles": [
+            {
+                "name": s.profile.name,
+                "version": s.profile.version,
+                "digest": s.profile.digest,
+                "priority": s.priority,
+                "source": s.profile.source,
+                "selected_by": s.where,
+            }
+            for s in built.profiles
+        ],
     }
 
 
