@@ -126,7 +126,7 @@ class Builder:
         self.realized = domain.is_realized
         self.hyperv: list[HypervFeature] = []
         self._ids: set[str] = set()
-        self._host_lacks: dict[str, set[str]] = {}
+        self._host_lacks: dict[str, dict[str, str]] = {}  # fact -> virt type -> file lacking it
         self.facts = Facts(domain, guest, host, self.arch, device_names or {})
         self.compiler = ProfileCompiler(self, self.facts)
 
@@ -535,12 +535,15 @@ class Builder:
         self, key: str, conds: list[tuple[str, frozenset[str]]], vt: str, message: str, prov: Provenance
     ) -> None:
         """A host fact for one virt type; when every virt type lacks it, one constraint says so for all."""
-        lacking = self._host_lacks.setdefault(key, set())
-        lacking.add(vt)
+        lacking = self._host_lacks.setdefault(key, {})
+        lacking[vt] = prov.where
         offered = set(self.host.virt_types(self.arch)) & set(self.problem.variables["domain.type"].values)
-        if lacking >= offered:
+        if set(lacking) >= offered:
             self.problem.constraints = [c for c in self.problem.constraints if not c.id.startswith(f"host:{key}:")]
-            self._add_forbid(f"host:{key}", conds, message, prov)
+            wheres = ", ".join(
+                dict.fromkeys(lacking[v] for v in self.problem.variables["domain.type"].values if v in lacking)
+            )
+            self._add_forbid(f"host:{key}", conds, message, replace(prov, where=wheres))
         else:
             self._add_forbid(
                 f"host:{key}:{vt}", [*conds, ("domain.type", frozenset([vt]))], f"{message} ({vt} domains)", prov
