@@ -8,6 +8,7 @@ provenance, so a conflict can say which file, XPath, osinfo OS or host enum to c
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -242,7 +243,12 @@ class Builder:
                 allowed,
                 var.values,
                 message,
-                Provenance(Source.APP, explicit.xpath, f"'{explicit.value}'"),
+                Provenance(
+                    Source.APP,
+                    explicit.xpath,
+                    f"'{explicit.value}'",
+                    data=(("xpath", explicit.xpath), ("value", explicit.value)),
+                ),
             )
         )
 
@@ -377,7 +383,14 @@ class Builder:
     def _structural_constraints(self) -> None:
         _, rules = structural()
         for rule in rules.values():
-            prov = Provenance(Source.STRUCTURAL, rule.id, rule.where, rule.citation)
+            file, _, line = rule.where.rpartition(":")
+            prov = Provenance(
+                Source.STRUCTURAL,
+                rule.id,
+                rule.where,
+                rule.citation,
+                data=(("rule", rule.id), ("file", file), ("line", int(line or 0))),
+            )
             if rule.at_most:
                 refs = list(rule.at_most["variables"])  # type: ignore[arg-type]
                 names = [i.var(r.split(".")[1]) for r in refs for i in self.instances if i.cls.name == r.split(".")[0]]
@@ -528,7 +541,7 @@ class Builder:
                 [(name, frozenset([value])), ("machine", frozenset([fam]))],
                 vt,
                 f"the host's {fam} domcapabilities do not offer {key} '{wanted}' (they list {listed})",
-                Provenance(Source.HOST, caps.source, f"enum {key}"),
+                Provenance(Source.HOST, caps.source, f"enum {key}", data=(("enum", key), ("value", wanted))),
             )
 
     def _forbid_on_host(
@@ -540,13 +553,14 @@ class Builder:
         offered = set(self.host.virt_types(self.arch)) & set(self.problem.variables["domain.type"].values)
         if set(lacking) >= offered:
             self.problem.constraints = [c for c in self.problem.constraints if not c.id.startswith(f"host:{key}:")]
-            wheres = ", ".join(
-                dict.fromkeys(lacking[v] for v in self.problem.variables["domain.type"].values if v in lacking)
-            )
-            self._add_forbid(f"host:{key}", conds, message, replace(prov, where=wheres))
+            order = self.problem.variables["domain.type"].values
+            files = tuple(dict.fromkeys(lacking[v] for v in order if v in lacking))
+            merged = replace(prov, where=", ".join(files), data=(*prov.data, ("files", files)))
+            self._add_forbid(f"host:{key}", conds, message, merged)
         else:
+            one = replace(prov, data=(*prov.data, ("files", (prov.where,))))
             self._add_forbid(
-                f"host:{key}:{vt}", [*conds, ("domain.type", frozenset([vt]))], f"{message} ({vt} domains)", prov
+                f"host:{key}:{vt}", [*conds, ("domain.type", frozenset([vt]))], f"{message} ({vt} domains)", one
             )
 
     # --- guest OS driver support --------------------------------------------------------------------
@@ -555,7 +569,16 @@ class Builder:
     ) -> None:
         if f"guest:{cid}" in self._ids:
             return  # the same fact, reached from another value of the same variable
-        prov = Provenance(Source.GUEST, self.guest.label, detail)
+        prov = Provenance(
+            Source.GUEST,
+            self.guest.label,
+            detail,
+            data=(
+                ("os_id", self.guest.id),
+                ("short_id", self.guest.short_id),
+                ("device_ids", tuple(d for d in re.split(r",? or |, ", detail) if d)),
+            ),
+        )
         self._add_forbid(
             f"guest:{cid}",
             conds,
@@ -711,7 +734,7 @@ class Builder:
                         f"{pref.id}:{name}={value}",
                         [*when, (name, frozenset(v for v in domain if v != value))],
                         f"prefer {name} = {value}: {pref.why}",
-                        Provenance(Source.ENGINE, pref.id, pref.where),
+                        Provenance(Source.ENGINE, pref.id, pref.where, data=(("preference", pref.id),)),
                         strength=Strength.SOFT,
                         group=f"{pref.id}:{name}",
                     )

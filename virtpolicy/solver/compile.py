@@ -175,7 +175,20 @@ class ProfileCompiler:
         mapping: dict[str, str],
     ) -> None:
         domain = self.b.problem.variables[var].values
-        prov = Provenance(Source.PROFILE, rule.where, f"{sel.profile.name} {sel.profile.version} rule {rule.id}")
+        file, _, line = rule.where.rpartition(":")
+        prov = Provenance(
+            Source.PROFILE,
+            rule.where,
+            f"{sel.profile.name} {sel.profile.version} rule {rule.id}",
+            data=(
+                ("profile", sel.profile.name),
+                ("version", sel.profile.version),
+                ("rule", rule.id),
+                ("file", file),
+                ("line", int(line) if line.isdigit() else 0),
+                ("selected_by", sel.where),
+            ),
+        )
         hard = rule.hard and kind != "prefer"
         strength = Strength.HARD if hard else Strength.SOFT
         priority = 0 if hard else PROFILE_SOFT_BASE + sel.priority + rule.priority

@@ -37,6 +37,7 @@ class Provenance:
     where: str  # XPath, osinfo OS id, host file, structural rule id, profile file:line
     detail: str = ""  # device id, domcaps enum, value
     citation: str = ""
+    data: tuple[tuple[str, str | int | tuple[str, ...]], ...] = ()  # kind-specific fields for JSON
 
     def describe(self) -> str:
         label = {
@@ -52,12 +53,14 @@ class Provenance:
             text += f" ({self.detail})"
         return text
 
-    def to_json(self) -> dict[str, str]:
-        data = {"source": self.source.value, "where": self.where}
+    def to_json(self) -> dict[str, object]:
+        data: dict[str, object] = {"kind": self.source.value, "where": self.where}
         if self.detail:
             data["detail"] = self.detail
         if self.citation:
             data["citation"] = self.citation
+        for key, value in self.data:
+            data[key] = list(value) if isinstance(value, tuple) else value
         return data
 
 

@@ -1,0 +1,107 @@
+"""Explanations: every minimal conflict, the smallest changes that restore feasibility, and why each value.
+
+Minimal conflict sets (MUSes) are enumerated through hitting-set duality, in the spirit of MARCO and
+CAMUS: given the MUSes found so far, remove a minimal hitting set of them; if the rest is still
+infeasible, QuickXplain finds a new MUS in it (it cannot contain an old one, each of those lost a member);
+when every minimal hitting set leaves a feasible problem, the hitting sets are exactly the minimal
+correction sets (MCSes) and the MUS list is complete. Corrections are ranked so that dropping soft or
+profile requirements comes before changing the app's own XML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from virtpolicy.solver.problem import Constraint, Problem, Source
+from virtpolicy.solver.solve import Solver
+
+# what changing a requirement of each kind costs the user: profiles are cheap to drop, the app's own XML
+# is its intent, and libvirt/QEMU facts cannot be changed at all
+COST = {Source.PROFILE: 1, Source.GUEST: 3, Source.HOST: 5, Source.APP: 8, Source.ENGINE: 0}
+MAX_HITTING_SETS = 5000
+
+
+@dataclass
+class Correction:
+    """Drop (or change) these requirements together and the rest can hold."""
+
+    members: list[Constraint]
+    cost: int
+    actions: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Explanation:
+    conflicts: list[list[Constraint]]
+    corrections: list[Correction]
+    complete: bool  # False when --max-conflicts stopped the enumeration
+    background: list[Constraint]
+
+
+class ConflictExplainer:
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
+        self.solver = Solver(problem)
+        hard = [c for c in problem.constraints if c.is_hard]
+        self.background = [c for c in hard if c.provenance.source is Source.STRUCTURAL]
+        self.candidates = sorted(
+            (c for c in hard if c.provenance.source is not Source.STRUCTURAL), key=lambda c: len(c.variables)
+        )
+
+    def _feasible(self, constraints: list[Constraint]) -> bool:
+        return self.solver.consistent(self.background + constraints)
+
+    def _mus(self, constraints: list[Constraint]) -> list[Constraint]:
+        return self.solver._quickxplain(self.background, [], constraints)  # noqa: SLF001
+
+    def explain(self, max_conflicts: int = 10) -> Explanation:
+        if self._feasible(self.candidates):
+            return Explanation([], [], True, [])
+        conflicts: list[list[Constraint]] = [self._mus(self.candidates)]
+        complete = True
+        while True:
+            new = None
+            for hitting in _minimal_hitting_sets(conflicts):
+                rest = [c for c in self.candidates if c not in hitting]
+                if not self._feasible(rest):
+                    new = self._mus(rest)
+                    break
+            if new is None:
+                break
+            if len(conflicts) >= max_conflicts:
+                complete = False
+                break
+            conflicts.append(new)
+        corrections = [
+            Correction(list(h), sum(COST.get(c.provenance.source, 9) for c in h))
+            for h in _minimal_hitting_sets(conflicts)
+            if complete or self._feasible([c for c in self.candidates if c not in h])
+        ]
+        corrections.sort(key=lambda k: (k.cost, len(k.members), [c.id for c in k.members]))
+        needed = {id(b): b for mus in conflicts for b in self._background_for(mus)}
+        return Explanation(conflicts, corrections, complete, list(needed.values()))
+
+    def _background_for(self, mus: list[Constraint]) -> list[Constraint]:
+        if not self.background or not self.solver.consistent(mus):
+            return []
+        return self.solver._quickxplain(mus, [], self.background)  # noqa: SLF001
+
+
+def _minimal_hitting_sets(sets: list[list[Constraint]]) -> list[tuple[Constraint, ...]]:
+    """All minimal sets sharing a member with every given set (Berge's transversal algorithm), smallest first."""
+    by_id = {id(c): c for s in sets for c in s}
+    transversals: set[frozenset[int]] = {frozenset()}
+    for members in sets:
+        ids = {id(c) for c in members}
+        grown: set[frozenset[int]] = set()
+        for t in transversals:
+            if t & ids:
+                grown.add(t)
+            else:
+                grown.update(t | {i} for i in ids)
+        transversals = {t for t in grown if not any(u < t for u in grown)}
+        if len(transversals) > MAX_HITTING_SETS:
+            break
+    result = [tuple(sorted((by_id[i] for i in t), key=lambda c: c.id)) for t in transversals]
+    result.sort(key=lambda r: (len(r), [c.id for c in r]))
+    return result
