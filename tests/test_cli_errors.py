@@ -184,7 +184,7 @@ def test_conflict_json(tmp_path: Path) -> None:
     members = report["conflict"]
     assert len(members) == 2, members
     wheres = {m["provenance"]["where"] for m in members}
-    sources = {m["provenance"]["source"] for m in members}
+    sources = {m["provenance"]["kind"] for m in members}
     assert "/domain/os/type/@machine" in wheres
     assert sources == {"app", "guest"}
     assert all(m["strength"] == "hard" for m in members)
