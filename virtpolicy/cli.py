@@ -30,38 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     solve = sub.add_parser("solve", help="complete a partial domain XML, or report the conflicting requirements")
-    solve.add_argument(
-        "domain",
-        nargs="?",
-        help="domain XML file, or - for stdin (default: the embedded example "
-        "examples/rhel6-on-q35.xml when stdin is a terminal)",
-    )
-    solve.add_argument("--os", dest="os_id", help="guest OS short id or URI (default: the libosinfo metadata)")
-    solve.add_argument("--osinfo-db", type=Path, default=DEFAULT_OSINFO_DB, help="osinfo-db path (%(default)s)")
-    hosts = solve.add_mutually_exclusive_group()
-    hosts.add_argument("--host", type=Path, help="host bundle directory or a domcapabilities file")
-    hosts.add_argument("--connect", metavar="URI", help="read the host from a live libvirt")
-    solve.add_argument(
-        "--guest-support",
-        choices=("strict", "lenient"),
-        default="strict",
-        help="lenient: guest-OS driver support becomes a soft preference",
-    )
-    solve.add_argument(
-        "--profile",
-        action="append",
-        default=[],
-        metavar="NAME[@VERSION]",
-        help="apply a profile (repeatable; after those the domain's metadata selects)",
-    )
-    solve.add_argument(
-        "--profile-path",
-        action="append",
-        default=[],
-        type=Path,
-        metavar="DIR",
-        help="look for profiles here first (repeatable)",
-    )
+    explain = sub.add_parser("explain", help="every minimal conflict and correction, or why each value was chosen")
+    for cmd in (solve, explain):
+        _input_options(cmd)
     solve.add_argument(
         "--refresh",
         action="store_true",
@@ -70,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     solve.add_argument("--format", choices=("xml", "json"), default="xml")
     solve.add_argument("-o", "--output", type=Path, help="write the XML here instead of stdout")
     solve.add_argument("-q", "--quiet", action="store_true", help="no decision summary on stderr")
+    explain.add_argument("--format", choices=("text", "json", "html"), default="text")
+    explain.add_argument(
+        "--max-conflicts", type=int, default=10, metavar="N", help="stop after N minimal conflicts (default 10)"
+    )
+    explain.add_argument("-o", "--output", type=Path, help="write the report here instead of stdout")
 
     profiles = sub.add_parser("profiles", help="list, show and check profiles")
     profiles_sub = profiles.add_subparsers(dest="profiles_command", required=True)
@@ -88,6 +64,41 @@ def _parser() -> argparse.ArgumentParser:
     capture.add_argument("--connect", metavar="URI", required=True)
     capture.add_argument("directory", type=Path)
     return p
+
+
+def _input_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument(
+        "domain",
+        nargs="?",
+        help="domain XML file, or - for stdin (default: the embedded example "
+        "examples/rhel6-on-q35.xml when stdin is a terminal)",
+    )
+    cmd.add_argument("--os", dest="os_id", help="guest OS short id or URI (default: the libosinfo metadata)")
+    cmd.add_argument("--osinfo-db", type=Path, default=DEFAULT_OSINFO_DB, help="osinfo-db path (%(default)s)")
+    hosts = cmd.add_mutually_exclusive_group()
+    hosts.add_argument("--host", type=Path, help="host bundle directory or a domcapabilities file")
+    hosts.add_argument("--connect", metavar="URI", help="read the host from a live libvirt")
+    cmd.add_argument(
+        "--guest-support",
+        choices=("strict", "lenient"),
+        default="strict",
+        help="lenient: guest-OS driver support becomes a soft preference",
+    )
+    cmd.add_argument(
+        "--profile",
+        action="append",
+        default=[],
+        metavar="NAME[@VERSION]",
+        help="apply a profile (repeatable; after those the domain's metadata selects)",
+    )
+    cmd.add_argument(
+        "--profile-path",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="DIR",
+        help="look for profiles here first (repeatable)",
+    )
 
 
 def _read_domain(arg: str | None) -> Domain:
@@ -159,6 +170,11 @@ def cmd_solve(args: argparse.Namespace) -> int:
         if args.format == "json":
             print(json.dumps(conflict_json(built, result), indent=2, sort_keys=True))
         print(conflict_text(built, result), file=sys.stderr)
+        print(
+            "  'virtpolicy explain' with the same arguments lists every minimal conflict and the smallest "
+            "changes that resolve them.",
+            file=sys.stderr,
+        )
         return EXIT_CONFLICT
     xml = to_bytes(render(built, result))
     elapsed = (time.perf_counter() - start) * 1000
@@ -175,6 +191,31 @@ def cmd_solve(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(solution_text(built, result, elapsed), file=sys.stderr)
     return EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from virtpolicy.solver.build import build
+    from virtpolicy.solver.explain_report import build_report, to_html, to_text
+    from virtpolicy.solver.solve import Conflict, solve
+
+    domain = _read_domain(args.domain)
+    host = _host(args)
+    guest = _guest(args, domain)
+    profiles = _selected_profiles(args, domain)
+    built = build(domain, host, guest, args.guest_support, profiles, OsinfoDB(args.osinfo_db).device_names())
+    result = solve(built.problem)
+    report = build_report(built, result, max(1, args.max_conflicts))
+    if args.format == "json":
+        text = json.dumps(report, indent=2, sort_keys=True)
+    elif args.format == "html":
+        text = to_html(report)
+    else:
+        text = to_text(report, colour=None if args.output is None else False)
+    if args.output:
+        args.output.write_text(text + "\n")
+    else:
+        print(text)
+    return EXIT_CONFLICT if isinstance(result, Conflict) else EXIT_OK
 
 
 def cmd_host(args: argparse.Namespace) -> int:
@@ -225,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_solve(args)
         if args.command == "profiles":
             return cmd_profiles(args)
+        if args.command == "explain":
+            return cmd_explain(args)
         return cmd_host(args)
     except InputError as exc:
         print(f"virtpolicy: error: {exc}", file=sys.stderr)

@@ -38,6 +38,24 @@ class Explanation:
     background: list[Constraint]
 
 
+@dataclass
+class Excluded:
+    """A value a variable did not get, and what ruled it out."""
+
+    value: str
+    by: list[Constraint]
+    hard: bool  # True: impossible with the hard requirements; False: a stronger preference won
+
+
+@dataclass
+class DecisionReason:
+    variable: str
+    value: str
+    label: str
+    decided_by: Constraint | None
+    excluded: list[Excluded]
+
+
 class ConflictExplainer:
     def __init__(self, problem: Problem) -> None:
         self.problem = problem
@@ -73,18 +91,101 @@ class ConflictExplainer:
                 break
             conflicts.append(new)
         corrections = [
-            Correction(list(h), sum(COST.get(c.provenance.source, 9) for c in h))
+            Correction(list(h), sum(_cost(c) for c in h))
             for h in _minimal_hitting_sets(conflicts)
             if complete or self._feasible([c for c in self.candidates if c not in h])
         ]
         corrections.sort(key=lambda k: (k.cost, len(k.members), [c.id for c in k.members]))
+        for correction in corrections:
+            correction.actions = self.phrase(correction)
         needed = {id(b): b for mus in conflicts for b in self._background_for(mus)}
         return Explanation(conflicts, corrections, complete, list(needed.values()))
+
+    def phrase(self, correction: Correction) -> list[str]:
+        """Each member of a correction as something the user can do, with what would be accepted."""
+        rest = [c for c in self.candidates if c not in correction.members]
+        return [self._action(c, rest) for c in correction.members]
+
+    def _action(self, c: Constraint, rest: list[Constraint]) -> str:
+        prov = dict(c.provenance.data)
+        if c.provenance.source is Source.APP:
+            var = c.variables[0]
+            accepted = [
+                v
+                for v in self.problem.variables[var].values
+                if c.holds(v) is False and self._feasible([*rest, _pin(var, v, self.problem)])
+            ]
+            shown = ", ".join(accepted) if accepted else "no value works while the other requirements stay"
+            return f"change {prov.get('xpath', c.provenance.where)} (now '{prov.get('value', '')}'; would fit: {shown})"
+        if c.provenance.source is Source.PROFILE:
+            return (
+                f"drop profile {prov.get('profile')} (or its rule '{prov.get('rule')}' at "
+                f"{prov.get('file')}:{prov.get('line')})"
+            )
+        if c.provenance.source is Source.GUEST:
+            ids = ", ".join(prov.get("device_ids", ()) or ())  # type: ignore[arg-type]
+            if not _is_driver(c):
+                return f"overrule osinfo ({c.message}) with --guest-support lenient, if you know better than osinfo-db"
+            return (
+                f"declare that {prov.get('short_id')} has drivers for {ids} (for Windows: profile 'windows' "
+                "with <virtpolicy:guest drivers='virtio-win'/>), or solve with --guest-support lenient"
+            )
+        if c.provenance.source is Source.HOST:
+            return f"use a host that offers it ({c.message}; {c.provenance.where})"
+        return f"relax: {c.message}"
+
+    def decisions(
+        self, witness: dict[str, str], decided_by: dict[str, Constraint | None], kept: list[Constraint]
+    ) -> list[DecisionReason]:
+        """For a feasible problem: why each variable has its value, and what excluded each other value."""
+        hard = self.candidates
+        reasons = []
+        for name, var in self.problem.variables.items():
+            excluded = []
+            for value in var.values:
+                if value == witness[name]:
+                    continue
+                wish = _pin(name, value, self.problem)
+                if self._feasible([*hard, wish]):
+                    by = [decided_by[name]] if decided_by.get(name) is not None else []
+                    excluded.append(Excluded(value, by, hard=False))  # type: ignore[list-item]
+                else:
+                    blame = self.solver._quickxplain([*self.background, wish], [], hard)  # noqa: SLF001
+                    excluded.append(Excluded(value, blame, hard=True))
+            reasons.append(DecisionReason(name, witness[name], var.label, decided_by.get(name), excluded))
+        del kept
+        return reasons
 
     def _background_for(self, mus: list[Constraint]) -> list[Constraint]:
         if not self.background or not self.solver.consistent(mus):
             return []
         return self.solver._quickxplain(mus, [], self.background)  # noqa: SLF001
+
+
+def _is_driver(c: Constraint) -> bool:
+    """A guest fact about a device driver (which a driver pack can add), not about a chipset or firmware."""
+    ids = dict(c.provenance.data).get("device_ids", ())
+    return bool(ids) and all(str(i).startswith(("http://pcisig.com/", "http://usb.org/")) for i in ids)  # type: ignore[union-attr]
+
+
+def _cost(c: Constraint) -> int:
+    if c.provenance.source is Source.GUEST and not _is_driver(c):
+        return COST[Source.APP] - 1  # overruling osinfo about chipsets or firmware is a last resort
+    return COST.get(c.provenance.source, 9)
+
+
+def _pin(variable: str, value: str, problem: Problem) -> Constraint:
+    """A throw-away hard requirement 'variable = value', to ask what it would clash with."""
+    from virtpolicy.solver.problem import Provenance, require
+
+    return require(
+        f"what-if:{variable}={value}",
+        variable,
+        [value],
+        problem.variables[variable].values,
+        f"{variable} = {value}",
+        Provenance(Source.ENGINE, "what-if"),
+    )
 
 
 def _minimal_hitting_sets(sets: list[list[Constraint]]) -> list[tuple[Constraint, ...]]:
