@@ -32,7 +32,7 @@ PACKAGES=(osinfo-db python3 python3-venv)
 if [[ "$MODE" == test ]]; then
   PACKAGES+=(
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
-    qemu-system-x86 qemu-utils osinfo-db ovmf swtpm swtpm-tools virtinst hyperfine
+    qemu-system-x86 qemu-utils osinfo-db ovmf swtpm swtpm-tools virtinst hyperfine chromium fonts-dejavu-core
   )
 fi
 

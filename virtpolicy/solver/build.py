@@ -492,9 +492,10 @@ class Builder:
                 )
                 continue
             if self.domain.vcpus > caps.vcpu_max:
-                self._add_forbid(
-                    f"host:vcpu-max:{fam}:{vt}",
-                    [("machine", frozenset([fam])), ("domain.type", frozenset([vt]))],
+                self._forbid_on_host(
+                    f"vcpu-max:{fam}",
+                    [("machine", frozenset([fam]))],
+                    vt,
                     f"{self.domain.vcpus} vCPUs exceed the {caps.vcpu_max} that {caps.machine} allows",
                     Provenance(Source.HOST, caps.source, f"vcpu max='{caps.vcpu_max}'"),
                 )
