@@ -179,24 +179,34 @@ def conflict_graph(report: dict[str, Any]) -> nx.Graph:
     return graph
 
 
-def _svg(graph: nx.Graph, width: int = 900, height: int = 520) -> str:
+def _layout(graph: nx.Graph, cell_w: int = 340, cell_h: int = 300, columns: int = 3) -> dict[str, tuple[float, float]]:
+    """Each connected group of requirements in its own circle, groups on a grid, in a stable order."""
+    components = sorted((sorted(c) for c in nx.connected_components(graph)), key=lambda c: (-len(c), c))
+    pos: dict[str, tuple[float, float]] = {}
+    for index, nodes in enumerate(components):
+        col, row = index % columns, index // columns
+        cx, cy = col * cell_w + cell_w / 2, row * cell_h + cell_h / 2 - 10
+        radius = 0 if len(nodes) == 1 else min(cell_w, cell_h) / 2 - 70
+        for i, n in enumerate(nodes):
+            angle = 2 * math.pi * i / len(nodes) - math.pi / 2
+            pos[n] = (cx + radius * math.cos(angle), cy + radius * math.sin(angle))
+    return pos
+
+
+def _svg(graph: nx.Graph, cell_w: int = 340, cell_h: int = 300, columns: int = 3) -> str:
     nodes = sorted(graph.nodes)
     if not nodes:
         return (
-            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="80"><text x="10" y="40">'
+            '<svg xmlns="http://www.w3.org/2000/svg" width="900" height="60"><text x="10" y="35">'
             "Nothing to draw: no conflicts and no overridden preferences.</text></svg>"
         )
-    cx, cy, radius = width / 2, height / 2, min(width, height) / 2 - 90
-    pos = {
-        n: (
-            cx + radius * math.cos(2 * math.pi * i / len(nodes) - math.pi / 2),
-            cy + radius * math.sin(2 * math.pi * i / len(nodes) - math.pi / 2),
-        )
-        for i, n in enumerate(nodes)
-    }
+    pos = _layout(graph, cell_w, cell_h, columns)
+    groups = nx.number_connected_components(graph)
+    width = cell_w * min(columns, groups)
+    height = cell_h * math.ceil(groups / columns)
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" id="conflict-graph" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}">'
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif">'
     ]
     for a, b in sorted(graph.edges):
         (x1, y1), (x2, y2) = pos[a], pos[b]
@@ -205,12 +215,13 @@ def _svg(graph: nx.Graph, width: int = 900, height: int = 520) -> str:
         x, y = pos[n]
         data = graph.nodes[n]
         colour = KIND_COLOURS.get(data["kind"], "#333")
-        label = html.escape(data["message"][:60] + ("…" if len(data["message"]) > 60 else ""))
+        message = data["message"]
+        label = html.escape(message[:34] + ("…" if len(message) > 34 else ""))
         parts.append(
-            f"<g><title>{html.escape(n)}: {html.escape(data['message'])}</title>"
-            f'<circle cx="{x:.1f}" cy="{y:.1f}" r="26" fill="{colour}" stroke="#000"/>'
-            f'<text x="{x:.1f}" y="{y + 44:.1f}" font-size="12" text-anchor="middle">{label}</text>'
-            f'<text x="{x:.1f}" y="{y + 5:.1f}" font-size="12" fill="#fff" text-anchor="middle">'
+            f"<g><title>{html.escape(n)}: {html.escape(message)}</title>"
+            f'<circle cx="{x:.1f}" cy="{y:.1f}" r="24" fill="{colour}" stroke="#000"/>'
+            f'<text x="{x:.1f}" y="{y + 40:.1f}" font-size="11" text-anchor="middle">{label}</text>'
+            f'<text x="{x:.1f}" y="{y + 4:.1f}" font-size="11" fill="#fff" text-anchor="middle">'
             f"{html.escape(data['kind'])}</text></g>"
         )
     parts.append("</svg>")
