@@ -32,15 +32,8 @@ KIND_COLOURS = {
 
 
 def requirement(c: Constraint) -> dict[str, Any]:
-    return {
-        "id": c.id,
-        "strength": c.strength.value,
-        "priority": c.priority,
-        "variables": list(c.variables),
-        "message": c.message,
-        "provenance": c.provenance.to_json(),
-        "relies_on": list(c.cites),
-    }
+    """The JSON form of one requirement: the same object `solve --format json` prints."""
+    return c.to_json()
 
 
 def build_report(built: Build, result: Solution | Conflict, max_conflicts: int) -> dict[str, Any]:

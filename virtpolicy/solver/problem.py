@@ -106,7 +106,7 @@ class Constraint(ABC):
             "variables": list(self.variables),
             "message": self.message,
             "provenance": self.provenance.to_json(),
-            "cites": list(self.cites),
+            "relies_on": list(self.cites),
         }
 
 
