@@ -50,6 +50,7 @@ DAEMON_LOG_DIR = Path("/var/log/libvirt")
 QEMU_DEFAULT_ACCOUNT = "libvirt-qemu"
 
 _UNNUMBERED_BRIDGE = re.compile(r"(?m)^\s*secondary bus 0\.\s*$")
+_SCAN_IN_PROGRESS = re.compile(r"(?m)^\s*subordinate bus 255\.\s*$")  # the firmware is still numbering
 _CPU_MODES_BROKEN_UNDER_KVM = frozenset({"host-passthrough", "host-model"})
 _CPU_MODES_BROKEN_UNDER_TCG = frozenset({"host-passthrough"})
 
@@ -256,11 +257,14 @@ class LibvirtHarness:
         numbers, so poll.  On timeout the last output is returned for the test to judge.
         """
         deadline = time.monotonic() + timeout
+        previous = None
         while True:
             out = self.monitor(name, "info pci")
-            if not _UNNUMBERED_BRIDGE.search(out) or time.monotonic() > deadline:
+            settled = not _UNNUMBERED_BRIDGE.search(out) and not _SCAN_IN_PROGRESS.search(out)
+            if (settled and out == previous) or time.monotonic() > deadline:
                 return out
-            time.sleep(0.2)
+            previous = out if settled else None
+            time.sleep(0.3)
 
     def _check_running(self, name: str) -> None:
         """``virsh start`` succeeds even when the guest died at once (KVM emulation failure leaves

@@ -29,6 +29,7 @@ from lxml import etree
 from virtpolicy.errors import InputError
 from virtpolicy.models.catalog import catalog
 from virtpolicy.models.machines import families
+from virtpolicy.models.pci import pci_variables
 from virtpolicy.models.xmlsafe import parse_bytes
 from virtpolicy.rules.expr import ExprError, Expression, parse
 from virtpolicy.rules.facts import FACT_NAMES, FUNCTION_NAMES
@@ -99,6 +100,7 @@ def global_variables() -> dict[str, tuple[str, ...]]:
     for cls in catalog().classes.values():
         for var in cls.variables.values():
             variables[f"{cls.name}.{var.name}"] = var.values
+    variables.update(pci_variables())
     return variables
 
 

@@ -22,6 +22,7 @@ from virtpolicy.models.machines import families, family_named, family_of
 from virtpolicy.rules.facts import Facts
 from virtpolicy.rules.tables import HypervFeature, engine_defaults, host_enums, structural
 from virtpolicy.solver.compile import ProfileCompiler, SelectedProfile, XmlAction
+from virtpolicy.solver.pci import PciPlanner
 from virtpolicy.solver.problem import (
     AtMost,
     Constraint,
@@ -81,6 +82,7 @@ class Build:
     profiles: list[SelectedProfile] = field(default_factory=list)
     actions: list[XmlAction] = field(default_factory=list)
     facts: Facts | None = None
+    pci_devices: list[tuple[Instance, str]] = field(default_factory=list)  # (instance, its slot-deciding variable)
 
 
 def _bind(element: etree._Element, xml: str) -> tuple[etree._Element | None, str]:
@@ -130,19 +132,23 @@ class Builder:
         self._host_lacks: dict[str, dict[str, str]] = {}  # fact -> virt type -> file lacking it
         self.facts = Facts(domain, guest, host, self.arch, device_names or {})
         self.compiler = ProfileCompiler(self, self.facts)
+        self.pci = PciPlanner(self)
 
     # --- entry point -----------------------------------------------------------------------------
     def build(self) -> Build:
         self._global_variables()
         self._device_variables()
+        self.pci.add_variables()
         self._hyperv_variables()
         self._app_constraints()
         self._structural_constraints()
+        self.pci.add_constraints()
         self._host_constraints()
         self._declared_drivers()
         self._guest_constraints()
         self.compiler.compile(self.profiles)
         self._engine_preferences()
+        self.pci.add_preferences()
         return Build(
             self.problem,
             self.domain,
@@ -155,6 +161,7 @@ class Builder:
             self.profiles,
             self.compiler.actions,
             self.facts,
+            self.pci.devices,
         )
 
     def _declared_drivers(self) -> None:

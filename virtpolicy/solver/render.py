@@ -17,9 +17,12 @@ from virtpolicy import __version__
 from virtpolicy.models.catalog import ClassVariable, catalog
 from virtpolicy.models.domain import VIRTPOLICY_NS, Domain
 from virtpolicy.models.machines import family_of
+from virtpolicy.models.pci import table
 from virtpolicy.solver.build import Build, Instance, _bind
 from virtpolicy.solver.compile import apply_actions
+from virtpolicy.solver.pci import pci_element
 from virtpolicy.solver.solve import Solution
+from virtpolicy.solver.topology import Placement, TopologyBuilder
 
 # Where new top-level elements go, relative to their siblings (libvirt's own output order).
 TOP_LEVEL_ORDER = (
@@ -138,11 +141,16 @@ class Renderer:
         self._features()
         self._cpu()
         self._clock()
+        self.device_elements: dict[int, etree._Element] = {}
         for i, inst in enumerate(self.built.instances):
-            self._device(inst, self.elements[i])
+            element = self._device(inst, self.elements[i])
+            if element is not None:
+                self.device_elements[i] = element
         self._disk_targets()
         self._virtio_serial_controller()
         self._scsi_controller()
+        self._numa_cells()
+        self._topology()
         if self.built.facts is not None:
             apply_actions(self.built.actions, self.root, self.values, self.built.facts)
         self._record()
@@ -233,18 +241,19 @@ class Renderer:
                 etree.SubElement(clock, "timer", name=feature.feature, present="yes")
 
     # --- devices ----------------------------------------------------------------------------------
-    def _device(self, inst: Instance, element: etree._Element | None) -> None:
+    def _device(self, inst: Instance, element: etree._Element | None) -> etree._Element | None:
         values = {v: self.values[inst.var(v)] for v in inst.cls.variables}
         main = next(iter(values.values()))
         devices = self.domain.devices_element
         if element is None:
             if main == "none" and not inst.cls.explicit_none:
-                return
+                return None
             element = _NEW_DEVICE[inst.cls.name](self, values, devices)
             if element is None:
-                return
+                return None
         for var in inst.cls.variables.values():
             self._write(element, var, values[var.name])
+        return element
 
     def _write(self, element: etree._Element, var: ClassVariable, value: str) -> None:
         if value in ("n/a",):
@@ -286,15 +295,18 @@ class Renderer:
                 target.set("bus", bus_value)
 
     def _virtio_serial_controller(self) -> None:
-        """The agent's mode lives on the virtio-serial controller: add or complete it."""
+        """The agent's mode lives on the virtio-serial controller: add (it gets a PCI address) or complete it."""
         model = self.values.get("agent.model", "none")
-        if model in ("none", "virtio"):
+        if model == "none":
             return
         devices = self.domain.devices_element
         controller = devices.find("controller[@type='virtio-serial']")
         if controller is None:
-            _append(devices, etree.Element("controller", type="virtio-serial", index="0", model=model))
-        elif controller.get("model") in (None, "virtio"):
+            el = etree.Element("controller", type="virtio-serial", index="0")
+            if model != "virtio":
+                el.set("model", model)
+            _append(devices, el)
+        elif model != "virtio" and controller.get("model") in (None, "virtio"):
             controller.set("model", model)
 
     def _scsi_controller(self) -> None:
@@ -303,6 +315,67 @@ class Renderer:
         wants = any(t.get("bus") == "scsi" for t in devices.findall("disk/target"))
         if wants and devices.find("controller[@type='scsi']") is None:
             _append(devices, etree.Element("controller", type="scsi", index="0", model="virtio-scsi"))
+
+    def _numa_cells(self) -> None:
+        """Guest NUMA cells the engine decided: vCPUs and memory split evenly (Nova's rule)."""
+        cells = int(self.values.get("numa.cells", "1"))
+        if cells < 2 or self.root.find("cpu/numa") is not None:
+            return
+        cpu = self.root.find("cpu")
+        if cpu is None:
+            cpu = _insert_ordered(self.root, etree.Element("cpu"), TOP_LEVEL_ORDER)
+        numa = etree.SubElement(cpu, "numa")
+        vcpus = self.built.domain.vcpus
+        memory = int(self.built.facts.resolve("domain.memory_mib")) if self.built.facts else 0  # type: ignore[call-overload]
+        per_cpu, per_mem = vcpus // cells, memory // cells
+        for cell in range(cells):
+            first = cell * per_cpu
+            cpus = str(first) if per_cpu == 1 else f"{first}-{first + per_cpu - 1}"
+            etree.SubElement(numa, "cell", id=str(cell), cpus=cpus, memory=str(per_mem), unit="MiB")
+
+    def _topology(self) -> None:
+        family = self.values["machine"]
+        if family not in ("q35", "pc"):
+            return
+        fixed = table()["fixed"][family]
+        placements = []
+        for i, inst in enumerate(self.built.instances):
+            if inst not in [d for d, _ in self.built.pci_devices]:
+                continue
+            slot = self.values[inst.var("slot")]
+            element = pci_element(inst, self.root) if inst.cls.name == "agent" else self.device_elements.get(i)
+            if slot == "none" or element is None:
+                continue
+            position = None
+            if inst.cls.name == "video":
+                position = (int(fixed["video"], 16), 0)
+            elif inst.cls.name == "usb" and self.values[inst.var("model")] == "ich9-ehci1" and family == "q35":
+                position = (int(fixed["ich9_usb"], 16), 7)
+                self._ich9_companions(int(fixed["ich9_usb"], 16))
+            elif inst.cls.name == "usb" and self.values[inst.var("model")] == "piix3-uhci":
+                position = (int(fixed.get("piix3_usb", "0x01"), 16), 2)
+            placements.append(Placement(element, slot, int(self.values[inst.var("node")]), position))
+        builder = TopologyBuilder(
+            self.domain.devices_element, family, int(self.values["numa.cells"]), int(self.values["hotplug.ports"])
+        )
+        builder.place(placements)
+
+    def _ich9_companions(self, slot: int) -> None:
+        """ICH9 USB: the UHCI companions share the EHCI's slot, function 0 multifunction, as libvirt lays them."""
+        for function, model in ((0, "ich9-uhci1"), (1, "ich9-uhci2"), (2, "ich9-uhci3")):
+            el = self.domain.devices_element.find(f"controller[@model='{model}']")
+            if el is not None and el.find("address") is None:
+                addr = etree.SubElement(
+                    el,
+                    "address",
+                    type="pci",
+                    domain="0x0000",
+                    bus="0x00",
+                    slot=f"0x{slot:02x}",
+                    function=f"0x{function}",
+                )
+                if function == 0:
+                    addr.set("multifunction", "on")
 
     # --- the engine's record -----------------------------------------------------------------------
     def _record(self) -> None:

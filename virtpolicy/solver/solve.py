@@ -9,13 +9,13 @@ decided on the current domains. Infeasible hard sets are reduced to a minimal co
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from constraint import BacktrackingSolver, FunctionConstraint
 from constraint import Problem as CSP
 
-from virtpolicy.solver.problem import Constraint, Problem, Source
+from virtpolicy.solver.problem import Constraint, Forbid, Problem, Source
 
 Assignment = dict[str, str]
 
@@ -80,21 +80,37 @@ class Solver:
         return domains, rest
 
     def find(self, constraints: Sequence[Constraint], domains: dict[str, list[str]] | None = None) -> Assignment | None:
-        """One solution of `constraints`, preferring earlier domain values; None when infeasible."""
+        """One solution of `constraints`, preferring earlier domain values; None when infeasible.
+
+        Before searching, values fixed to one choice are propagated into the constraints (unit
+        propagation) and the rest splits into independent groups of variables, each searched on its own:
+        chronological backtracking would otherwise retry every unrelated variable to prove a small,
+        local conflict.
+        """
         if domains is None:
             domains, rest = self._domains(constraints)
         else:
+            domains = {k: list(v) for k, v in domains.items()}
             rest = [c for c in constraints if len(c.variables) > 1]
         if any(not vals for vals in domains.values()):
             return None
         self.solves += 1
-        csp = CSP(BacktrackingSolver())
-        for name, vals in domains.items():
-            csp.addVariable(name, list(reversed(vals)))  # the solver pops from the end: preferred first
-        for c in rest:
-            csp.addConstraint(FunctionConstraint(c.holds), list(c.variables))
-        result = csp.getSolution()
-        return dict(result) if result else None
+        rest = _propagate(domains, rest)
+        if rest is None:
+            return None
+        solution = {name: vals[0] for name, vals in domains.items() if len(vals) == 1}
+        for group, group_constraints in _components(domains, rest):
+            csp = CSP(BacktrackingSolver())
+            for name in group:
+                csp.addVariable(name, list(reversed(domains[name])))  # the solver pops from the end: preferred first
+            for c, free, bind in group_constraints:
+                # capacity counts can fail early on partial assignments; everything else waits for all values
+                csp.addConstraint(FunctionConstraint(bind, assigned=not getattr(c, "partial", False)), list(free))
+            result = csp.getSolution()
+            if not result:
+                return None
+            solution.update(result)
+        return solution
 
     def consistent(self, constraints: Sequence[Constraint]) -> bool:
         return self.find(constraints) is not None
@@ -246,6 +262,122 @@ class Solver:
         d2 = self._quickxplain(background + first, first, second)
         d1 = self._quickxplain(background + d2, d2, first)
         return d1 + d2
+
+
+Bound = tuple[Constraint, tuple[str, ...], Callable[..., bool]]
+
+
+def _binder(c: Constraint, fixed: dict[str, str], free: tuple[str, ...]) -> Callable[..., bool]:
+    """c as a function of its free variables only, the fixed ones filled in."""
+    order = c.variables
+    position = {name: i for i, name in enumerate(free)}
+
+    def bound(*values: object) -> bool:
+        return c.holds(*(values[position[v]] if v in position else fixed[v] for v in order))
+
+    return bound
+
+
+def _forbid_state(c: Forbid, fixed: dict[str, str]) -> list[tuple[str, frozenset[str]]] | None:
+    """The free part of a nogood; None when a fixed value already satisfies it."""
+    free = []
+    for var, forbidden in zip(c.variables, c.sets, strict=True):
+        if var in fixed:
+            if fixed[var] not in forbidden:
+                return None
+        else:
+            free.append((var, forbidden))
+    return free
+
+
+def _propagate(domains: dict[str, list[str]], constraints: list[Constraint]) -> list[Bound] | None:
+    """Unit propagation to a fixpoint; returns the constraints left with two or more free variables.
+
+    Nogoods (Forbid) are handled with set operations; other constraints by evaluation. Only constraints
+    on a variable whose domain shrank are looked at again.
+    """
+    watching: dict[str, list[int]] = {}
+    for i, c in enumerate(constraints):
+        for v in c.variables:
+            watching.setdefault(v, []).append(i)
+    fixed = {name: vals[0] for name, vals in domains.items() if len(vals) == 1}
+    done: set[int] = set()  # satisfied for good
+    queue = list(range(len(constraints)))
+    queued = set(queue)
+    while queue:
+        i = queue.pop()
+        queued.discard(i)
+        if i in done:
+            continue
+        c = constraints[i]
+        if isinstance(c, Forbid):
+            free = _forbid_state(c, fixed)
+            if free is None:
+                done.add(i)
+                continue
+            if not free:
+                return None
+            if len(free) > 1:
+                continue
+            var, forbidden = free[0]
+            kept = [value for value in domains[var] if value not in forbidden]
+            done.add(i)
+        else:
+            free_vars = tuple(v for v in c.variables if v not in fixed)
+            if not free_vars:
+                if not c.holds(*(fixed[v] for v in c.variables)):
+                    return None
+                done.add(i)
+                continue
+            if len(free_vars) > 1:
+                continue
+            var = free_vars[0]
+            bind = _binder(c, fixed, free_vars)
+            kept = [value for value in domains[var] if bind(value)]
+            done.add(i)
+        if not kept:
+            return None
+        if len(kept) < len(domains[var]):
+            domains[var] = kept
+            if len(kept) == 1:
+                fixed[var] = kept[0]
+            for j in watching.get(var, ()):
+                if j not in queued and j not in done:
+                    queue.append(j)
+                    queued.add(j)
+    result: list[Bound] = []
+    for i, c in enumerate(constraints):
+        if i in done:
+            continue
+        free = tuple(v for v in c.variables if v not in fixed)
+        if len(free) >= 2:
+            result.append((c, free, _binder(c, fixed, free)))
+        elif not free and not c.holds(*(fixed[v] for v in c.variables)):
+            return None
+    return result
+
+
+def _components(domains: dict[str, list[str]], bound: list[Bound]) -> list[tuple[list[str], list[Bound]]]:
+    """Independent groups of free variables (joined by shared constraints), in a stable order."""
+    parent = {name: name for name, vals in domains.items() if len(vals) > 1}
+
+    def root(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for _, free, _ in bound:
+        first = root(free[0])
+        for other in free[1:]:
+            parent[root(other)] = first
+    groups: dict[str, list[str]] = {}
+    for name in parent:  # dict order: the problem's variable order
+        groups.setdefault(root(name), []).append(name)
+    members: dict[str, list[Bound]] = {key: [] for key in groups}
+    for item in bound:
+        members[root(item[1][0])].append(item)
+    return [(groups[key], members[key]) for key in groups]
 
 
 def solve(problem: Problem) -> Solution | Conflict:

@@ -1,0 +1,435 @@
+"""PCI slot types, guest NUMA cells and device NUMA nodes as solver variables, with capacity constraints.
+
+libvirt auto-places devices but never decides NUMA locality and keeps only one spare hotplug port, so
+the engine decides both: `X.slot` (pcie | pci | integrated | none) and `X.node` per device, `numa.cells`
+and `hotplug.ports` per domain. Capacities (root ports, bus numbers under each expander) are constraints,
+so running out is a conflict that names the numbers rather than a libvirt define error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from constraint import Unassigned
+from lxml import etree
+
+from virtpolicy.models.domain import VIRTPOLICY_NS, Explicit, xpath_of
+from virtpolicy.models.machines import family_named
+from virtpolicy.models.pci import HOTPLUG_PORTS, MAX_CELLS, SLOT_VALUES, table
+from virtpolicy.solver.problem import Constraint, Provenance, Source, Strength
+
+if TYPE_CHECKING:
+    from virtpolicy.solver.build import Builder, Instance
+
+ROOT_PORTS_ON_PCIE_ROOT = 27 * 8  # slots 0x02-0x1e without 0x1b and 0x1d, 8 functions each
+BUS_NUMBERS = 255  # bus 0 .. 254 below the highest expander
+POLICIES = ("required", "preferred", "legacy", "socket")
+NOVA = "nova/virt/hardware.py _get_numa_topology_auto: vCPUs and memory must divide evenly by nodes"
+
+
+@dataclass
+class Affinity:
+    """An app's wish to place a device on a guest NUMA node (metadata), with Nova's policy names."""
+
+    xpath: str
+    node: int
+    policy: str
+    where: str
+
+
+class CountAtMost(Constraint):
+    """Count of devices on a bus side (slot value, node) at most a capacity; prunes on partial assignments."""
+
+    partial = True
+
+    def __init__(
+        self,
+        cid: str,
+        pairs: list[tuple[str, str]],
+        node: str | None,
+        slot: str,
+        limit_var: str | None,
+        limit: int,
+        message: str,
+        provenance: Provenance,
+    ) -> None:
+        variables = tuple(v for pair in pairs for v in pair) + ((limit_var,) if limit_var else ())
+        super().__init__(id=cid, variables=variables, message=message, provenance=provenance)
+        self.npairs = len(pairs)
+        self.node = node
+        self.slot = slot
+        self.limit = limit
+        self.limit_var = limit_var
+
+    def holds(self, *values: object) -> bool:
+        spare = 0
+        if self.limit_var is not None:
+            extra = values[-1]
+            spare = 0 if extra is Unassigned else int(str(extra))
+        used = spare
+        for i in range(self.npairs):
+            slot, node = values[2 * i], values[2 * i + 1]
+            if slot == self.slot and (self.node is None or node == self.node):
+                used += 1
+        return used <= self.limit
+
+
+def cells_in(domain_root: etree._Element) -> int:
+    return len(domain_root.findall("cpu/numa/cell"))
+
+
+class PciPlanner:
+    """Adds the PCI and NUMA variables and their constraints to a Builder's problem."""
+
+    def __init__(self, builder: Builder) -> None:
+        self.b = builder
+        self.slots = table()["slots"]
+        self.devices: list[tuple[Instance, str]] = []  # (instance, the variable that decides its slot)
+
+    def _driver_var(self, inst: Instance) -> str | None:
+        for var in inst.cls.variables:
+            if f"{inst.cls.name}.{var}" in self.slots:
+                return var
+        return None
+
+    def add_variables(self) -> None:
+        p = self.b.problem
+        app_cells = cells_in(self.b.domain.root)
+        cells = [str(app_cells)] if app_cells else [str(k) for k in range(1, MAX_CELLS + 1)]
+        p.add_variable("numa.cells", cells, "guest NUMA cells")
+        p.add_variable("hotplug.ports", HOTPLUG_PORTS, "spare hot-plug root ports")
+        numa = app_cells > 1 or self._numa_wanted()
+        for inst in self.b.instances:
+            var = self._driver_var(inst)
+            if var is None:
+                continue
+            self.devices.append((inst, var))
+            p.add_variable(inst.var("slot"), SLOT_VALUES, f"{inst.cls.label} slot type {inst.xpath}")
+            nodes = [str(n) for n in range(MAX_CELLS)] if numa else ["0"]
+            p.add_variable(inst.var("node"), nodes, f"{inst.cls.label} guest NUMA node {inst.xpath}")
+
+    def _numa_wanted(self) -> bool:
+        """Node variables cost search time: only where NUMA can matter (profiles, affinity metadata)."""
+        if self.affinities():
+            return True
+        return any(
+            any(v.startswith("numa.") or v.endswith(".node") for v in (*r.require, *r.prefer, *r.forbid))
+            or (r.when is not None and any(n.startswith("numa.") for n in r.when.names()))
+            for sel in self.b.profiles
+            for r in sel.profile.rules
+        )
+
+    def affinities(self) -> list[Affinity]:
+        found = []
+        for el in self.b.domain.root.iterfind(f"metadata/{{{VIRTPOLICY_NS}}}numa/{{{VIRTPOLICY_NS}}}device"):
+            policy = el.get("policy", "required")
+            node = el.get("node", "")
+            if policy not in POLICIES or not node.isdigit():
+                from virtpolicy.errors import InputError
+
+                raise InputError(
+                    f"{self.b.domain.source}:{el.sourceline}: {xpath_of(el)}: node='{node}' "
+                    f"policy='{policy}' (node is a number; policy one of {', '.join(POLICIES)})"
+                )
+            found.append(Affinity(el.get("xpath", ""), int(node), policy, xpath_of(el)))
+        return found
+
+    def add_constraints(self) -> None:
+        p = self.b.problem
+        structural = Provenance(
+            Source.STRUCTURAL,
+            "pci-slot-types",
+            "pci.toml",
+            "libvirt src/qemu/qemu_domain_address.c qemuDomainDeviceCalculatePCIConnectFlags",
+            data=(("rule", "pci-slot-types"), ("file", "pci.toml"), ("line", 0)),
+        )
+        for inst, var in self.devices:
+            driver = inst.var(var)
+            for value in p.variables[driver].values:
+                row = self.slots[f"{inst.cls.name}.{var}"].get(value)
+                for fam in p.variables["machine"].values:
+                    root = _root(fam)
+                    allowed = (row or {}).get(root, ["pcie", "pci"] if root == "pcie" else ["pci"]) if row else None
+                    if allowed is None:
+                        allowed = ["pcie", "pci", "integrated"] if root == "pcie" else ["pci", "integrated"]
+                    if root not in ("pcie", "pci"):
+                        allowed = ["none"]
+                    self.b._add_forbid(  # noqa: SLF001
+                        f"structural:pci-slot:{inst.var('slot')}:{value}:{fam}",
+                        [
+                            (driver, frozenset([value])),
+                            ("machine", frozenset([fam])),
+                            (inst.var("slot"), frozenset(s for s in SLOT_VALUES if s not in allowed)),
+                        ],
+                        f"{inst.prefix} as {value} on {fam} sits in a {' or '.join(allowed)} slot",
+                        structural,
+                    )
+            # a device's node is a guest cell
+            self.b.add_constraint(_node_in_cells(inst.var("node")))
+        self._ports_only_on_pcie()
+        self._even_split()
+        self._affinity()
+        self._existing_addresses()
+        self._capacity()
+
+    def _ports_only_on_pcie(self) -> None:
+        """Spare root ports exist only on PCIe machines; pci-root slots are hot-pluggable by themselves."""
+        conventional = [f for f in self.b.problem.variables["machine"].values if _root(f) != "pcie"]
+        spare = [v for v in self.b.problem.variables["hotplug.ports"].values if v != "0"]
+        if conventional and spare:
+            self.b._add_forbid(  # noqa: SLF001
+                "structural:root-ports-need-pcie",
+                [("machine", frozenset(conventional)), ("hotplug.ports", frozenset(spare))],
+                "pcie-root-ports exist only on PCIe machines (q35, virt); on pc the pci-root slots are hot-pluggable",
+                Provenance(
+                    Source.STRUCTURAL,
+                    "root-ports-need-pcie",
+                    "pci.toml",
+                    "libvirt domain_addr.c: pcie-root-port plugs only into pcie-root or pcie-expander-bus",
+                    data=(("rule", "root-ports-need-pcie"), ("file", "pci.toml"), ("line", 0)),
+                ),
+            )
+
+    def _even_split(self) -> None:
+        if cells_in(self.b.domain.root):
+            return
+        vcpus = self.b.domain.vcpus
+        memory = self.b.facts.resolve("domain.memory_mib")
+        uneven = [c for c in self.b.problem.variables["numa.cells"].values if vcpus % int(c) or int(memory) % int(c)]  # type: ignore[call-overload]
+        if uneven:
+            self.b._add_forbid(  # noqa: SLF001
+                "structural:numa-even-split",
+                [("numa.cells", frozenset(uneven))],
+                f"{vcpus} vCPUs and {memory} MiB cannot be split evenly into {'/'.join(uneven)} cells",
+                Provenance(
+                    Source.STRUCTURAL,
+                    "numa-even-split",
+                    "Nova",
+                    NOVA,
+                    data=(("rule", "numa-even-split"), ("file", "nova"), ("line", 0)),
+                ),
+            )
+
+    def _affinity(self) -> None:
+        by_xpath = {inst.xpath: inst for inst, _ in self.devices}
+        for aff in self.affinities():
+            inst = by_xpath.get(aff.xpath)
+            if inst is None:
+                from virtpolicy.errors import InputError
+
+                raise InputError(
+                    f"{self.b.domain.source}: {aff.where}: xpath='{aff.xpath}' names no PCI device "
+                    f"(known: {', '.join(sorted(by_xpath))})"
+                )
+            prov = Provenance(
+                Source.APP,
+                aff.where,
+                f"node {aff.node}, policy {aff.policy}",
+                data=(("xpath", aff.where), ("value", str(aff.node))),
+            )
+            name = inst.var("node")
+            domain = self.b.problem.variables[name].values
+            strength = Strength.SOFT if aff.policy == "preferred" else Strength.HARD
+            self.b._add_forbid(  # noqa: SLF001
+                f"app:{aff.where}",
+                [(name, frozenset(v for v in domain if v != str(aff.node)))],
+                f"{inst.prefix} on guest NUMA node {aff.node} ({aff.policy})",
+                prov,
+                strength=strength,
+                priority=200 if strength is Strength.SOFT else 0,
+            )
+
+    def _capacity(self) -> None:
+        pcie = [(i.var("slot"), i.var("node")) for i, _ in self.devices]
+        if not pcie:
+            return
+        most_spare = max(int(v) for v in self.b.problem.variables["hotplug.ports"].values)
+        pcie_root_can_fill = len(pcie) + most_spare > ROOT_PORTS_ON_PCIE_ROOT
+        prov = Provenance(
+            Source.STRUCTURAL,
+            "pcie-root-ports",
+            "pci.toml",
+            "libvirt domain_addr.c: pcie-root slots 1-31, 8 functions each; 0x1b/0x1d/0x1f reserved",
+            data=(("rule", "pcie-root-ports"), ("file", "pci.toml"), ("line", 0)),
+        )
+        if pcie_root_can_fill:  # a count that can never exceed its limit only slows the search
+            self.b.add_constraint(
+                CountAtMost(
+                    "structural:pcie-root-port-capacity",
+                    pcie,
+                    None,
+                    "pcie",
+                    "hotplug.ports",
+                    ROOT_PORTS_ON_PCIE_ROOT,
+                    "PCIe devices plus spare hot-plug ports need one root port each; "
+                    f"pcie-root has room for {ROOT_PORTS_ON_PCIE_ROOT}",
+                    prov,
+                )
+            )
+        for node, bus_nr, upper in self._fixed_expanders():
+            limit = upper - bus_nr - 1
+            self.b.add_constraint(
+                CountAtMost(
+                    f"app:expander-capacity:{node}",
+                    pcie,
+                    str(node),
+                    "pcie",
+                    None,
+                    limit,
+                    f"PCIe devices on node {node} need one root port each; the expander's busNr range "
+                    f"({bus_nr + 1}-{upper - 1}) allows {limit}",
+                    Provenance(
+                        Source.APP,
+                        f"/domain/devices/controller[@model='pcie-expander-bus'][node={node}]",
+                        f"busNr='{bus_nr}'",
+                        data=(("xpath", f"target/@busNr of node {node}"), ("value", str(bus_nr))),
+                    ),
+                )
+            )
+
+    def _fixed_expanders(self) -> list[tuple[int, int, int]]:
+        """(node, busNr, next higher busNr or 256) of expanders the app wrote itself."""
+        found = []
+        for el in self.b.domain.root.iterfind("devices/controller[@model='pcie-expander-bus']"):
+            node = el.findtext("target/node")
+            bus_nr = el.find("target").get("busNr") if el.find("target") is not None else None
+            if node and bus_nr and node.isdigit() and bus_nr.isdigit():
+                found.append((int(node), int(bus_nr)))
+        found.sort(key=lambda t: t[1])
+        return [(n, b, found[i + 1][1] if i + 1 < len(found) else 256) for i, (n, b) in enumerate(found)]
+
+    def _existing_addresses(self) -> None:
+        """A device that already has a PCI address keeps it: its slot type and node follow from where it is."""
+        if self.b.realized:
+            empty = sum(
+                1
+                for el in self.b.domain.root.iterfind("devices/controller[@model='pcie-root-port']")
+                if not _has_children(self.b.domain.root, el)
+            )
+            here = Explicit(str(empty), "/domain/devices (spare root ports of a laid-out domain)")
+            self.b.problem.add_variable("hotplug.ports", [str(empty)])
+            self.b._pin("hotplug.ports", [str(empty)], here, f"{empty} spare root port(s) stay as they are")  # noqa: SLF001
+        controllers = {
+            int(c.get("index", "-1")): c for c in self.b.domain.root.iterfind("devices/controller[@type='pci']")
+        }
+        for inst, _ in self.devices:
+            el = pci_element(inst, self.b.domain.root)
+            addr = el.find("address[@type='pci']") if el is not None else None
+            if addr is None:
+                continue
+            bus = int(addr.get("bus", "0"), 0)
+            model = controllers[bus].get("model", "") if bus in controllers else ""
+            slots = {
+                "pcie-root-port": ["pcie"],
+                "pcie-switch-downstream-port": ["pcie"],
+                "pcie-root": ["integrated"],
+                "pci-root": ["pci", "integrated"],
+            }.get(model, ["pci"])
+            here = Explicit(",".join(slots), xpath_of(addr))
+            self.b._pin(inst.var("slot"), slots, here, f"{inst.prefix} keeps its PCI address")  # noqa: SLF001
+            node = _node_of_bus(bus, controllers)
+            if node is not None and str(node) in self.b.problem.variables[inst.var("node")].values:
+                self.b._pin(inst.var("node"), [str(node)], here, f"{inst.prefix} stays on node {node}")  # noqa: SLF001
+
+    def add_preferences(self) -> None:
+        """Lowest preferences, taken after the device models are decided (a slot follows from a model)."""
+        engine = Provenance(Source.ENGINE, "engine.pci", "pci.py", data=(("preference", "engine.pci"),))
+        p = self.b.problem
+        for value in ("1",):
+            self.b._add_forbid(
+                "engine.numa-cells:1",
+                [("numa.cells", frozenset(v for v in p.variables["numa.cells"].values if v != value))],  # noqa: SLF001
+                "prefer one guest NUMA cell unless asked",
+                engine,
+                strength=Strength.SOFT,
+                group="engine.numa-cells",
+            )
+        self.b._add_forbid(
+            "engine.hotplug-ports:1",
+            [("hotplug.ports", frozenset(v for v in HOTPLUG_PORTS if v != "1"))],  # noqa: SLF001
+            "prefer one spare hot-plug root port, as libvirt reserves",
+            engine,
+            strength=Strength.SOFT,
+            group="engine.hotplug-ports",
+        )
+        for inst, _ in self.devices:
+            for value in ("pcie", "integrated", "pci", "none"):
+                name = inst.var("slot")
+                self.b._add_forbid(  # noqa: SLF001
+                    f"engine.slot:{name}={value}",
+                    [(name, frozenset(v for v in SLOT_VALUES if v != value))],
+                    f"prefer {name} = {value}: libvirt's own placement",
+                    engine,
+                    strength=Strength.SOFT,
+                    group=f"engine.slot:{name}",
+                )
+            name = inst.var("node")
+            domain = p.variables[name].values
+            for value in domain:
+                self.b._add_forbid(  # noqa: SLF001
+                    f"engine.node:{name}={value}",
+                    [(name, frozenset(v for v in domain if v != value))],
+                    f"prefer {name} = {value}",
+                    engine,
+                    strength=Strength.SOFT,
+                    group=f"engine.node:{name}",
+                )
+
+
+def _root(fam: str) -> str:
+    try:
+        return family_named(fam).root
+    except KeyError:
+        return "pci"
+
+
+def _node_in_cells(node_var: str) -> Constraint:
+    from virtpolicy.solver.problem import Predicate
+
+    return Predicate(
+        id=f"structural:node-in-cells:{node_var}",
+        variables=(node_var, "numa.cells"),
+        message=f"{node_var} must be one of the guest's NUMA cells",
+        provenance=Provenance(
+            Source.STRUCTURAL,
+            "node-in-cells",
+            "qemu_postparse.c",
+            "libvirt qemuDomainControllerDefPostParse: 'configured for a NUMA node not present "
+            "in the domain's <cpu><numa> array'",
+            data=(("rule", "node-in-cells"), ("file", "qemu_postparse.c"), ("line", 0)),
+        ),
+        test=lambda v, _n=node_var: int(v[_n]) < int(v["numa.cells"]),
+    )
+
+
+def pci_element(inst: Instance, root: etree._Element) -> etree._Element | None:
+    """The element that is the PCI device of an instance (the agent's is its virtio-serial controller)."""
+    if inst.cls.name == "agent":
+        return root.find("devices/controller[@type='virtio-serial']")
+    return inst.element
+
+
+def _has_children(root: etree._Element, controller: etree._Element) -> bool:
+    index = controller.get("index", "")
+    return (
+        any(int(a.get("bus", "-1"), 0) == int(index) for a in root.iterfind("devices/*/address[@type='pci']"))
+        if index.isdigit()
+        else True
+    )
+
+
+def _node_of_bus(bus: int, controllers: dict[int, etree._Element]) -> int | None:
+    """Follow a bus up to the expander it hangs off; that expander's <node> is the device's node."""
+    seen = set()
+    while bus in controllers and bus not in seen:
+        seen.add(bus)
+        ctrl = controllers[bus]
+        node = ctrl.findtext("target/node")
+        if node is not None and node.isdigit():
+            return int(node)
+        addr = ctrl.find("address[@type='pci']")
+        if addr is None:
+            return None
+        bus = int(addr.get("bus", "0"), 0)
+    return None

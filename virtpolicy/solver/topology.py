@@ -1,0 +1,322 @@
+"""The PCI topology: controllers and an explicit address for every PCI device, built on a networkx graph.
+
+q35: endpoints each get a pcie-root-port (packed 8 per slot as multifunction, as libvirt does);
+conventional devices go behind a pcie-to-pci-bridge; with guest NUMA cells, each cell's devices hang off
+a pcie-expander-bus carrying that cell's <node> and a busNr range sized for its buses. pc: devices on
+pci-root, a pci-bridge when it is full, a pci-expander-bus per cell. Addresses already in the XML are
+kept (ABI); new devices take free slots; removing a device shifts nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import networkx as nx
+from lxml import etree
+
+from virtpolicy.models.machines import family_named
+from virtpolicy.models.pci import table
+
+FIRST_PORT_SLOT = 0x02
+LAST_SLOT = 0x1F
+
+
+def _hex(n: int, width: int = 2) -> str:
+    return f"0x{n:0{width}x}"
+
+
+@dataclass
+class Placement:
+    element: etree._Element
+    slot_type: str  # pcie | pci | integrated
+    node: int | None
+    fixed: tuple[int, int] | None = None  # (slot, function) on bus 0 for integrated devices
+
+
+@dataclass
+class Bus:
+    index: int
+    model: str
+    first_slot: int
+    last_slot: int
+    used: set[tuple[int, int]] = field(default_factory=set)  # (slot, function)
+    reserved: set[int] = field(default_factory=set)  # slots kept for the chipset's fixed devices
+
+    def free_slot(self) -> int | None:
+        taken = {s for s, _ in self.used} | self.reserved
+        for slot in range(self.first_slot, self.last_slot + 1):
+            if slot not in taken:
+                return slot
+        return None
+
+
+class TopologyBuilder:
+    def __init__(self, devices_el: etree._Element, family: str, cells: int, hotplug_ports: int) -> None:
+        self.devices = devices_el
+        self.family = family
+        self.root_kind = family_named(family).root if family in ("q35", "pc") else "other"
+        self.cells = cells
+        self.hotplug_ports = hotplug_ports
+        self.graph = nx.DiGraph()
+        self.buses: dict[int, Bus] = {}
+        self.next_index = 1
+        fixed = table()["fixed"].get(family, {})
+        self.reserved = {int(s, 16) for s in fixed.get("reserved", [])}
+        self.video_slot = int(fixed.get("video", "0x02"), 16)
+        self._read_existing()
+
+    # --- what is there already ---------------------------------------------------------------------
+    def _read_existing(self) -> None:
+        root_model = "pcie-root" if self.root_kind == "pcie" else "pci-root"
+        for ctrl in self.devices.findall("controller[@type='pci']"):
+            index = int(ctrl.get("index", "-1"))
+            model = ctrl.get("model", "")
+            if index >= 0:
+                self._add_bus(index, model, ctrl)
+                self.next_index = max(self.next_index, index + 1)
+        if 0 not in self.buses and self.root_kind in ("pcie", "pci"):
+            el = etree.Element("controller", type="pci", index="0", model=root_model)
+            self._insert(el)
+            self._add_bus(0, root_model, el)
+        for addr in self.devices.iterfind(".//address[@type='pci']"):
+            bus, slot, function = (int(addr.get(k, "0"), 0) for k in ("bus", "slot", "function"))
+            if bus in self.buses:
+                self.buses[bus].used.add((slot, function))
+            self.graph.add_edge(("bus", bus), self._node_of(addr.getparent()), slot=slot, function=function)
+
+    @staticmethod
+    def _node_of(el: etree._Element) -> tuple[str, int]:
+        """Graph node of an element: a bus for PCI controllers, a device otherwise."""
+        if el.tag == "controller" and el.get("type") == "pci" and el.get("index", "").isdigit():
+            return ("bus", int(el.get("index", "0")))
+        return ("device", id(el))
+
+    def _add_bus(self, index: int, model: str, el: etree._Element) -> None:
+        first, last = {
+            "pcie-root": (1, LAST_SLOT),
+            "pci-root": (1, LAST_SLOT),
+            "pcie-root-port": (0, 0),
+            "pcie-switch-downstream-port": (0, 0),
+            "pcie-to-pci-bridge": (1, LAST_SLOT),
+            "pci-bridge": (1, LAST_SLOT),
+            "pcie-expander-bus": (0, LAST_SLOT),
+            "pci-expander-bus": (1, LAST_SLOT),
+        }.get(model, (1, LAST_SLOT))
+        bus = Bus(index, model, first, last, reserved=set(self.reserved) if index == 0 else set())
+        self.buses[index] = bus
+        self.graph.add_node(("bus", index), model=model, element=el)
+
+    def empty_root_ports(self, parent: int) -> Iterator[int]:
+        for index, bus in sorted(self.buses.items()):
+            if bus.model == "pcie-root-port" and not bus.used and self._parent_of(index) == parent:
+                yield index
+
+    def _parent_of(self, index: int) -> int | None:
+        preds = list(self.graph.predecessors(("bus", index)))
+        return preds[0][1] if preds else None
+
+    # --- building ----------------------------------------------------------------------------------
+    def _insert(self, el: etree._Element) -> None:
+        controllers = self.devices.findall("controller")
+        if controllers:
+            controllers[-1].addnext(el)
+        else:
+            disks = self.devices.findall("disk")
+            if disks:
+                disks[-1].addnext(el)
+            else:
+                self.devices.insert(0, el)
+
+    def _address(self, el: etree._Element, bus: int, slot: int, function: int = 0) -> None:
+        for old in el.findall("address"):
+            el.remove(old)
+        etree.SubElement(
+            el, "address", type="pci", domain="0x0000", bus=_hex(bus), slot=_hex(slot), function=_hex(function, 1)
+        )
+        self.buses[bus].used.add((slot, function))
+        self.graph.add_edge(("bus", bus), self._node_of(el), slot=slot, function=function)
+
+    def _controller(
+        self,
+        model: str,
+        model_name: str,
+        parent: int,
+        slot: int,
+        function: int = 0,
+        target: dict[str, str] | None = None,
+        node: int | None = None,
+    ) -> int:
+        index = self.next_index
+        self.next_index += 1
+        el = etree.Element("controller", type="pci", index=str(index), model=model)
+        etree.SubElement(el, "model", name=model_name)
+        if target is not None or node is not None:
+            t = etree.SubElement(el, "target", **(target or {}))
+            if node is not None:
+                etree.SubElement(t, "node").text = str(node)
+        self._insert(el)
+        self._add_bus(index, model, el)
+        self._address(el, parent, slot, function)
+        return index
+
+    def _root_port(self, parent: int) -> int:
+        """A new pcie-root-port on `parent`, packed into multifunction slots like libvirt does."""
+        bus = self.buses[parent]
+        slot_function = None
+        for slot in range(max(bus.first_slot, FIRST_PORT_SLOT if parent == 0 else 0), bus.last_slot + 1):
+            if parent == 0 and (slot == self.video_slot or slot in bus.reserved):
+                continue
+            used_here = {f for s, f in bus.used if s == slot}
+            if used_here and not self._ports_only(parent, slot):
+                continue
+            free = [f for f in range(8) if f not in used_here]
+            if free:
+                slot_function = (slot, free[0])
+                break
+        if slot_function is None:
+            raise TopologyError(f"no free slot for a pcie-root-port on bus {parent}")
+        slot, function = slot_function
+        index = self._controller(
+            "pcie-root-port",
+            "pcie-root-port",
+            parent,
+            slot,
+            function,
+            {"chassis": str(self.next_index), "port": _hex((slot << 3) + function)},
+        )
+        self._mark_multifunction(parent, slot)
+        return index
+
+    def _ports_only(self, bus: int, slot: int) -> bool:
+        for _, child, data in self.graph.out_edges(("bus", bus), data=True):
+            if data["slot"] == slot and child[0] == "bus" and self.buses[child[1]].model != "pcie-root-port":
+                return False
+            if data["slot"] == slot and child[0] == "device":
+                return False
+        return True
+
+    def _mark_multifunction(self, bus: int, slot: int) -> None:
+        functions = sorted(f for s, f in self.buses[bus].used if s == slot)
+        if len(functions) < 2:
+            return
+        for _, child, data in self.graph.out_edges(("bus", bus), data=True):
+            if data["slot"] == slot and data["function"] == 0 and child[0] == "bus":
+                el = self.graph.nodes[child]["element"]
+                addr = el.find("address")
+                if addr is not None:
+                    addr.set("multifunction", "on")
+
+    def _bridge(self, parent_kind: str, parent: int) -> int:
+        if parent_kind == "pcie":
+            port = self._root_port(parent)
+            return self._controller("pcie-to-pci-bridge", "pcie-pci-bridge", port, 0)
+        slot = self.buses[parent].free_slot()
+        if slot is None:
+            raise TopologyError(f"PCI bus {parent} is full and has no slot left for a pci-bridge")
+        return self._controller("pci-bridge", "pci-bridge", parent, slot, target={"chassisNr": str(self.next_index)})
+
+    def place(self, placements: list[Placement]) -> None:
+        """Give every placement without an address one, building controllers as needed."""
+        todo = [p for p in placements if p.element.find("address[@type='pci']") is None]
+        for p in todo:
+            if p.slot_type == "integrated" and p.fixed is not None:
+                slot, function = p.fixed
+                if (slot, function) not in self.buses[0].used:
+                    self._address(p.element, 0, slot, function)
+                    continue
+                p.slot_type = "pcie" if self.root_kind == "pcie" else "pci"
+        by_node: dict[int | None, list[Placement]] = {}
+        for p in todo:
+            if p.element.find("address[@type='pci']") is None:
+                by_node.setdefault(p.node if self.cells > 1 else None, []).append(p)
+        expanders = self._expanders(sorted(n for n in by_node if n is not None), by_node)
+        for node, group in sorted(by_node.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
+            parent = 0 if node is None else expanders[node]
+            self._place_group(group, parent)
+        self._spare_ports()
+        self._bus_numbers(expanders)
+
+    def _place_group(self, group: list[Placement], parent: int) -> None:
+        bridge: int | None = None
+        for p in group:
+            if self.root_kind == "pcie" and p.slot_type in ("pcie", "integrated"):
+                free = next(self.empty_root_ports(parent), None)
+                port = free if free is not None else self._root_port(parent)
+                self._address(p.element, port, 0)
+                continue
+            if self.root_kind == "pcie":
+                if bridge is None or self.buses[bridge].free_slot() is None:
+                    bridge = self._bridge("pcie", parent)
+                self._address(p.element, bridge, self.buses[bridge].free_slot() or 1)
+                continue
+            target = parent
+            if self.buses[target].free_slot() is None or (
+                target == 0 and self._last_free_slot_needed_for_bridge(group, p)
+            ):
+                if bridge is None or self.buses[bridge].free_slot() is None:
+                    bridge = self._bridge("pci", bridge if bridge is not None else parent)
+                target = bridge
+            self._address(p.element, target, self.buses[target].free_slot() or 1)
+
+    def _last_free_slot_needed_for_bridge(self, group: list[Placement], current: Placement) -> bool:
+        free = sum(1 for s in range(1, LAST_SLOT + 1) if all(u[0] != s for u in self.buses[0].used))
+        remaining = sum(1 for p in group[group.index(current) :] if p.element.find("address[@type='pci']") is None)
+        return free == 1 and remaining > 1
+
+    def _expanders(self, nodes: list[int], by_node: dict[int | None, list[Placement]]) -> dict[int, int]:
+        found: dict[int, int] = {}
+        model = "pcie-expander-bus" if self.root_kind == "pcie" else "pci-expander-bus"
+        for index, bus in self.buses.items():
+            if bus.model == model:
+                el = self.graph.nodes[("bus", index)]["element"]
+                node = el.findtext("target/node")
+                if node is not None and node.isdigit():
+                    found.setdefault(int(node), index)
+        for node in nodes:
+            if node in found:
+                continue
+            slot = self.buses[0].free_slot()
+            if slot is None:
+                raise TopologyError(f"no slot on bus 0 for the expander bus of NUMA node {node}")
+            name = "pxb-pcie" if self.root_kind == "pcie" else "pxb"
+            found[node] = self._controller(model, name, 0, slot, target={"busNr": "0"}, node=node)
+        del by_node
+        return found
+
+    def _spare_ports(self) -> None:
+        if self.root_kind != "pcie":
+            return
+        spare = len(list(self.empty_root_ports(0)))
+        for _ in range(max(0, self.hotplug_ports - spare)):
+            self._root_port(0)
+
+    def _buses_below(self, index: int) -> int:
+        return sum(1 for n in nx.descendants(self.graph, ("bus", index)) if n[0] == "bus")
+
+    def _bus_numbers(self, expanders: dict[int, int]) -> None:
+        """Give each expander a busNr range sized for the buses under it, counting down from 255."""
+        upper = 256
+        for node in sorted(expanders):
+            index = expanders[node]
+            target = self.graph.nodes[("bus", index)]["element"].find("target")
+            current = target.get("busNr")
+            if current not in (None, "0"):
+                upper = min(upper, int(current))
+                continue
+            need = 1 + self._buses_below(index) + (1 if self.root_kind == "pci" else 0)
+            bus_nr = upper - need
+            target.set("busNr", str(bus_nr))
+            upper = bus_nr
+        root_buses = 1 + sum(
+            1
+            for i in self.buses
+            if i not in expanders.values()
+            and not any(nx.has_path(self.graph, ("bus", e), ("bus", i)) for e in expanders.values())
+        )
+        if expanders and root_buses >= upper:
+            raise TopologyError(f"the root complex needs {root_buses} bus numbers but the expanders start at {upper}")
+
+
+class TopologyError(RuntimeError):
+    """The capacity constraints should have made this impossible; raised if they did not."""
