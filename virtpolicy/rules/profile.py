@@ -40,6 +40,7 @@ MAX_RULES = 500
 PROFILE_KEYS = {"name", "version", "description", "use_when", "rule"}
 RULE_KEYS = {
     "id",
+    "equal",
     "when",
     "strength",
     "priority",
@@ -127,6 +128,7 @@ class Rule:
     prefer: dict[str, tuple[str, ...]] = field(default_factory=dict)
     snippets: tuple[Snippet, ...] = ()
     derive: dict[str, Expression] = field(default_factory=dict)
+    equal: dict[str, Expression] = field(default_factory=dict)  # variable = value of a fact expression
     drivers: tuple[str, ...] = ()
     description: str = ""
 
@@ -264,7 +266,16 @@ def _rule(raw: object, index: int, profile: str, path: Path, text: str, line: in
     for effect in ("require", "forbid", "prefer"):
         if effect in raw:
             effects[effect] = _variable_values(f"{path}:{_line_of_key(text, line, effect)}", effect, raw[effect])
-    if not (effects or snippets or derive or drivers):
+    equal = {}
+    if "equal" in raw:
+        if not isinstance(raw["equal"], dict):
+            raise ProfileError(f"{where}: 'equal' must be a table of variable = expression")
+        known = global_variables()
+        for var, source in raw["equal"].items():
+            if var not in known:
+                raise ProfileError(f"{where}: unknown variable '{var}' in 'equal'")
+            equal[var] = check_expression(str(source), f"{path}:{_line_of_key(text, line, 'equal')}")
+    if not (effects or snippets or derive or drivers or equal):
         raise ProfileError(
             f"{where}: rule '{rid}' has no effect (require, forbid, prefer, add, default, remove, set, drivers)"
         )
@@ -280,6 +291,7 @@ def _rule(raw: object, index: int, profile: str, path: Path, text: str, line: in
         prefer=effects.get("prefer", {}),
         snippets=tuple(snippets),
         derive=derive,
+        equal=equal,
         drivers=tuple(drivers),
         description=str(raw.get("description", "")),
     )

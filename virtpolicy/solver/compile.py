@@ -133,6 +133,10 @@ class ProfileCompiler:
         effects: list[tuple[str, str, tuple[str, ...], bool]] = []  # (kind, ref, values, only_unset)
         for kind, table in (("require", rule.require), ("forbid", rule.forbid), ("prefer", rule.prefer)):
             effects += [(kind, ref, values, False) for ref, values in table.items()]
+        for ref, expr in rule.equal.items():  # a value computed from the facts, then required (or preferred)
+            value = self._evaluate(rule, expr, {})
+            shown = str(value).lower() if isinstance(value, bool) else str(value)
+            effects.append(("require" if rule.hard else "prefer", ref, (shown,), False))
         for snip in rule.snippets:
             modelled, rest = snippets.modelled_parts(snip.root, snip.action)
             kind = "require" if rule.hard else "prefer"
@@ -199,7 +203,7 @@ class ProfileCompiler:
             wishes = [tuple(allowed)]
         for wish in wishes:
             verb = {"require": "requires", "forbid": "forbids", "prefer": "prefers"}[kind]
-            shown = values if kind == "forbid" else wish
+            shown = wish if kind == "prefer" else values
             message = f"profile {sel.profile.name} {verb} {var} {'in' if len(shown) > 1 else '='} {'/'.join(shown)}"
             if rule.description:
                 message += f" ({rule.description})"

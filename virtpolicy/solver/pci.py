@@ -96,7 +96,7 @@ class PciPlanner:
     def add_variables(self) -> None:
         p = self.b.problem
         app_cells = cells_in(self.b.domain.root)
-        cells = [str(app_cells)] if app_cells else [str(k) for k in range(1, MAX_CELLS + 1)]
+        cells = [str(k) for k in range(1, max(MAX_CELLS, app_cells) + 1)]
         p.add_variable("numa.cells", cells, "guest NUMA cells")
         p.add_variable("hotplug.ports", HOTPLUG_PORTS, "spare hot-plug root ports")
         numa = app_cells > 1 or self._numa_wanted()
@@ -167,11 +167,19 @@ class PciPlanner:
                     )
             # a device's node is a guest cell
             self.b.add_constraint(_node_in_cells(inst.var("node")))
+        self._app_cells()
         self._ports_only_on_pcie()
         self._even_split()
         self._affinity()
         self._existing_addresses()
         self._capacity()
+
+    def _app_cells(self) -> None:
+        numa = self.b.domain.root.find("cpu/numa")
+        if numa is not None:
+            count = str(cells_in(self.b.domain.root))
+            here = Explicit(count, xpath_of(numa))
+            self.b._pin("numa.cells", [count], here, f"the domain has {count} NUMA cell(s)")  # noqa: SLF001
 
     def _ports_only_on_pcie(self) -> None:
         """Spare root ports exist only on PCIe machines; pci-root slots are hot-pluggable by themselves."""
