@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("-o", "--output", type=Path, help="write the report here instead of stdout")
 
+    device = sub.add_parser("device", help="devices of an existing domain")
+    device_sub = device.add_subparsers(dest="device_command", required=True)
+    add = device_sub.add_parser("add", help="the device XML with a slot this domain can hot-plug it into")
+    _input_options(add)
+    add.add_argument("device_xml", type=Path, help="the device element (e.g. <interface>, <disk>) to add")
+
     profiles = sub.add_parser("profiles", help="list, show and check profiles")
     profiles_sub = profiles.add_subparsers(dest="profiles_command", required=True)
     listing = profiles_sub.add_parser("list", help="profiles on the search path")
@@ -218,6 +224,41 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_CONFLICT if isinstance(result, Conflict) else EXIT_OK
 
 
+def cmd_device_add(args: argparse.Namespace) -> int:
+    """Solve the domain with the device appended; every existing address stays, the new one takes a free slot."""
+    from lxml import etree
+
+    from virtpolicy.models.xmlsafe import parse_file
+    from virtpolicy.solver.build import build
+    from virtpolicy.solver.render import render
+    from virtpolicy.solver.report import conflict_text
+    from virtpolicy.solver.solve import Conflict, solve
+
+    domain = _read_domain(args.domain)
+    device = parse_file(args.device_xml).getroot()
+    devices = domain.devices_element
+    devices.append(device)
+    host = _host(args)
+    guest = _guest(args, domain)
+    built = build(
+        domain,
+        host,
+        guest,
+        args.guest_support,
+        _selected_profiles(args, domain),
+        OsinfoDB(args.osinfo_db).device_names(),
+    )
+    result = solve(built.problem)
+    if isinstance(result, Conflict):
+        print(conflict_text(built, result), file=sys.stderr)
+        return EXIT_CONFLICT
+    tree = render(built, result)
+    position = devices.findall(device.tag).index(device)  # the renderer keeps same-tag order
+    added = tree.getroot().find("devices").findall(device.tag)[position]
+    print(etree.tostring(added, encoding="unicode").strip())
+    return EXIT_OK
+
+
 def cmd_host(args: argparse.Namespace) -> int:
     from virtpolicy.models.capture import capture
 
@@ -268,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_profiles(args)
         if args.command == "explain":
             return cmd_explain(args)
+        if args.command == "device":
+            return cmd_device_add(args)
         return cmd_host(args)
     except InputError as exc:
         print(f"virtpolicy: error: {exc}", file=sys.stderr)

@@ -347,35 +347,22 @@ class Renderer:
             if slot == "none" or element is None:
                 continue
             position = None
+            companions: list[etree._Element] = []
+            model = self.values.get(inst.var("model"), "")
             if inst.cls.name == "video":
                 position = (int(fixed["video"], 16), 0)
-            elif inst.cls.name == "usb" and self.values[inst.var("model")] == "ich9-ehci1" and family == "q35":
-                position = (int(fixed["ich9_usb"], 16), 7)
-                self._ich9_companions(int(fixed["ich9_usb"], 16))
-            elif inst.cls.name == "usb" and self.values[inst.var("model")] == "piix3-uhci":
+            elif inst.cls.name == "usb" and model == "ich9-ehci1":
+                position = (int(fixed["ich9_usb"], 16), 7) if "ich9_usb" in fixed else None
+                devices = self.domain.devices_element
+                companions = [c for n in (1, 2, 3) for c in devices.findall(f"controller[@model='ich9-uhci{n}']")]
+            elif inst.cls.name == "usb" and model == "piix3-uhci":
                 position = (int(fixed.get("piix3_usb", "0x01"), 16), 2)
-            placements.append(Placement(element, slot, int(self.values[inst.var("node")]), position))
+            placement = Placement(element, slot, int(self.values[inst.var("node")]), position, companions)
+            placements.append(placement)
         builder = TopologyBuilder(
             self.domain.devices_element, family, int(self.values["numa.cells"]), int(self.values["hotplug.ports"])
         )
         builder.place(placements)
-
-    def _ich9_companions(self, slot: int) -> None:
-        """ICH9 USB: the UHCI companions share the EHCI's slot, function 0 multifunction, as libvirt lays them."""
-        for function, model in ((0, "ich9-uhci1"), (1, "ich9-uhci2"), (2, "ich9-uhci3")):
-            el = self.domain.devices_element.find(f"controller[@model='{model}']")
-            if el is not None and el.find("address") is None:
-                addr = etree.SubElement(
-                    el,
-                    "address",
-                    type="pci",
-                    domain="0x0000",
-                    bus="0x00",
-                    slot=f"0x{slot:02x}",
-                    function=f"0x{function}",
-                )
-                if function == 0:
-                    addr.set("multifunction", "on")
 
     # --- the engine's record -----------------------------------------------------------------------
     def _record(self) -> None:

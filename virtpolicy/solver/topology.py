@@ -32,6 +32,7 @@ class Placement:
     slot_type: str  # pcie | pci | integrated
     node: int | None
     fixed: tuple[int, int] | None = None  # (slot, function) on bus 0 for integrated devices
+    companions: list[etree._Element] = field(default_factory=list)  # ICH9 UHCIs sharing an EHCI's slot
 
 
 @dataclass
@@ -219,6 +220,8 @@ class TopologyBuilder:
     def place(self, placements: list[Placement]) -> None:
         """Give every placement without an address one, building controllers as needed."""
         todo = [p for p in placements if p.element.find("address[@type='pci']") is None]
+        for p in [p for p in todo if p.companions]:
+            self._with_companions(p)
         for p in todo:
             if p.slot_type == "integrated" and p.fixed is not None:
                 slot, function = p.fixed
@@ -237,8 +240,40 @@ class TopologyBuilder:
         self._spare_ports()
         self._bus_numbers(expanders)
 
+    def _with_companions(self, p: Placement) -> None:
+        """EHCI at function 7 and its UHCI companions at functions 0-2 of one bus-0 slot, as libvirt does."""
+        bus = self.buses[0]
+        slot = p.fixed[0] if p.fixed and all(s != p.fixed[0] for s, _ in bus.used) else None
+        if slot is None:
+            slot = next(
+                (
+                    s
+                    for s in range(FIRST_PORT_SLOT, LAST_SLOT + 1)
+                    if s not in bus.reserved and s != self.video_slot and all(u != s for u, _ in bus.used)
+                ),
+                None,
+            )
+        if slot is None:
+            return  # leave it to libvirt
+        self._address(p.element, 0, slot, 7)
+        for function, companion in enumerate(p.companions):
+            if companion.find("address") is None:
+                self._address(companion, 0, slot, function)
+                if function == 0:
+                    companion.find("address").set("multifunction", "on")
+
+    def _existing_bridge(self, parent: int) -> int | None:
+        """A bridge below `parent` (directly or through its root port) that still has a free slot."""
+        for index, bus in sorted(self.buses.items()):
+            if bus.model not in ("pcie-to-pci-bridge", "pci-bridge") or bus.free_slot() is None:
+                continue
+            up = self._parent_of(index)
+            if up == parent or (up is not None and self._parent_of(up) == parent):
+                return index
+        return None
+
     def _place_group(self, group: list[Placement], parent: int) -> None:
-        bridge: int | None = None
+        bridge: int | None = self._existing_bridge(parent)
         for p in group:
             if self.root_kind == "pcie" and p.slot_type in ("pcie", "integrated"):
                 free = next(self.empty_root_ports(parent), None)
