@@ -71,6 +71,7 @@ class StartResult:
     live_xml: str
     info_pci: str
     adaptations: list[str] = field(default_factory=list)
+    info_qtree: str = ""
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -154,15 +155,11 @@ class LibvirtHarness:
             if proc.poll() is not None:
                 raise LibvirtError(f"{what} exited with status {proc.returncode}; log {log}:\n{_tail(log)}")
             time.sleep(0.25)
-        raise LibvirtError(
-            f"{what} did not answer within {self.ready_timeout:.0f} s; log {log}:\n{_tail(log)}"
-        )
+        raise LibvirtError(f"{what} did not answer within {self.ready_timeout:.0f} s; log {log}:\n{_tail(log)}")
 
     def _answers(self) -> bool:
         try:
-            r = subprocess.run(
-                ["virsh", "-c", self.uri, "version"], capture_output=True, timeout=10, check=False
-            )
+            r = subprocess.run(["virsh", "-c", self.uri, "version"], capture_output=True, timeout=10, check=False)
         except (OSError, subprocess.TimeoutExpired):
             return False
         return r.returncode == 0
@@ -189,8 +186,16 @@ class LibvirtHarness:
         except KeyError:
             subprocess.run(
                 [
-                    "useradd", "--system", "--no-create-home", "--home-dir", "/var/lib/libvirt",
-                    "--shell", "/usr/sbin/nologin", "--gid", QEMU_DEFAULT_ACCOUNT, QEMU_DEFAULT_ACCOUNT,
+                    "useradd",
+                    "--system",
+                    "--no-create-home",
+                    "--home-dir",
+                    "/var/lib/libvirt",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    "--gid",
+                    QEMU_DEFAULT_ACCOUNT,
+                    QEMU_DEFAULT_ACCOUNT,
                 ],
                 check=True,
                 timeout=30,
@@ -200,9 +205,7 @@ class LibvirtHarness:
     def _ensure_qemu_runs_as_root() -> None:
         """QEMU must be root to open a root-only /dev/kvm; an admin's explicit choice is respected."""
         text = QEMU_CONF.read_text() if QEMU_CONF.exists() else ""
-        additions = [
-            f'{key} = "root"\n' for key in ("user", "group") if not re.search(rf"(?m)^\s*{key}\s*=", text)
-        ]
+        additions = [f'{key} = "root"\n' for key in ("user", "group") if not re.search(rf"(?m)^\s*{key}\s*=", text)]
         if additions:
             QEMU_CONF.parent.mkdir(parents=True, exist_ok=True)
             sep = "" if not text or text.endswith("\n") else "\n"
@@ -342,8 +345,10 @@ class LibvirtHarness:
         notes: list[str] = []
         if root.get("type") == "kvm" and not self.kvm_usable():
             root.set("type", "qemu")
-            notes.append("KVM is not usable on this machine (/dev/kvm missing or not read/write): "
-                         "domain type 'kvm' changed to 'qemu' (TCG).")
+            notes.append(
+                "KVM is not usable on this machine (/dev/kvm missing or not read/write): "
+                "domain type 'kvm' changed to 'qemu' (TCG)."
+            )
         if root.get("type") == "kvm" and _kvm_is_pvm():
             why_efi = _needs_uefi_or_smm(root)
             if why_efi:
@@ -370,8 +375,10 @@ class LibvirtHarness:
                     cpu.attrib.pop(attr, None)
                 for child in cpu.findall("model") + cpu.findall("feature") + cpu.findall("cache"):
                     cpu.remove(child)
-                notes.append(f"<cpu mode='{mode}'>: mode and model/feature/cache children removed ({why}); "
-                             "topology/numa kept, QEMU's default CPU model is used.")
+                notes.append(
+                    f"<cpu mode='{mode}'>: mode and model/feature/cache children removed ({why}); "
+                    "topology/numa kept, QEMU's default CPU model is used."
+                )
         return etree.tostring(root, encoding="unicode"), notes
 
     def define_and_start(self, xml: str, workdir: Path) -> StartResult:
@@ -385,12 +392,15 @@ class LibvirtHarness:
             info_pci = self.enumerated_info_pci(name)
             self._check_running(name)
             live = self.virsh("dumpxml", name)
+            info_qtree = self.monitor(name, "info qtree")
         finally:
             try:
                 self.destroy(name)
             finally:
                 self.undefine(name)
-        return StartResult(inactive_xml=inactive, live_xml=live, info_pci=info_pci, adaptations=notes)
+        return StartResult(
+            inactive_xml=inactive, live_xml=live, info_pci=info_pci, adaptations=notes, info_qtree=info_qtree
+        )
 
 
 def _domain_name(xml: str) -> str:

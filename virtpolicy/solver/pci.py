@@ -8,9 +8,11 @@ so running out is a conflict that names the numbers rather than a libvirt define
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from constraint import Constraint as CSPConstraint
 from constraint import Unassigned
 from lxml import etree
 
@@ -38,8 +40,9 @@ class Affinity:
     where: str
 
 
-class CountAtMost(Constraint):
-    """Count of devices on a bus side (slot value, node) at most a capacity; prunes on partial assignments."""
+class BusBudget(Constraint):
+    """Buses a group of devices needs, at most a budget: one per PCIe endpoint (its root port), two per 31
+    conventional devices (a root port and a pcie-to-pci-bridge). Prunes on partial assignments."""
 
     partial = True
 
@@ -48,31 +51,93 @@ class CountAtMost(Constraint):
         cid: str,
         pairs: list[tuple[str, str]],
         node: str | None,
-        slot: str,
         limit_var: str | None,
         limit: int,
         message: str,
         provenance: Provenance,
+        bridges: bool = True,
     ) -> None:
         variables = tuple(v for pair in pairs for v in pair) + ((limit_var,) if limit_var else ())
         super().__init__(id=cid, variables=variables, message=message, provenance=provenance)
         self.npairs = len(pairs)
         self.node = node
-        self.slot = slot
         self.limit = limit
         self.limit_var = limit_var
+        self.bridges = bridges
 
     def holds(self, *values: object) -> bool:
+        """Fails as soon as even the cheapest completion of the devices still undecided would not fit."""
         spare = 0
-        if self.limit_var is not None:
-            extra = values[-1]
-            spare = 0 if extra is Unassigned else int(str(extra))
-        used = spare
+        if self.limit_var is not None and values[-1] is not Unassigned:
+            spare = int(str(values[-1]))
+        pcie = pci = free = 0
         for i in range(self.npairs):
             slot, node = values[2 * i], values[2 * i + 1]
-            if slot == self.slot and (self.node is None or node == self.node):
-                used += 1
-        return used <= self.limit
+            if self.node is not None and node != self.node:
+                continue  # on another node, or not placed yet: no cost here
+            if slot == "pcie":
+                pcie += 1
+            elif slot == "pci" and self.bridges:
+                pci += 1
+            elif slot is Unassigned and self.bridges:
+                free += 1
+        cheapest = min(k + 2 * -(-(pci + free - k) // 31) for k in range(0, min(free, 31) + 1))
+        return spare + pcie + cheapest <= self.limit
+
+    def search_check(self, fixed: dict[str, str]) -> BudgetCheck:
+        return BudgetCheck(self, fixed)
+
+
+class BudgetCheck(CSPConstraint):
+    """A BusBudget inside python-constraint's search, reading the current (forward-checked) domains.
+
+    A device whose slot domain is already down to {pcie}, or whose node domain is down to this node,
+    counts before it is assigned: the bound fails as early as the facts allow, which keeps a tight
+    capacity from turning chronological backtracking exponential.
+    """
+
+    def __init__(self, budget: BusBudget, fixed: dict[str, str]) -> None:
+        self.budget = budget
+        self.fixed = fixed
+
+    def _value(self, var: str, domains: dict[str, list[str]], assignments: dict[str, str]) -> object:
+        if var in self.fixed:
+            return self.fixed[var]
+        if var in assignments:
+            return assignments[var]
+        current = list(domains[var])
+        return current[0] if len(current) == 1 else current
+
+    def __call__(
+        self,
+        variables: Sequence[str],
+        domains: dict[str, list[str]],
+        assignments: dict[str, str],
+        forwardcheck: bool = False,
+    ) -> bool:
+        b = self.budget
+        names = b.variables
+        spare = 0
+        if b.limit_var is not None:
+            value = self._value(b.limit_var, domains, assignments)
+            spare = int(str(value)) if isinstance(value, str) else min(int(v) for v in value)  # type: ignore[union-attr]
+        pcie = pci = free = 0
+        for i in range(b.npairs):
+            slot = self._value(names[2 * i], domains, assignments)
+            node = self._value(names[2 * i + 1], domains, assignments)
+            if b.node is not None and node != b.node:
+                continue  # elsewhere, or may still go elsewhere: no cost here yet
+            if slot == "pcie":
+                pcie += 1
+            elif slot == "pci" and b.bridges:
+                pci += 1
+            elif isinstance(slot, list) and b.bridges:
+                if "pci" in slot:
+                    free += 1
+                elif "pcie" in slot and not ({"none", "integrated"} & set(slot)):
+                    pcie += 1
+        cheapest = min(k + 2 * -(-(pci + free - k) // 31) for k in range(0, min(free, 31) + 1))
+        return spare + pcie + cheapest <= b.limit
 
 
 def cells_in(domain_root: etree._Element) -> int:
@@ -168,11 +233,39 @@ class PciPlanner:
             # a device's node is a guest cell
             self.b.add_constraint(_node_in_cells(inst.var("node")))
         self._app_cells()
+        self._app_controllers_need_their_bus_kind()
         self._ports_only_on_pcie()
         self._even_split()
         self._affinity()
         self._existing_addresses()
         self._capacity()
+
+    def _app_controllers_need_their_bus_kind(self) -> None:
+        """PCIe controllers the app wrote exist only on PCIe machines, and pci-root/pxb only on pc (libvirt's
+        'pcie-expander-bus controllers are not supported with this machine type')."""
+        pcie_only = {
+            "pcie-root",
+            "pcie-root-port",
+            "pcie-expander-bus",
+            "pcie-to-pci-bridge",
+            "pcie-switch-upstream-port",
+            "pcie-switch-downstream-port",
+            "dmi-to-pci-bridge",
+        }
+        pci_only = {"pci-root", "pci-expander-bus"}
+        families = self.b.problem.variables["machine"].values
+        for el in self.b.domain.root.iterfind("devices/controller[@type='pci']"):
+            model = el.get("model", "")
+            if model in pcie_only:
+                allowed = [f for f in families if _root(f) == "pcie"]
+            elif model in pci_only:
+                allowed = [f for f in families if _root(f) == "pci"]
+            else:
+                continue
+            here = Explicit(model, xpath_of(el) + "/@model")
+            self.b._pin(
+                "machine", allowed, here, f"a {model} controller needs a {' or '.join(allowed) or 'different'} machine"
+            )  # noqa: SLF001
 
     def _app_cells(self) -> None:
         numa = self.b.domain.root.find("cpu/numa")
@@ -263,11 +356,10 @@ class PciPlanner:
         )
         if pcie_root_can_fill:  # a count that can never exceed its limit only slows the search
             self.b.add_constraint(
-                CountAtMost(
+                BusBudget(
                     "structural:pcie-root-port-capacity",
                     pcie,
                     None,
-                    "pcie",
                     "hotplug.ports",
                     ROOT_PORTS_ON_PCIE_ROOT,
                     "PCIe devices plus spare hot-plug ports need one root port each; "
@@ -278,15 +370,14 @@ class PciPlanner:
         for node, bus_nr, upper in self._fixed_expanders():
             limit = upper - bus_nr - 1
             self.b.add_constraint(
-                CountAtMost(
+                BusBudget(
                     f"app:expander-capacity:{node}",
                     pcie,
                     str(node),
-                    "pcie",
                     None,
                     limit,
-                    f"PCIe devices on node {node} need one root port each; the expander's busNr range "
-                    f"({bus_nr + 1}-{upper - 1}) allows {limit}",
+                    f"the PCI devices on node {node} need a bus each as PCIe endpoints (or two buses per 31 behind "
+                    f"a bridge); the expander's busNr range ({bus_nr + 1}-{upper - 1}) allows {limit}",
                     Provenance(
                         Source.APP,
                         f"/domain/devices/controller[@model='pcie-expander-bus'][node={node}]",

@@ -99,13 +99,16 @@ class Solver:
         if rest is None:
             return None
         solution = {name: vals[0] for name, vals in domains.items() if len(vals) == 1}
+        fixed = dict(solution)
         for group, group_constraints in _components(domains, rest):
             csp = CSP(BacktrackingSolver())
             for name in group:
                 csp.addVariable(name, list(reversed(domains[name])))  # the solver pops from the end: preferred first
             for c, free, bind in group_constraints:
-                # capacity counts can fail early on partial assignments; everything else waits for all values
-                csp.addConstraint(FunctionConstraint(bind, assigned=not getattr(c, "partial", False)), list(free))
+                # capacity counts read the search's current domains and fail early; everything else waits for
+                # all of its values
+                check = c.search_check(fixed) if hasattr(c, "search_check") else FunctionConstraint(bind)
+                csp.addConstraint(check, list(free))
             result = csp.getSolution()
             if not result:
                 return None

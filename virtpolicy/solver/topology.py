@@ -44,12 +44,13 @@ class Bus:
     used: set[tuple[int, int]] = field(default_factory=set)  # (slot, function)
     reserved: set[int] = field(default_factory=set)  # slots kept for the chipset's fixed devices
 
-    def free_slot(self) -> int | None:
+    def free_slots(self) -> list[int]:
         taken = {s for s, _ in self.used} | self.reserved
-        for slot in range(self.first_slot, self.last_slot + 1):
-            if slot not in taken:
-                return slot
-        return None
+        return [slot for slot in range(self.first_slot, self.last_slot + 1) if slot not in taken]
+
+    def free_slot(self) -> int | None:
+        free = self.free_slots()
+        return free[0] if free else None
 
 
 class TopologyBuilder:
@@ -285,19 +286,14 @@ class TopologyBuilder:
                     bridge = self._bridge("pcie", parent)
                 self._address(p.element, bridge, self.buses[bridge].free_slot() or 1)
                 continue
-            target = parent
-            if self.buses[target].free_slot() is None or (
-                target == 0 and self._last_free_slot_needed_for_bridge(group, p)
-            ):
-                if bridge is None or self.buses[bridge].free_slot() is None:
-                    bridge = self._bridge("pci", bridge if bridge is not None else parent)
-                target = bridge
-            self._address(p.element, target, self.buses[target].free_slot() or 1)
-
-    def _last_free_slot_needed_for_bridge(self, group: list[Placement], current: Placement) -> bool:
-        free = sum(1 for s in range(1, LAST_SLOT + 1) if all(u[0] != s for u in self.buses[0].used))
-        remaining = sum(1 for p in group[group.index(current) :] if p.element.find("address[@type='pci']") is None)
-        return free == 1 and remaining > 1
+            current = bridge if bridge is not None else parent
+            free = self.buses[current].free_slots()
+            remaining = sum(1 for q in group[group.index(p) :] if q.element.find("address[@type='pci']") is None)
+            if not free:
+                raise TopologyError(f"PCI bus {current} is full")
+            if len(free) == 1 and remaining > 1:
+                bridge = current = self._bridge("pci", current)  # the last slot takes a bridge with 31 more
+            self._address(p.element, current, self.buses[current].free_slot() or 1)
 
     def _expanders(self, nodes: list[int], by_node: dict[int | None, list[Placement]]) -> dict[int, int]:
         found: dict[int, int] = {}

@@ -1,0 +1,304 @@
+"""PCI/PCIe topology, slot types and NUMA placement: explicit addresses, capacity conflicts, ABI stability,
+and real libvirt/QEMU accepting the layout (dumpxml keeps every address) with devices on the right cells."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from libvirt_harness import LibvirtError, LibvirtHarness
+from lxml import etree
+from support import assert_minimal, run
+
+REPO = Path(__file__).resolve().parent.parent
+VP = "http://virtpolicy.org/xmlns/domain/1.0"
+LIBOSINFO = "http://libosinfo.org/xmlns/libvirt/domain/1.0"
+
+
+def domain(
+    name: str,
+    os_id: str,
+    devices: str,
+    machine: str | None = None,
+    vcpus: int = 4,
+    cells: int = 0,
+    affinity: dict[str, int] | None = None,
+    extra_metadata: str = "",
+) -> str:
+    machine_attr = f" machine='{machine}'" if machine else ""
+    numa = ""
+    if cells:
+        per = vcpus // cells
+        numa = (
+            "<cpu><numa>"
+            + "".join(
+                f"<cell id='{i}' cpus='{i * per}-{i * per + per - 1}' memory='{1024 // cells}' unit='MiB'/>"
+                for i in range(cells)
+            )
+            + "</numa></cpu>"
+        )
+    wishes = "".join(
+        f"<virtpolicy:device xpath='{xpath}' node='{node}' policy='required'/>"
+        for xpath, node in (affinity or {}).items()
+    )
+    meta = f"<virtpolicy:numa xmlns:virtpolicy='{VP}'>{wishes}</virtpolicy:numa>" if wishes else ""
+    return (
+        f"<domain type='kvm'><name>{name}</name><memory unit='MiB'>1024</memory><vcpu>{vcpus}</vcpu>"
+        f"<metadata><libosinfo:libosinfo xmlns:libosinfo='{LIBOSINFO}'><libosinfo:os id='{os_id}'/>"
+        f"</libosinfo:libosinfo>{meta}{extra_metadata}</metadata>"
+        f"<os><type arch='x86_64'{machine_attr}>hvm</type></os>{numa}<devices>{devices}</devices></domain>"
+    )
+
+
+def nics(n: int, model: str | None = None) -> str:
+    m = f"<model type='{model}'/>" if model else ""
+    return "".join(f"<interface type='user'>{m}</interface>" for _ in range(n))
+
+
+def disks(n: int) -> str:
+    return "".join(f"<disk type='file' device='disk'><source file='/d{i}.qcow2'/></disk>" for i in range(n))
+
+
+def pci_addresses(root: etree._Element) -> dict[str, tuple[int, int, int]]:
+    found = {}
+    for el in root.iterfind("devices/*"):
+        addr = el.find("address[@type='pci']")
+        if addr is not None:
+            key = f"{el.tag}[{el.get('index', '')}{el.get('model', '')}]#{len(found)}"
+            found[key] = tuple(int(addr.get(k), 16) for k in ("bus", "slot", "function"))
+    return found
+
+
+def controllers(root: etree._Element) -> dict[int, etree._Element]:
+    return {int(c.get("index")): c for c in root.iterfind("devices/controller[@type='pci']")}
+
+
+def node_of(root: etree._Element, el: etree._Element) -> int | None:
+    ctrls = controllers(root)
+    bus = int(el.find("address").get("bus"), 16)
+    while bus in ctrls:
+        node = ctrls[bus].findtext("target/node")
+        if node is not None:
+            return int(node)
+        addr = ctrls[bus].find("address")
+        if addr is None:
+            return None
+        bus = int(addr.get("bus"), 16)
+    return None
+
+
+FEDORA = "http://fedoraproject.org/fedora/37"
+
+
+def test_every_pci_device_and_controller_gets_an_explicit_unique_address(host, osdb) -> None:
+    out = run(domain("t", FEDORA, disks(3) + nics(3)), host, osdb)
+    root = etree.fromstring(out.xml)
+    for el in root.iterfind("devices/*"):
+        if (
+            el.tag in ("disk", "interface", "video", "memballoon", "rng")
+            or (el.tag == "controller" and el.get("type") in ("usb", "virtio-serial"))
+            or (el.tag == "controller" and el.get("model") not in ("pcie-root", "pci-root"))
+        ):
+            assert el.find("address[@type='pci']") is not None, etree.tostring(el)
+    addresses = list(pci_addresses(root).values())
+    assert len(addresses) == len(set(addresses)), "two devices share a PCI address"
+    ports = root.findall("devices/controller[@model='pcie-root-port']")
+    slot2 = [p for p in ports if p.find("address").get("slot") == "0x02"]
+    assert len(slot2) == 8 and slot2[0].find("address").get("multifunction") == "on"  # packed like libvirt
+
+
+def test_transitional_devices_go_behind_one_pcie_to_pci_bridge(host, osdb) -> None:
+    out = run(domain("t", "http://redhat.com/rhel/6.10", disks(2) + nics(2), "q35"), host, osdb)
+    root = etree.fromstring(out.xml)
+    bridges = root.findall("devices/controller[@model='pcie-to-pci-bridge']")
+    assert len(bridges) == 1
+    index = int(bridges[0].get("index"))
+    for el in root.findall("devices/disk") + root.findall("devices/interface"):
+        assert int(el.find("address").get("bus"), 16) == index
+
+
+def test_a_full_pci_root_on_pc_grows_a_pci_bridge(host, osdb) -> None:
+    out = run(domain("t", "http://redhat.com/rhel/6.10", nics(40, "e1000"), "pc"), host, osdb)
+    root = etree.fromstring(out.xml)
+    bridges = root.findall("devices/controller[@model='pci-bridge']")
+    assert bridges, "40 NICs do not fit on pci-root"
+    assert all(int(b.find("address").get("bus"), 16) == 0 for b in bridges)
+    assert len(set(pci_addresses(root).values())) == len(pci_addresses(root))
+
+
+def test_numa_placed_devices_hang_off_expanders_with_their_node(host, osdb) -> None:
+    xml = domain(
+        "t",
+        FEDORA,
+        disks(2) + nics(2),
+        cells=2,
+        affinity={"/domain/devices/interface[2]": 1, "/domain/devices/disk[2]": 1},
+    )
+    out = run(xml, host, osdb)
+    root = etree.fromstring(out.xml)
+    assert node_of(root, root.findall("devices/interface")[1]) == 1
+    assert node_of(root, root.findall("devices/disk")[1]) == 1
+    assert node_of(root, root.findall("devices/interface")[0]) == 0
+    expanders = root.findall("devices/controller[@model='pcie-expander-bus']")
+    ranges = sorted(int(e.find("target").get("busNr")) for e in expanders)
+    assert len(ranges) == 2 and ranges[-1] < 256
+    assert len(set(ranges)) == 2
+
+
+def test_capacity_conflict_names_the_numbers(host, osdb) -> None:
+    """40 PCIe devices on node 0, whose expander's bus range only has room for 37 root ports."""
+    expanders = (
+        "<controller type='pci' index='1' model='pcie-expander-bus'><target busNr='200'><node>0</node></target>"
+        "</controller><controller type='pci' index='2' model='pcie-expander-bus'><target busNr='238'>"
+        "<node>1</node></target></controller>"
+    )
+    affinity = {f"/domain/devices/interface[{i}]": 0 for i in range(1, 41)}
+    out = run(
+        domain("t", FEDORA, expanders + nics(40, "virtio-non-transitional"), cells=2, affinity=affinity), host, osdb
+    )
+    assert not out.solved
+    messages = " ".join(m.message for m in out.result.members)
+    assert "range (201-237) allows 37" in messages, messages
+
+
+def test_uneven_numa_split_is_a_conflict(host, osdb, tmp_path: Path) -> None:
+    (tmp_path / "three.toml").write_text(
+        'name = "three"\nversion = "1"\ndescription = "d"\n[[rule]]\nid = "c"\nstrength = "hard"\n'
+        'require = { "numa.cells" = ["3"] }\n'
+    )
+    xml = domain("t", FEDORA, disks(1), vcpus=4)
+    done = subprocess.run(
+        [sys.executable, "-m", "virtpolicy.cli", "solve", "-", "--profile-path", str(tmp_path), "--profile", "three"],
+        input=xml.encode(),
+        capture_output=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert b"cannot be split evenly" in done.stderr
+
+
+def test_resolving_keeps_addresses_adding_takes_a_free_slot_removing_shifts_nothing(host, osdb) -> None:
+    first = run(domain("t", FEDORA, disks(2) + nics(3)), host, osdb)
+    again = run(first.xml, host, osdb)
+    assert again.xml == first.xml
+    root = etree.fromstring(first.xml)
+    before = pci_addresses(root)
+    # add a NIC: every existing address stays, the new one is new
+    devices = root.find("devices")
+    devices.append(etree.fromstring("<interface type='user'/>"))
+    added = run(etree.tostring(root), host, osdb)
+    after_root = etree.fromstring(added.xml)
+    new_nic = after_root.findall("devices/interface")[-1].find("address")
+    assert new_nic is not None
+    old_nics = [i.find("address").attrib for i in etree.fromstring(first.xml).findall("devices/interface")]
+    assert [i.find("address").attrib for i in after_root.findall("devices/interface")[:-1]] == old_nics
+    assert tuple(int(new_nic.get(k), 16) for k in ("bus", "slot", "function")) not in before.values()
+    # remove a disk: nothing else moves
+    root = etree.fromstring(first.xml)
+    root.find("devices").remove(root.findall("devices/disk")[0])
+    removed = etree.fromstring(run(etree.tostring(root), host, osdb).xml)
+    assert [i.find("address").attrib for i in removed.findall("devices/interface")] == old_nics
+    assert (
+        removed.findall("devices/disk")[0].find("address").attrib
+        == etree.fromstring(first.xml).findall("devices/disk")[1].find("address").attrib
+    )
+
+
+def test_device_add_command_returns_the_device_with_a_hotpluggable_slot(tmp_path: Path, host, osdb) -> None:
+    solved = tmp_path / "domain.xml"
+    solved.write_bytes(run(domain("t", FEDORA, disks(1) + nics(1)), host, osdb).xml)
+    device = tmp_path / "nic.xml"
+    device.write_text("<interface type='user'><model type='virtio'/></interface>")
+    done = subprocess.run(
+        [sys.executable, "-m", "virtpolicy.cli", "device", "add", str(solved), str(device)],
+        capture_output=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    nic = etree.fromstring(done.stdout)
+    bus = int(nic.find("address").get("bus"), 16)
+    port = next(
+        c
+        for c in etree.fromstring(solved.read_bytes()).iterfind("devices/controller[@type='pci']")
+        if int(c.get("index")) == bus
+    )
+    assert port.get("model") == "pcie-root-port"  # the spare root port libvirt-style hotplug uses
+
+
+# --- real libvirt / QEMU -----------------------------------------------------------------------------
+
+
+@pytest.mark.libvirt
+def test_numa_topology_runs_and_qemu_puts_devices_on_their_nodes(
+    host, osdb, libvirt: LibvirtHarness, tmp_path: Path
+) -> None:
+    xml = domain(
+        "vp-topo-numa",
+        FEDORA,
+        disks(2) + nics(2),
+        cells=2,
+        affinity={"/domain/devices/interface[2]": 1, "/domain/devices/disk[2]": 1},
+    )
+    out = run(xml, host, osdb)
+    ours = pci_addresses(etree.fromstring(out.xml))
+    started = libvirt.define_and_start(out.xml.decode(), tmp_path)
+    live = etree.fromstring(started.live_xml.encode())
+    assert pci_addresses(live) == ours, "libvirt moved addresses"
+    qtree = started.info_qtree
+    pxb_nodes = re.findall(r'dev: pxb-pcie, id "pci\.(\d+)".*?numa_node = (\d+)', qtree, re.S)
+    assert {int(node) for _, node in pxb_nodes} == {0, 1}, qtree[:2000]
+    assert node_of(live, live.findall("devices/interface")[1]) == 1
+    assert node_of(live, live.findall("devices/disk")[1]) == 1
+
+
+DEVICE_KINDS = st.sampled_from(["nic", "nic-e1000", "disk"])
+
+
+@pytest.mark.libvirt
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    kinds=st.lists(DEVICE_KINDS, min_size=1, max_size=20),
+    cells=st.sampled_from([0, 2, 4]),
+    machine=st.sampled_from(["q35", "pc"]),
+    affinity_seed=st.integers(0, 3),
+)
+def test_random_topologies_are_accepted_unchanged_or_are_capacity_conflicts(
+    kinds, cells, machine, affinity_seed, host, osdb, libvirt: LibvirtHarness
+) -> None:
+    devices = "".join(
+        {
+            "nic": "<interface type='user'/>",
+            "nic-e1000": "<interface type='user'><model type='e1000'/></interface>",
+            "disk": "<disk type='file' device='disk'><source file='/x.qcow2'/></disk>",
+        }[k]
+        for k in kinds
+    )
+    affinity = {}
+    if cells:
+        counters = {"interface": 0, "disk": 0}
+        for k in kinds:
+            tag = "disk" if k == "disk" else "interface"
+            counters[tag] += 1
+            affinity[f"/domain/devices/{tag}[{counters[tag]}]"] = (counters[tag] + affinity_seed) % cells
+    out = run(domain("vp-topo-prop", FEDORA, devices, machine, vcpus=4, cells=cells, affinity=affinity), host, osdb)
+    if not out.solved:
+        assert_minimal(out)
+        assert any("root port" in m.message or "bus" in m.message for m in out.result.members), out.describe()
+        return
+    ours = pci_addresses(etree.fromstring(out.xml))
+    try:
+        dumped = libvirt.define(out.xml.decode())
+    except LibvirtError as exc:
+        pytest.fail(f"libvirt rejected the topology: {exc}\n{out.xml.decode()}")
+    finally:
+        libvirt.undefine("vp-topo-prop")
+    assert pci_addresses(etree.fromstring(dumped.encode())) == ours
