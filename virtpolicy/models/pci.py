@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 DATA = Path(__file__).parent / "data" / "pci.toml"
-SLOT_VALUES = ("pcie", "pci", "integrated", "none")
+SLOT_VALUES = ("pcie", "integrated", "pci", "none")  # libvirt's own order of preference
 MAX_CELLS = 8
 HOTPLUG_PORTS = ("1", "0", "2", "4", "8", "16", "32")
 

@@ -759,14 +759,17 @@ class Builder:
 
     def _order_domains(self) -> None:
         """Put each variable's preferred values first, so the first search already finds good witnesses."""
-        for name, var in list(self.problem.variables.items()):
-            order: list[str] = []
-            for c in self.problem.constraints:
-                if not c.is_hard and name in c.variables and isinstance(c, Forbid):
-                    idx = c.variables.index(name)
-                    allowed = [v for v in var.values if v not in c.sets[idx]]
-                    if len(allowed) == 1 and allowed[0] not in order:
-                        order.append(allowed[0])
+        preferred: dict[str, list[str]] = {}
+        for c in self.problem.constraints:
+            if c.is_hard or not isinstance(c, Forbid):
+                continue
+            for name, forbidden in zip(c.variables, c.sets, strict=True):
+                allowed = [v for v in self.problem.variables[name].values if v not in forbidden]
+                order = preferred.setdefault(name, [])
+                if len(allowed) == 1 and allowed[0] not in order:
+                    order.append(allowed[0])
+        for name, order in preferred.items():
+            var = self.problem.variables[name]
             order += [v for v in var.values if v not in order]
             self.problem.variables[name] = type(var)(var.name, tuple(order), var.label)
 

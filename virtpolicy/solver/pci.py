@@ -171,7 +171,8 @@ class PciPlanner:
                 continue
             self.devices.append((inst, var))
             p.add_variable(inst.var("slot"), SLOT_VALUES, f"{inst.cls.label} slot type {inst.xpath}")
-            nodes = [str(n) for n in range(MAX_CELLS)] if numa else ["0"]
+            limit = app_cells if app_cells > 1 else MAX_CELLS
+            nodes = [str(n) for n in range(limit)] if numa else ["0"]
             p.add_variable(inst.var("node"), nodes, f"{inst.cls.label} guest NUMA node {inst.xpath}")
 
     def _numa_wanted(self) -> bool:
@@ -211,9 +212,10 @@ class PciPlanner:
         )
         for inst, var in self.devices:
             driver = inst.var(var)
+            families = self._possible_families()
             for value in p.variables[driver].values:
                 row = self.slots[f"{inst.cls.name}.{var}"].get(value)
-                for fam in p.variables["machine"].values:
+                for fam in families:
                     root = _root(fam)
                     allowed = (row or {}).get(root, ["pcie", "pci"] if root == "pcie" else ["pci"]) if row else None
                     if allowed is None:
@@ -291,6 +293,17 @@ class PciPlanner:
                     data=(("rule", "root-ports-need-pcie"), ("file", "pci.toml"), ("line", 0)),
                 ),
             )
+
+    def _possible_families(self) -> list[str]:
+        """Machine families the app's own machine attribute still allows (all, when it wrote none)."""
+        machine = self.b.app_machine
+        families = list(self.b.problem.variables["machine"].values)
+        if machine is None:
+            return families
+        from virtpolicy.models.machines import family_of
+
+        fam = family_of(machine.value)
+        return [fam.name] if fam is not None and fam.name in families else families
 
     def _even_split(self) -> None:
         if cells_in(self.b.domain.root):
@@ -453,23 +466,22 @@ class PciPlanner:
             group="engine.hotplug-ports",
         )
         for inst, _ in self.devices:
-            for value in ("pcie", "integrated", "pci", "none"):
-                name = inst.var("slot")
-                self.b._add_forbid(  # noqa: SLF001
-                    f"engine.slot:{name}={value}",
-                    [(name, frozenset(v for v in SLOT_VALUES if v != value))],
-                    f"prefer {name} = {value}: libvirt's own placement",
-                    engine,
-                    strength=Strength.SOFT,
-                    group=f"engine.slot:{name}",
-                )
+            name = inst.var("slot")
+            self.b._add_forbid(  # noqa: SLF001
+                f"engine.slot:{name}=pcie",
+                [(name, frozenset(v for v in SLOT_VALUES if v != "pcie"))],
+                f"prefer {name} = pcie: a root port of its own, as libvirt gives",
+                engine,
+                strength=Strength.SOFT,
+                group=f"engine.slot:{name}",
+            )
             name = inst.var("node")
             domain = p.variables[name].values
-            for value in domain:
+            if len(domain) > 1:
                 self.b._add_forbid(  # noqa: SLF001
-                    f"engine.node:{name}={value}",
-                    [(name, frozenset(v for v in domain if v != value))],
-                    f"prefer {name} = {value}",
+                    f"engine.node:{name}=0",
+                    [(name, frozenset(v for v in domain if v != "0"))],
+                    f"prefer {name} = 0",
                     engine,
                     strength=Strength.SOFT,
                     group=f"engine.node:{name}",

@@ -198,22 +198,27 @@ class Solver:
     ) -> dict[str, Decision]:
         """Why each variable has its value, and which more preferred values were passed over."""
         order = {id(c): i for i, c in enumerate(self.problem.constraints)}
+        hard_on: dict[str, list[Constraint]] = {}
+        for c in hard:
+            for v in c.variables:
+                hard_on.setdefault(v, []).append(c)
+        kept_on: dict[str, list[Constraint]] = {}
+        for c in kept:
+            for v in c.variables:
+                kept_on.setdefault(v, []).append(c)
         decisions: dict[str, Decision] = {}
         for name in self.problem.variables:
             value = witness[name]
-            app = [c for c in hard if c.variables == (name,) and c.provenance.source is Source.APP]
+            on_var = hard_on.get(name, [])
+            app = [c for c in on_var if c.variables == (name,) and c.provenance.source is Source.APP]
             deciding_hard = (
-                c
-                for c in hard
-                if c.provenance.source is not Source.STRUCTURAL
-                and name in c.variables
-                and self._decides(c, name, witness)
+                c for c in on_var if c.provenance.source is not Source.STRUCTURAL and self._decides(c, name, witness)
             )
             reason = app[0] if app else next(deciding_hard, None)
             if reason is None:
-                reason = next((c for c in kept if name in c.variables and self._decides(c, name, witness)), None)
+                reason = next((c for c in kept_on.get(name, []) if self._decides(c, name, witness)), None)
             if reason is None:
-                reason = next((c for c in hard if name in c.variables and self._decides(c, name, witness)), None)
+                reason = next((c for c in on_var if self._decides(c, name, witness)), None)
             passed: list[tuple[str, Constraint]] = []
             if reason is not None and reason.group:
                 for d in dropped:

@@ -20,6 +20,7 @@ from virtpolicy.models.pci import table
 
 FIRST_PORT_SLOT = 0x02
 LAST_SLOT = 0x1F
+EXPANDER_HEADROOM = 4  # bus numbers kept free under each expander, for devices added to that cell later
 
 
 def _hex(n: int, width: int = 2) -> str:
@@ -335,7 +336,7 @@ class TopologyBuilder:
             if current not in (None, "0"):
                 upper = min(upper, int(current))
                 continue
-            need = 1 + self._buses_below(index) + (1 if self.root_kind == "pci" else 0)
+            need = 1 + self._buses_below(index) + (1 if self.root_kind == "pci" else 0) + EXPANDER_HEADROOM
             bus_nr = upper - need
             target.set("busNr", str(bus_nr))
             upper = bus_nr
