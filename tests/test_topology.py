@@ -65,13 +65,21 @@ def disks(n: int) -> str:
 
 
 def pci_addresses(root: etree._Element) -> dict[str, tuple[int, int, int]]:
-    found = {}
+    """PCI addresses keyed by element kind and its position among elements of that kind."""
+    found: dict[str, tuple[int, int, int]] = {}
+    seen: dict[str, int] = {}
     for el in root.iterfind("devices/*"):
+        kind = f"{el.tag}:{el.get('type', '')}:{el.get('model', '')}"
+        seen[kind] = seen.get(kind, 0) + 1
         addr = el.find("address[@type='pci']")
         if addr is not None:
-            key = f"{el.tag}[{el.get('index', '')}{el.get('model', '')}]#{len(found)}"
-            found[key] = tuple(int(addr.get(k), 16) for k in ("bus", "slot", "function"))
+            found[f"{kind}#{seen[kind]}"] = tuple(int(addr.get(k), 16) for k in ("bus", "slot", "function"))
     return found
+
+
+def kept(ours: dict[str, tuple[int, int, int]], theirs: dict[str, tuple[int, int, int]]) -> dict[str, object]:
+    """Our addresses libvirt changed or dropped (devices libvirt adds on its own are not ours to check)."""
+    return {k: theirs.get(k) for k, v in ours.items() if theirs.get(k) != v}
 
 
 def controllers(root: etree._Element) -> dict[int, etree._Element]:
@@ -252,7 +260,7 @@ def test_numa_topology_runs_and_qemu_puts_devices_on_their_nodes(
     ours = pci_addresses(etree.fromstring(out.xml))
     started = libvirt.define_and_start(out.xml.decode(), tmp_path)
     live = etree.fromstring(started.live_xml.encode())
-    assert pci_addresses(live) == ours, "libvirt moved addresses"
+    assert not kept(ours, pci_addresses(live)), "libvirt moved addresses"
     qtree = started.info_qtree
     pxb_nodes = re.findall(r'dev: pxb-pcie, id "pci\.(\d+)".*?numa_node = (\d+)', qtree, re.S)
     assert {int(node) for _, node in pxb_nodes} == {0, 1}, qtree[:2000]
@@ -301,4 +309,4 @@ def test_random_topologies_are_accepted_unchanged_or_are_capacity_conflicts(
         pytest.fail(f"libvirt rejected the topology: {exc}\n{out.xml.decode()}")
     finally:
         libvirt.undefine("vp-topo-prop")
-    assert pci_addresses(etree.fromstring(dumped.encode())) == ours
+    assert not kept(ours, pci_addresses(etree.fromstring(dumped.encode())))
