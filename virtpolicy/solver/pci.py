@@ -446,46 +446,39 @@ class PciPlanner:
 
     def add_preferences(self) -> None:
         """Lowest preferences, taken after the device models are decided (a slot follows from a model)."""
-        engine = Provenance(Source.ENGINE, "engine.pci", "pci.py", data=(("preference", "engine.pci"),))
-        p = self.b.problem
-        for value in ("1",):
-            self.b._add_forbid(
-                "engine.numa-cells:1",
-                [("numa.cells", frozenset(v for v in p.variables["numa.cells"].values if v != value))],  # noqa: SLF001
-                "prefer one guest NUMA cell unless asked",
-                engine,
-                strength=Strength.SOFT,
-                group="engine.numa-cells",
-            )
-        self.b._add_forbid(
+        self._prefer(
+            "numa.cells", "1", "engine.numa-cells:1", "prefer one guest NUMA cell unless asked", "engine.numa-cells"
+        )
+        self._prefer(
+            "hotplug.ports",
+            "1",
             "engine.hotplug-ports:1",
-            [("hotplug.ports", frozenset(v for v in HOTPLUG_PORTS if v != "1"))],  # noqa: SLF001
             "prefer one spare hot-plug root port, as libvirt reserves",
-            engine,
-            strength=Strength.SOFT,
-            group="engine.hotplug-ports",
+            "engine.hotplug-ports",
         )
         for inst, _ in self.devices:
-            name = inst.var("slot")
-            self.b._add_forbid(  # noqa: SLF001
-                f"engine.slot:{name}=pcie",
-                [(name, frozenset(v for v in SLOT_VALUES if v != "pcie"))],
-                f"prefer {name} = pcie: a root port of its own, as libvirt gives",
-                engine,
-                strength=Strength.SOFT,
-                group=f"engine.slot:{name}",
+            slot, node = inst.var("slot"), inst.var("node")
+            self._prefer(
+                slot,
+                "pcie",
+                f"engine.slot:{slot}=pcie",
+                f"prefer {slot} = pcie: a root port of its own, as libvirt gives",
+                f"engine.slot:{slot}",
             )
-            name = inst.var("node")
-            domain = p.variables[name].values
-            if len(domain) > 1:
-                self.b._add_forbid(  # noqa: SLF001
-                    f"engine.node:{name}=0",
-                    [(name, frozenset(v for v in domain if v != "0"))],
-                    f"prefer {name} = 0",
-                    engine,
-                    strength=Strength.SOFT,
-                    group=f"engine.node:{name}",
-                )
+            if len(self.b.problem.variables[node].values) > 1:
+                self._prefer(node, "0", f"engine.node:{node}=0", f"prefer {node} = 0", f"engine.node:{node}")
+
+    def _prefer(self, name: str, value: str, cid: str, message: str, group: str) -> None:
+        """An engine default: soft, lowest priority, `name = value`."""
+        domain = self.b.problem.variables[name].values
+        self.b._add_forbid(  # noqa: SLF001
+            cid,
+            [(name, frozenset(v for v in domain if v != value))],
+            message,
+            Provenance(Source.ENGINE, "engine.pci", "pci.py", data=(("preference", "engine.pci"),)),
+            strength=Strength.SOFT,
+            group=group,
+        )
 
 
 def _root(fam: str) -> str:
