@@ -381,8 +381,11 @@ class LibvirtHarness:
                 )
         return etree.tostring(root, encoding="unicode"), notes
 
-    def define_and_start(self, xml: str, workdir: Path) -> StartResult:
-        """One full real-world cycle; the domain is always destroyed and undefined afterwards."""
+    def define_and_start(self, xml: str, workdir: Path, hotplug: Sequence[str] = ()) -> StartResult:
+        """One full real-world cycle; the domain is always destroyed and undefined afterwards.
+
+        `hotplug`: device XMLs attached to the running domain (`virsh attach-device --live`) before the
+        live XML is read, as a management app hot-plugs them."""
         xml = self.prepare_disk_sources(xml, workdir)
         xml, notes = self.runnable_here(xml)
         name = _domain_name(xml)
@@ -391,6 +394,10 @@ class LibvirtHarness:
             self.start_domain(name)
             info_pci = self.enumerated_info_pci(name)
             self._check_running(name)
+            for i, device in enumerate(hotplug):
+                path = workdir / f"hotplug-{i}.xml"
+                path.write_text(device)
+                self.virsh("attach-device", name, str(path), "--live")
             live = self.virsh("dumpxml", name)
             info_qtree = self.monitor(name, "info qtree")
         finally:

@@ -18,6 +18,7 @@ from virtpolicy.errors import InputError
 from virtpolicy.models.domain import Domain
 from virtpolicy.models.guestos import DEFAULT_OSINFO_DB, GuestOS, OsinfoDB
 from virtpolicy.models.host import EMBEDDED_BUNDLE, Host, load_host_bundle
+from virtpolicy.models.pci import POLICIES
 from virtpolicy.solver.compile import SelectedProfile
 
 EMBEDDED_EXAMPLE = Path(__file__).parent / "data" / "examples" / "rhel6-on-q35.xml"
@@ -52,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     add = device_sub.add_parser("add", help="the device XML with a slot this domain can hot-plug it into")
     _input_options(add)
     add.add_argument("device_xml", type=Path, help="the device element (e.g. <interface>, <disk>) to add")
+    add.add_argument("--node", type=int, metavar="N", help="the guest NUMA node the device belongs to")
+    add.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default="required",
+        help="how strictly --node holds (Nova's PCI NUMA affinity policies; default required)",
+    )
 
     profiles = sub.add_parser("profiles", help="list, show and check profiles")
     profiles_sub = profiles.add_subparsers(dest="profiles_command", required=True)
@@ -225,37 +233,31 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_device_add(args: argparse.Namespace) -> int:
-    """Solve the domain with the device appended; every existing address stays, the new one takes a free slot."""
+    """Only the new device is decided; it takes a free slot the running domain already has."""
     from lxml import etree
 
     from virtpolicy.models.xmlsafe import parse_file
-    from virtpolicy.solver.build import build
-    from virtpolicy.solver.render import render
+    from virtpolicy.solver.hotplug import add_device
     from virtpolicy.solver.report import conflict_text
-    from virtpolicy.solver.solve import Conflict, solve
 
     domain = _read_domain(args.domain)
     device = parse_file(args.device_xml).getroot()
-    devices = domain.devices_element
-    devices.append(device)
-    host = _host(args)
-    guest = _guest(args, domain)
-    built = build(
+    result = add_device(
         domain,
-        host,
-        guest,
+        device,
+        _host(args),
+        _guest(args, domain),
         args.guest_support,
         _selected_profiles(args, domain),
         OsinfoDB(args.osinfo_db).device_names(),
+        args.node,
+        args.policy,
     )
-    result = solve(built.problem)
-    if isinstance(result, Conflict):
-        print(conflict_text(built, result), file=sys.stderr)
+    if isinstance(result, tuple):
+        built, conflict = result
+        print(conflict_text(built, conflict), file=sys.stderr)
         return EXIT_CONFLICT
-    tree = render(built, result)
-    position = devices.findall(device.tag).index(device)  # the renderer keeps same-tag order
-    added = tree.getroot().find("devices").findall(device.tag)[position]
-    print(etree.tostring(added, encoding="unicode").strip())
+    print(etree.tostring(result.device, encoding="unicode").strip())
     return EXIT_OK
 
 

@@ -48,8 +48,9 @@ def xpath_of(el: etree._Element) -> str:
         if parent is None:
             parts.append(tag)
         else:
-            same = [c for c in parent if c.tag == node.tag]
-            parts.append(f"{tag}[{same.index(node) + 1}]" if len(same) > 1 or parent.tag == "devices" else tag)
+            before = sum(1 for _ in node.itersiblings(node.tag, preceding=True))
+            indexed = before or parent.tag == "devices" or next(node.itersiblings(node.tag), None) is not None
+            parts.append(f"{tag}[{before + 1}]" if indexed else tag)
         node = parent
     return "/" + "/".join(reversed(parts))
 

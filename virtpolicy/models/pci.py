@@ -15,6 +15,7 @@ DATA = Path(__file__).parent / "data" / "pci.toml"
 SLOT_VALUES = ("pcie", "integrated", "pci", "none")  # libvirt's own order of preference
 MAX_CELLS = 8
 HOTPLUG_PORTS = ("1", "0", "2", "4", "8", "16", "32")
+POLICIES = ("required", "preferred", "legacy", "socket")  # Nova's PCI NUMA affinity policies
 
 
 @cache

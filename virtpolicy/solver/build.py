@@ -11,6 +11,7 @@ import itertools
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 from lxml import etree
 
@@ -58,7 +59,7 @@ class Instance:
     def var(self, name: str) -> str:
         return f"{self.prefix}.{name}"
 
-    @property
+    @cached_property
     def xpath(self) -> str:
         return xpath_of(self.element) if self.element is not None else f"/domain/devices ({self.cls.label} absent)"
 
@@ -83,6 +84,7 @@ class Build:
     actions: list[XmlAction] = field(default_factory=list)
     facts: Facts | None = None
     pci_devices: list[tuple[Instance, str]] = field(default_factory=list)  # (instance, its slot-deciding variable)
+    hotplug: bool = False  # one new device into the free slots of a laid-out domain
 
 
 def _bind(element: etree._Element, xml: str) -> tuple[etree._Element | None, str]:
@@ -114,8 +116,10 @@ class Builder:
         guest_support: str = "strict",
         profiles: list[SelectedProfile] | None = None,
         device_names: dict[str, str] | None = None,
+        focus: etree._Element | None = None,
     ) -> None:
         self.domain = domain
+        self.focus = focus  # hot-plug: only this device is decided; the laid-out rest is context
         self.host = host
         self.guest = guest
         self.profiles = list(profiles or [])
@@ -162,6 +166,7 @@ class Builder:
             self.compiler.actions,
             self.facts,
             self.pci.devices,
+            self.focus is not None,
         )
 
     def _declared_drivers(self) -> None:
@@ -205,8 +210,11 @@ class Builder:
         for cls in self.catalog.classes.values():
             elements = self.domain.devices(cls.element)
             if cls.singleton:
+                self._one_of_a_kind(cls, elements)
                 elements = elements[:1] or [None]  # type: ignore[list-item]
             for index, element in enumerate(elements):
+                if self.focus is not None and element is not self.focus:
+                    continue  # laid out already: context, not a decision
                 inst = Instance(cls, index, element)
                 self.instances.append(inst)
                 for var in cls.variables.values():
@@ -215,6 +223,17 @@ class Builder:
                     if explicit and explicit.value not in values:
                         values.append(explicit.value)
                     self.problem.add_variable(inst.var(var.name), values, f"{cls.label} {inst.xpath}")
+
+    def _one_of_a_kind(self, cls: DeviceClass, elements: list[etree._Element]) -> None:
+        """A hot-plugged device of a kind the domain may have once, when it has one already."""
+        if self.focus is not None and self.focus in elements and len(elements) > 1:
+            from virtpolicy.errors import InputError
+
+            first = next(e for e in elements if e is not self.focus)
+            raise InputError(
+                f"{self.domain.source}: {xpath_of(first)}: the domain has a {cls.label} already, "
+                f"and libvirt allows one; the new <{self.focus.tag}> cannot be added"
+            )
 
     def _hyperv_variables(self) -> None:
         _, features = engine_defaults()
@@ -788,5 +807,6 @@ def build(
     guest_support: str = "strict",
     profiles: list[SelectedProfile] | None = None,
     device_names: dict[str, str] | None = None,
+    focus: etree._Element | None = None,
 ) -> Build:
-    return Builder(domain, host, guest, guest_support, profiles, device_names).build()
+    return Builder(domain, host, guest, guest_support, profiles, device_names, focus).build()

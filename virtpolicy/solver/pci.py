@@ -18,7 +18,7 @@ from lxml import etree
 
 from virtpolicy.models.domain import VIRTPOLICY_NS, Explicit, xpath_of
 from virtpolicy.models.machines import family_named
-from virtpolicy.models.pci import HOTPLUG_PORTS, MAX_CELLS, SLOT_VALUES, table
+from virtpolicy.models.pci import HOTPLUG_PORTS, MAX_CELLS, POLICIES, SLOT_VALUES, table
 from virtpolicy.solver.problem import Constraint, Provenance, Source, Strength
 
 if TYPE_CHECKING:
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 ROOT_PORTS_ON_PCIE_ROOT = 27 * 8  # slots 0x02-0x1e without 0x1b and 0x1d, 8 functions each
 BUS_NUMBERS = 255  # bus 0 .. 254 below the highest expander
-POLICIES = ("required", "preferred", "legacy", "socket")
 NOVA = "nova/virt/hardware.py _get_numa_topology_auto: vCPUs and memory must divide evenly by nodes"
 
 
@@ -240,7 +239,10 @@ class PciPlanner:
         self._even_split()
         self._affinity()
         self._existing_addresses()
-        self._capacity()
+        if self.b.focus is not None:
+            self._hotplug_slots()
+        else:
+            self._capacity()
 
     def _app_controllers_need_their_bus_kind(self) -> None:
         """PCIe controllers the app wrote exist only on PCIe machines, and pci-root/pxb only on pc (libvirt's
@@ -329,6 +331,8 @@ class PciPlanner:
         by_xpath = {inst.xpath: inst for inst, _ in self.devices}
         for aff in self.affinities():
             inst = by_xpath.get(aff.xpath)
+            if inst is None and self.b.focus is not None:
+                continue  # a laid-out device's wish: already where it is
             if inst is None:
                 from virtpolicy.errors import InputError
 
@@ -400,6 +404,57 @@ class PciPlanner:
                 )
             )
 
+    def _hotplug_slots(self) -> None:
+        """Hot-plug: the new device takes a free slot the domain already has, since a running domain gains
+        no controllers. An empty root port or bridge slot outside every expander has no NUMA node: it serves
+        any node unless the app requires one."""
+        from virtpolicy.errors import InputError
+        from virtpolicy.models.machines import family_of
+        from virtpolicy.solver.topology import TopologyBuilder
+
+        root = self.b.domain.root
+        fam = family_of(self.b.app_machine.value) if self.b.app_machine else None
+        if fam is None or fam.root not in ("pcie", "pci") or root.find("devices/controller[@index='0']") is None:
+            raise InputError(
+                f"{self.b.domain.source}: /domain/os/type/@machine: hot-plug needs a laid-out q35 or pc domain "
+                "(with its machine and PCI controllers, as `virtpolicy solve` or `virsh dumpxml` writes it)"
+            )
+        topology = TopologyBuilder(root.find("devices"), fam.name, cells_in(root), 0)
+        slots = topology.hotplug_slots()
+        hard = {a.xpath for a in self.affinities() if a.policy != "preferred"}
+        counts: dict[tuple[str, int | None], int] = {}
+        for slot in slots:
+            counts[(slot.model, slot.node)] = counts.get((slot.model, slot.node), 0) + 1
+        free = ", ".join(
+            f"{n} on {model}{'' if node is None else f' (node {node})'}"
+            for (model, node), n in sorted(counts.items(), key=lambda kv: (kv[0][0], kv[0][1] is None, kv[0][1] or 0))
+        )
+        for inst, _ in self.devices:
+            slot_var, node_var = inst.var("slot"), inst.var("node")
+            nodes = self.b.problem.variables[node_var].values
+            pairs: set[tuple[str, str]] = set()
+            for slot in slots:
+                if slot.node is not None:
+                    pairs.add((slot.slot_type, str(slot.node)))
+                elif len(nodes) == 1 or inst.xpath not in hard:
+                    pairs |= {(slot.slot_type, n) for n in nodes}
+            self.b.add_constraint(
+                _pairs_in(
+                    f"app:hotplug-slots:{inst.prefix}",
+                    slot_var,
+                    node_var,
+                    pairs,
+                    f"{inst.prefix} must take a free hot-plug slot of the running domain; it has "
+                    f"{free or 'none'} (pcie-root slots never hot-plug)",
+                    Provenance(
+                        Source.APP,
+                        "/domain/devices (free hot-plug slots)",
+                        free or "none",
+                        data=(("xpath", "/domain/devices"), ("value", free or "none")),
+                    ),
+                )
+            )
+
     def _fixed_expanders(self) -> list[tuple[int, int, int]]:
         """(node, busNr, next higher busNr or 256) of expanders the app wrote itself."""
         found = []
@@ -413,11 +468,17 @@ class PciPlanner:
 
     def _existing_addresses(self) -> None:
         """A device that already has a PCI address keeps it: its slot type and node follow from where it is."""
-        if self.b.realized:
+        if self.b.focus is not None:
+            here = Explicit("0", "/domain/devices (a running domain gains no controllers)")
+            self.b.problem.add_variable("hotplug.ports", ["0"])
+            self.b._pin("hotplug.ports", ["0"], here, "hot-plug adds no root ports")  # noqa: SLF001
+        elif self.b.realized:
+            used = {a.get("bus", "") for a in self.b.domain.root.iterfind("devices/*/address[@type='pci']")}
+            used_buses = {int(b, 0) for b in used if b}
             empty = sum(
                 1
                 for el in self.b.domain.root.iterfind("devices/controller[@model='pcie-root-port']")
-                if not _has_children(self.b.domain.root, el)
+                if el.get("index", "").isdigit() and int(el.get("index", "")) not in used_buses
             )
             here = Explicit(str(empty), "/domain/devices (spare root ports of a laid-out domain)")
             self.b.problem.add_variable("hotplug.ports", [str(empty)])
@@ -425,6 +486,7 @@ class PciPlanner:
         controllers = {
             int(c.get("index", "-1")): c for c in self.b.domain.root.iterfind("devices/controller[@type='pci']")
         }
+        nodes = {bus: _node_of_bus(bus, controllers) for bus in controllers}
         for inst, _ in self.devices:
             el = pci_element(inst, self.b.domain.root)
             addr = el.find("address[@type='pci']") if el is not None else None
@@ -440,7 +502,7 @@ class PciPlanner:
             }.get(model, ["pci"])
             here = Explicit(",".join(slots), xpath_of(addr))
             self.b._pin(inst.var("slot"), slots, here, f"{inst.prefix} keeps its PCI address")  # noqa: SLF001
-            node = _node_of_bus(bus, controllers)
+            node = nodes.get(bus)
             if node is not None and str(node) in self.b.problem.variables[inst.var("node")].values:
                 self.b._pin(inst.var("node"), [str(node)], here, f"{inst.prefix} stays on node {node}")  # noqa: SLF001
 
@@ -507,20 +569,25 @@ def _node_in_cells(node_var: str) -> Constraint:
     )
 
 
+def _pairs_in(
+    cid: str, first: str, second: str, pairs: set[tuple[str, str]], message: str, provenance: Provenance
+) -> Constraint:
+    from virtpolicy.solver.problem import Predicate
+
+    return Predicate(
+        id=cid,
+        variables=(first, second),
+        message=message,
+        provenance=provenance,
+        test=lambda v: (v[first], v[second]) in pairs,
+    )
+
+
 def pci_element(inst: Instance, root: etree._Element) -> etree._Element | None:
     """The element that is the PCI device of an instance (the agent's is its virtio-serial controller)."""
     if inst.cls.name == "agent":
         return root.find("devices/controller[@type='virtio-serial']")
     return inst.element
-
-
-def _has_children(root: etree._Element, controller: etree._Element) -> bool:
-    index = controller.get("index", "")
-    return (
-        any(int(a.get("bus", "-1"), 0) == int(index) for a in root.iterfind("devices/*/address[@type='pci']"))
-        if index.isdigit()
-        else True
-    )
 
 
 def _node_of_bus(bus: int, controllers: dict[int, etree._Element]) -> int | None:

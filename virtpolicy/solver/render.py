@@ -362,7 +362,12 @@ class Renderer:
         builder = TopologyBuilder(
             self.domain.devices_element, family, int(self.values["numa.cells"]), int(self.values["hotplug.ports"])
         )
-        builder.place(placements)
+        if self.built.hotplug:
+            for placement in placements:
+                if placement.element.find("address[@type='pci']") is None:
+                    builder.hotplug(placement)
+        else:
+            builder.place(placements)
 
     # --- the engine's record -----------------------------------------------------------------------
     def _record(self) -> None:

@@ -152,7 +152,7 @@ class Solver:
 
     @staticmethod
     def _narrowed(c: Constraint, domains: dict[str, list[str]]) -> dict[str, list[str]] | None:
-        trial = {k: list(v) for k, v in domains.items()}
+        trial = dict(domains)  # find() copies the lists it narrows
         if len(c.variables) == 1:
             name = c.variables[0]
             trial[name] = [v for v in trial[name] if c.holds(v)]

@@ -54,6 +54,26 @@ class Bus:
         return free[0] if free else None
 
 
+@dataclass(frozen=True)
+class HotplugSlot:
+    """A free slot a running domain can take a device into: an empty root port, or a bridge or pci-root slot."""
+
+    bus: int
+    slot: int
+    slot_type: str  # pcie (a root or downstream port) | pci (a bridge, or pci-root on pc)
+    node: int | None  # the guest NUMA node of the expander above it, if any
+    model: str
+
+
+HOTPLUG_BUSES = {  # libvirt domain_addr.c: buses whose slots carry VIR_PCI_CONNECT_HOTPLUGGABLE
+    "pcie-root-port": "pcie",
+    "pcie-switch-downstream-port": "pcie",
+    "pcie-to-pci-bridge": "pci",
+    "pci-bridge": "pci",
+    "pci-root": "pci",
+}
+
+
 class TopologyBuilder:
     def __init__(self, devices_el: etree._Element, family: str, cells: int, hotplug_ports: int) -> None:
         self.devices = devices_el
@@ -68,6 +88,39 @@ class TopologyBuilder:
         self.reserved = {int(s, 16) for s in fixed.get("reserved", [])}
         self.video_slot = int(fixed.get("video", "0x02"), 16)
         self._read_existing()
+
+    # --- hot-plug: only what is there ----------------------------------------------------------------
+    def hotplug_slots(self) -> list[HotplugSlot]:
+        """Every free slot this domain can hot-plug into, in address order (a running domain gains no buses)."""
+        found = []
+        for index, bus in sorted(self.buses.items()):
+            kind = HOTPLUG_BUSES.get(bus.model)
+            element = self.graph.nodes[("bus", index)]["element"]
+            if kind is None or element.find("target[@hotplug='off']") is not None:
+                continue
+            node = self.node_of_bus(index)
+            found += [HotplugSlot(index, slot, kind, node, bus.model) for slot in bus.free_slots()]
+        return found
+
+    def node_of_bus(self, index: int) -> int | None:
+        """The <node> of the expander a bus hangs off, walking up the graph."""
+        current: int | None = index
+        while current is not None:
+            node = self.graph.nodes[("bus", current)]["element"].findtext("target/node")
+            if node is not None and node.isdigit():
+                return int(node)
+            current = self._parent_of(current)
+        return None
+
+    def hotplug(self, p: Placement) -> HotplugSlot:
+        """Put one device into the first free hot-plug slot of its slot type and node."""
+        fitting = [s for s in self.hotplug_slots() if s.slot_type == p.slot_type]
+        # on its own node first; a slot outside every expander (no node) only when the node has none left
+        for slot in sorted(fitting, key=lambda s: s.node != p.node and self.cells > 1):
+            if self.cells < 2 or slot.node in (p.node, None):
+                self._address(p.element, slot.bus, slot.slot)
+                return slot
+        raise TopologyError(f"no free hot-plug slot for a {p.slot_type} device on node {p.node}")
 
     # --- what is there already ---------------------------------------------------------------------
     def _read_existing(self) -> None:

@@ -1,0 +1,77 @@
+"""Hot-plug: one new device into a laid-out domain, deciding only that device.
+
+A running domain gains no controllers and its devices keep their addresses, so the rest of the domain is
+context, not a decision: only the new device gets variables, and its slot must be one of the free
+hot-plug slots the domain already has (an empty root port, a bridge slot, a pci-root slot on pc). That
+keeps the problem as small as the change, whatever the size of the domain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lxml import etree
+
+from virtpolicy.errors import InputError
+from virtpolicy.models.domain import VIRTPOLICY_NS, Domain, xpath_of
+from virtpolicy.models.guestos import GuestOS
+from virtpolicy.models.host import Host
+from virtpolicy.solver.build import Build, build
+from virtpolicy.solver.compile import SelectedProfile
+from virtpolicy.solver.render import render
+from virtpolicy.solver.solve import Conflict, Solution, solve
+
+
+@dataclass
+class Hotplugged:
+    device: etree._Element  # the new device, completed and with its address
+    built: Build
+    solution: Solution
+
+
+def add_device(
+    domain: Domain,
+    device: etree._Element,
+    host: Host,
+    guest: GuestOS,
+    guest_support: str = "strict",
+    profiles: list[SelectedProfile] | None = None,
+    device_names: dict[str, str] | None = None,
+    node: int | None = None,
+    policy: str = "required",
+) -> Hotplugged | tuple[Build, Conflict]:
+    """The device as the domain can hot-plug it, or the conflict that stops it."""
+    if not domain.is_realized:
+        raise InputError(
+            f"{domain.source}: /domain/devices: no PCI addresses, so nothing is laid out to hot-plug into; "
+            "solve the domain first (virtpolicy solve) or pass a `virsh dumpxml`"
+        )
+    devices = domain.devices_element
+    devices.append(device)
+    if node is not None:
+        _wish(domain, xpath_of(device), node, policy)
+    built = build(domain, host, guest, guest_support, profiles, device_names, focus=device)
+    if not any(inst.element is device for inst in built.instances):
+        raise InputError(
+            f"{domain.source}: <{device.tag}>: not a device virtpolicy decides about "
+            "(disk, cdrom, interface, graphics, video, usb controller, tablet, balloon, rng, agent channel, tpm)"
+        )
+    result = solve(built.problem)
+    if isinstance(result, Conflict):
+        return built, result
+    tree = render(built, result)
+    position = devices.findall(device.tag).index(device)  # the renderer keeps same-tag order
+    added = tree.getroot().find("devices").findall(device.tag)[position]
+    return Hotplugged(added, built, result)
+
+
+def _wish(domain: Domain, xpath: str, node: int, policy: str) -> None:
+    """The app's NUMA wish for the new device, as if written in the domain's metadata."""
+    metadata = domain.root.find("metadata")
+    if metadata is None:
+        metadata = etree.Element("metadata")
+        domain.root.insert(0, metadata)
+    numa = metadata.find(f"{{{VIRTPOLICY_NS}}}numa")
+    if numa is None:
+        numa = etree.SubElement(metadata, f"{{{VIRTPOLICY_NS}}}numa", nsmap={"virtpolicy": VIRTPOLICY_NS})
+    etree.SubElement(numa, f"{{{VIRTPOLICY_NS}}}device", xpath=xpath, node=str(node), policy=policy)
