@@ -51,7 +51,7 @@ class Outcome:
         return "solved"
 
 
-def run(xml: str | bytes, host: Host, osdb: OsinfoDB, os_key: str | None = None, **kwargs: str) -> Outcome:
+def run(xml: str | bytes, host: Host, osdb: OsinfoDB, os_key: str | None = None, **kwargs: object) -> Outcome:
     data = xml.encode() if isinstance(xml, str) else xml
     domain = Domain.from_bytes(data, "<test>")
     key = os_key or (domain.os_id.value if domain.os_id else "generic")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from virtpolicy.errors import InputError
 from virtpolicy.models.host import Host, load_host_bundle
+from virtpolicy.models.hostdevices import NODEDEV_FILE
 from virtpolicy.models.machines import families
 
 VIRSH_TIMEOUT = 60
@@ -37,11 +38,13 @@ def _virsh(uri: str, *args: str) -> str:
 
 
 def capture(uri: str, directory: Path) -> list[Path]:
-    """Write capabilities.xml and one domcaps file per machine family and virt type; return the files."""
+    """Write capabilities.xml, the host's PCI devices and one domcaps file per machine family and virt type;
+    return the files."""
     directory.mkdir(parents=True, exist_ok=True)
     caps_file = directory / "capabilities.xml"
     caps_file.write_text(_virsh(uri, "capabilities"))
     written = [caps_file]
+    written.append(_capture_nodedevs(uri, directory / NODEDEV_FILE))
     host = load_host_bundle_caps_only(caps_file)
     for (arch, vt), machines in sorted(host.items()):
         for fam in families():
@@ -55,6 +58,14 @@ def capture(uri: str, directory: Path) -> list[Path]:
             out.write_text(_virsh(uri, "domcapabilities", "--arch", arch, "--machine", canonical, "--virttype", vt))
             written.append(out)
     return written
+
+
+def _capture_nodedevs(uri: str, out: Path) -> Path:
+    """Every host PCI device as `virsh nodedev-dumpxml` prints it: NUMA node and PCIe link of each."""
+    names = sorted(_virsh(uri, "nodedev-list", "--cap", "pci").split())
+    dumps = [_virsh(uri, "nodedev-dumpxml", name).strip() for name in names]
+    out.write_text("<devices>\n" + "\n".join(dumps) + "\n</devices>\n")
+    return out
 
 
 def load_host_bundle_caps_only(caps_file: Path) -> dict[tuple[str, str], list[tuple[str, str]]]:

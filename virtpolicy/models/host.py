@@ -1,4 +1,5 @@
-"""The host: libvirt capabilities plus one domain-capabilities document per (machine, virt type).
+"""The host: libvirt capabilities plus one domain-capabilities document per (machine, virt type), and the
+host's PCI devices (nodedev-pci.xml) for passed-through devices.
 
 A host bundle is a directory holding `capabilities.xml` and domcapabilities files (any name), or a
 single domcapabilities file. Everything the solver may pick must be offered here: domcaps differ per
@@ -14,6 +15,7 @@ from pathlib import Path
 from lxml import etree
 
 from virtpolicy.errors import InputError
+from virtpolicy.models.hostdevices import NODEDEV_FILE, HostPciDevice, read_nodedevs
 from virtpolicy.models.machines import family_of
 from virtpolicy.models.xmlsafe import expect_root, parse_file
 
@@ -124,6 +126,9 @@ class Host:
     machines: dict[tuple[str, str], list[GuestMachine]] = field(default_factory=dict)
     domcaps: list[DomainCaps] = field(default_factory=list)
     host_numa_cells: int = 1
+    cell_sockets: dict[int, frozenset[int]] = field(default_factory=dict)  # host cell -> its CPUs' socket ids
+    pci_devices: dict[str, HostPciDevice] = field(default_factory=dict)  # 0000:3b:00.0 -> the device
+    caps_source: str = ""
     _index: dict[tuple[str, str, str], DomainCaps] | None = field(default=None, repr=False)
 
     @property
@@ -175,6 +180,13 @@ def _read_capabilities(path: Path, host: Host) -> None:
     cells = root.find("host/topology/cells")
     if cells is not None:
         host.host_numa_cells = _int(cells, "num", "1", str(path))
+        for cell in cells.iterfind("cell"):
+            sockets = {cpu.get("socket_id") for cpu in cell.iterfind("cpus/cpu")}
+            if sockets and None not in sockets:
+                host.cell_sockets[_int(cell, "id", "0", str(path))] = frozenset(
+                    _int(cpu, "socket_id", "0", str(path)) for cpu in cell.iterfind("cpus/cpu")
+                )
+    host.caps_source = f"{path.parent.name}/{path.name}"
     for guest in root.findall("guest"):
         if (guest.findtext("os_type") or "").strip() != "hvm":
             continue
@@ -209,8 +221,10 @@ def load_host_bundle(path: Path) -> Host:
         raise InputError(f"{path}: host bundle lacks capabilities.xml")
     host = Host(source=str(path), arch="")
     _read_capabilities(caps_file, host)
+    if (path / NODEDEV_FILE).exists():
+        host.pci_devices = read_nodedevs(path / NODEDEV_FILE)
     for file in sorted(path.glob("*.xml")):
-        if file.name == "capabilities.xml":
+        if file.name in ("capabilities.xml", NODEDEV_FILE):
             continue
         host.domcaps.append(_read_domcaps(file))
     if not host.domcaps:

@@ -99,7 +99,7 @@ def _bind(element: etree._Element, xml: str) -> tuple[etree._Element | None, str
 
 
 def read_explicit(element: etree._Element | None, variable: ClassVariable) -> Explicit | None:
-    if element is None:
+    if element is None or not variable.xml:
         return None
     target, attr = _bind(element, variable.xml)
     if target is None or target.get(attr) is None:

@@ -130,6 +130,8 @@ class ConflictExplainer:
                 f"declare that {prov.get('short_id')} has drivers for {ids} (for Windows: profile 'windows' "
                 "with <virtpolicy:guest drivers='virtio-win'/>), or solve with --guest-support lenient"
             )
+        if "action" in prov:
+            return str(prov["action"])
         if c.provenance.source is Source.HOST:
             return f"use a host that offers it ({c.message}; {c.provenance.where})"
         return f"relax: {c.message}"

@@ -17,8 +17,10 @@ from constraint import Unassigned
 from lxml import etree
 
 from virtpolicy.models.domain import VIRTPOLICY_NS, Explicit, xpath_of
+from virtpolicy.models.hostdevices import NODEDEV_FILE, source_address
 from virtpolicy.models.machines import family_named
 from virtpolicy.models.pci import HOTPLUG_PORTS, MAX_CELLS, POLICIES, SLOT_VALUES, table
+from virtpolicy.solver.locality import HostLocality
 from virtpolicy.solver.problem import Constraint, Provenance, Source, Strength
 
 if TYPE_CHECKING:
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 ROOT_PORTS_ON_PCIE_ROOT = 27 * 8  # slots 0x02-0x1e without 0x1b and 0x1d, 8 functions each
 BUS_NUMBERS = 255  # bus 0 .. 254 below the highest expander
 NOVA = "nova/virt/hardware.py _get_numa_topology_auto: vCPUs and memory must divide evenly by nodes"
+NOVA_DEFAULT_POLICY = "legacy"  # nova/objects/fields.py PCINUMAAffinityPolicy: the default when none is asked
 
 
 @dataclass
@@ -34,7 +37,7 @@ class Affinity:
     """An app's wish to place a device on a guest NUMA node (metadata), with Nova's policy names."""
 
     xpath: str
-    node: int
+    node: int | None  # a guest node; None: the node of the hostdev's host device
     policy: str
     where: str
 
@@ -178,26 +181,31 @@ class PciPlanner:
         """Node variables cost search time: only where NUMA can matter (profiles, affinity metadata)."""
         if self.affinities():
             return True
+        if self.b.host.host_numa_cells > 1 and self.b.domain.root.find("devices/hostdev[@type='pci']") is not None:
+            return True  # a passed-through device has a host node of its own
         return any(
-            any(v.startswith("numa.") or v.endswith(".node") for v in (*r.require, *r.prefer, *r.forbid))
+            any(v.startswith("numa.") or v.endswith(".node") for v in (*r.require, *r.prefer, *r.forbid, *r.equal))
             or (r.when is not None and any(n.startswith("numa.") for n in r.when.names()))
             for sel in self.b.profiles
             for r in sel.profile.rules
         )
 
     def affinities(self) -> list[Affinity]:
+        """The app's wishes from metadata; a hostdev's wish may leave out the node (its host node decides)."""
         found = []
         for el in self.b.domain.root.iterfind(f"metadata/{{{VIRTPOLICY_NS}}}numa/{{{VIRTPOLICY_NS}}}device"):
             policy = el.get("policy", "required")
-            node = el.get("node", "")
-            if policy not in POLICIES or not node.isdigit():
+            node = el.get("node")
+            from_host = node is None and "/hostdev" in el.get("xpath", "")
+            if policy not in POLICIES or not (from_host or (node or "").isdigit()):
                 from virtpolicy.errors import InputError
 
                 raise InputError(
-                    f"{self.b.domain.source}:{el.sourceline}: {xpath_of(el)}: node='{node}' "
-                    f"policy='{policy}' (node is a number; policy one of {', '.join(POLICIES)})"
+                    f"{self.b.domain.source}:{el.sourceline}: {xpath_of(el)}: node='{node or ''}' "
+                    f"policy='{policy}' (node is a number, left out only for a hostdev, whose host node "
+                    f"decides; policy one of {', '.join(POLICIES)})"
                 )
-            found.append(Affinity(el.get("xpath", ""), int(node), policy, xpath_of(el)))
+            found.append(Affinity(el.get("xpath", ""), None if from_host else int(node or 0), policy, xpath_of(el)))
         return found
 
     def add_constraints(self) -> None:
@@ -329,33 +337,85 @@ class PciPlanner:
 
     def _affinity(self) -> None:
         by_xpath = {inst.xpath: inst for inst, _ in self.devices}
-        for aff in self.affinities():
-            inst = by_xpath.get(aff.xpath)
-            if inst is None and self.b.focus is not None:
-                continue  # a laid-out device's wish: already where it is
-            if inst is None:
+        wishes = self.affinities()
+        for aff in wishes:
+            if aff.xpath not in by_xpath and self.b.focus is None:
                 from virtpolicy.errors import InputError
 
                 raise InputError(
                     f"{self.b.domain.source}: {aff.where}: xpath='{aff.xpath}' names no PCI device "
                     f"(known: {', '.join(sorted(by_xpath))})"
                 )
-            prov = Provenance(
-                Source.APP,
-                aff.where,
-                f"node {aff.node}, policy {aff.policy}",
-                data=(("xpath", aff.where), ("value", str(aff.node))),
-            )
+        wished = {aff.xpath for aff in wishes}
+        for inst, _ in self.devices:
+            if inst.cls.name == "hostdev" and inst.xpath not in wished:
+                wishes.append(Affinity(inst.xpath, None, NOVA_DEFAULT_POLICY, ""))  # Nova's default
+        locality = HostLocality(self.b)
+        self._host_devices(locality)
+        for aff in wishes:
+            inst = by_xpath.get(aff.xpath)
+            if inst is None:
+                continue  # hot-plug: a laid-out device's wish, already where it is
             name = inst.var("node")
             domain = self.b.problem.variables[name].values
+            wish = locality.allowed(inst, aff, domain)
+            if wish is None:
+                continue
+            allowed, text, prov = wish
             strength = Strength.SOFT if aff.policy == "preferred" else Strength.HARD
+            # a host node matters only to a guest with NUMA cells (Nova: no NUMA topology, no PCI affinity)
+            numa = [] if aff.node is not None else [("numa.cells", frozenset(self._multi_cell()))]
             self.b._add_forbid(  # noqa: SLF001
-                f"app:{aff.where}",
-                [(name, frozenset(v for v in domain if v != str(aff.node)))],
-                f"{inst.prefix} on guest NUMA node {aff.node} ({aff.policy})",
+                f"{prov.source.value}:{aff.where or prov.where}:{inst.prefix}",
+                [(name, frozenset(v for v in domain if v not in allowed)), *numa],
+                f"{inst.prefix} {text} ({aff.policy})",
                 prov,
                 strength=strength,
                 priority=200 if strength is Strength.SOFT else 0,
+            )
+
+    def _multi_cell(self) -> list[str]:
+        return [v for v in self.b.problem.variables["numa.cells"].values if v != "1"]
+
+    def _host_devices(self, locality: HostLocality) -> None:
+        """A passed-through device is PCIe or conventional as the host says, and must exist on the host."""
+        if not self.b.host.pci_devices:
+            return  # a bundle without nodedev data: libvirt decides at start, as it does without us
+        for inst, _ in self.devices:
+            if inst.cls.name != "hostdev" or inst.element is None:
+                continue
+            address = source_address(inst.element)
+            dev = locality.device(inst)
+            if dev is None:
+                self.b._add_forbid(  # noqa: SLF001
+                    f"host:nodedev:{inst.prefix}",
+                    [(inst.var("link"), frozenset(self.b.problem.variables[inst.var("link")].values))],
+                    f"{inst.prefix}: the host has no PCI device {address} "
+                    f"({len(self.b.host.pci_devices)} listed in {NODEDEV_FILE})",
+                    Provenance(
+                        Source.HOST,
+                        f"{self.b.host.name}/{NODEDEV_FILE}",
+                        f"no {address}",
+                        data=(
+                            ("device", address or ""),
+                            ("action", f"pass through a device the host has, not {address}"),
+                        ),
+                    ),
+                )
+                continue
+            link = "pcie" if dev.pcie else "pci"
+            self.b._add_forbid(  # noqa: SLF001
+                f"host:nodedev-link:{inst.prefix}",
+                [
+                    (
+                        inst.var("link"),
+                        frozenset(v for v in self.b.problem.variables[inst.var("link")].values if v != link),
+                    )
+                ],
+                f"{inst.prefix}: host {dev.address} is {'a PCI Express' if dev.pcie else 'a conventional PCI'} device",
+                Provenance(
+                    Source.HOST, dev.where, f"{dev.address} {dev.product}".strip(), data=(("device", dev.address),)
+                ),
             )
 
     def _capacity(self) -> None:

@@ -256,8 +256,8 @@ class Renderer:
         return element
 
     def _write(self, element: etree._Element, var: ClassVariable, value: str) -> None:
-        if value in ("n/a",):
-            return
+        if value in ("n/a",) or not var.xml:
+            return  # not applicable, or a host fact that is not part of the XML
         path, _, attr = var.xml.rpartition("@")
         path = path.rstrip("/")
         if path.startswith(".."):

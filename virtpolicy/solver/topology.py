@@ -135,7 +135,7 @@ class TopologyBuilder:
             el = etree.Element("controller", type="pci", index="0", model=root_model)
             self._insert(el)
             self._add_bus(0, root_model, el)
-        for addr in self.devices.iterfind(".//address[@type='pci']"):
+        for addr in self.devices.iterfind("*/address[@type='pci']"):
             bus, slot, function = (int(addr.get(k, "0"), 0) for k in ("bus", "slot", "function"))
             if bus in self.buses:
                 self.buses[bus].used.add((slot, function))
