@@ -310,3 +310,16 @@ def test_random_topologies_are_accepted_unchanged_or_are_capacity_conflicts(
     finally:
         libvirt.undefine("vp-topo-prop")
     assert not kept(ours, pci_addresses(etree.fromstring(dumped.encode())))
+
+
+def test_a_plain_virtio_device_behind_a_bridge_keeps_its_place(host, osdb) -> None:
+    """libvirt accepts a plain virtio NIC on a pcie-to-pci-bridge (it runs transitional there): re-solving
+    such a dumpxml is no conflict, and the NIC stays where it is."""
+    first = etree.fromstring(run(domain("t", FEDORA, nics(1, "e1000") + nics(1, "virtio")), host, osdb).xml)
+    e1000, virtio = first.findall("devices/interface")
+    bridge_bus = e1000.find("address").get("bus")
+    virtio.find("address").attrib.update({"bus": bridge_bus, "slot": "0x02", "function": "0x0"})
+    again = run(etree.tostring(first), host, osdb)
+    assert again.solved, again.describe()
+    moved = etree.fromstring(again.xml).findall("devices/interface")[1].find("address")
+    assert (moved.get("bus"), moved.get("slot")) == (bridge_bus, "0x02")
