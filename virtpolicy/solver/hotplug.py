@@ -8,6 +8,7 @@ keeps the problem as small as the change, whatever the size of the domain.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 from lxml import etree
@@ -61,7 +62,9 @@ def add_device(
         return built, result
     tree = render(built, result)
     position = devices.findall(device.tag).index(device)  # the renderer keeps same-tag order
-    added = tree.getroot().find("devices").findall(device.tag)[position]
+    added = copy.deepcopy(tree.getroot().find("devices").findall(device.tag)[position])
+    added.tail = None
+    etree.indent(added, space="  ")  # on its own, as `virsh attach-device` reads it
     return Hotplugged(added, built, result)
 
 
