@@ -69,24 +69,10 @@ def host():  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def numa_host(tmp_path_factory):  # type: ignore[no-untyped-def]
-    """A two-socket, four-cell host: the embedded bundle with tests/data/hosts/x86_64-4node's NUMA topology
-    spliced into its capabilities and that server's PCI devices as its nodedev data."""
-    import shutil
+    """A two-socket, four-cell host (support.four_node_host)."""
+    from support import four_node_host
 
-    from lxml import etree
-
-    from virtpolicy.models.host import EMBEDDED_BUNDLE, load_host_bundle
-
-    fixture = Path(__file__).parent / "data" / "hosts" / "x86_64-4node"
-    bundle = tmp_path_factory.mktemp("x86_64-4node")
-    for domcaps in EMBEDDED_BUNDLE.glob("domcaps-*.xml"):
-        shutil.copy(domcaps, bundle / domcaps.name)
-    shutil.copy(fixture / "nodedev-pci.xml", bundle / "nodedev-pci.xml")
-    caps = etree.parse(str(EMBEDDED_BUNDLE / "capabilities.xml"))
-    old = caps.find("host/topology")
-    old.getparent().replace(old, etree.parse(str(fixture / "topology.xml")).getroot())
-    caps.write(str(bundle / "capabilities.xml"))
-    return load_host_bundle(bundle)
+    return four_node_host(tmp_path_factory.mktemp("hosts"))
 
 
 @pytest.fixture(scope="session")

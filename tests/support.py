@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from xml.sax.saxutils import quoteattr
+
+from lxml import etree
 
 from virtpolicy.models.domain import Domain
 from virtpolicy.models.guestos import GuestOS, OsinfoDB
-from virtpolicy.models.host import Host
+from virtpolicy.models.host import EMBEDDED_BUNDLE, Host, load_host_bundle
 from virtpolicy.solver.build import Build, build
 from virtpolicy.solver.problem import Source
 from virtpolicy.solver.render import render, to_bytes
@@ -81,3 +85,19 @@ def assert_minimal(outcome: Outcome, only_conflict: bool = False) -> None:
         if only_conflict:
             relaxed = hard_only.without([member.id])
             assert isinstance(Solver(relaxed).solve(), Solution), f"dropping {member.id} leaves the problem infeasible"
+
+
+def four_node_host(tmp: Path) -> Host:
+    """A two-socket, four-cell host: the embedded bundle with tests/data/hosts/x86_64-4node's NUMA topology
+    spliced into its capabilities and that server's PCI devices as its nodedev data."""
+    fixture = Path(__file__).parent / "data" / "hosts" / "x86_64-4node"
+    bundle = tmp / "x86_64-4node"
+    bundle.mkdir(exist_ok=True)
+    for domcaps in EMBEDDED_BUNDLE.glob("domcaps-*.xml"):
+        shutil.copy(domcaps, bundle / domcaps.name)
+    shutil.copy(fixture / "nodedev-pci.xml", bundle / "nodedev-pci.xml")
+    caps = etree.parse(str(EMBEDDED_BUNDLE / "capabilities.xml"))
+    old = caps.find("host/topology")
+    old.getparent().replace(old, etree.parse(str(fixture / "topology.xml")).getroot())
+    caps.write(str(bundle / "capabilities.xml"))
+    return load_host_bundle(bundle)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from support import partial_domain
+from support import four_node_host, partial_domain
 
 from virtpolicy.models.domain import Domain
 from virtpolicy.models.host import Host, load_host_bundle
@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden" / "explain"
 DISK = "<disk type='file' device='disk'><source file='/var/lib/libvirt/images/x.qcow2'/></disk>"
 NIC = "<interface type='user'/>"
+VP = "http://virtpolicy.org/xmlns/domain/1.0"
 
 
 def _strip(host: Host, tmp: Path, name: str, old: str, new: str = "") -> Host:
@@ -110,6 +111,31 @@ SCENARIOS = {
             "<interface type='user'><model type='virtio-non-transitional'/></interface>",
         ),
         "rhel5.11",
+    ),
+    "numa-node-on-a-one-cell-guest": Scenario(
+        partial_domain(
+            "s", None, None, NIC, "<cpu><numa><cell id='0' cpus='0' memory='512' unit='MiB'/></numa></cpu>"
+        ).replace(
+            "<vcpu>1</vcpu>",
+            f"<vcpu>1</vcpu><metadata><virtpolicy:numa xmlns:virtpolicy='{VP}'><virtpolicy:device "
+            "xpath='/domain/devices/interface[1]' node='1' policy='required'/></virtpolicy:numa></metadata>",
+        ),
+        "fedora37",
+    ),
+    "hostdev-on-a-host-node-without-guest-cells": Scenario(
+        partial_domain(
+            "s",
+            None,
+            "q35",
+            "<hostdev mode='subsystem' type='pci' managed='yes'><source>"
+            "<address domain='0x0000' bus='0x3b' slot='0x00' function='0x0'/></source></hostdev>",
+            "<cpu><numa><cell id='0' cpus='0' memory='256' unit='MiB'/>"
+            "<cell id='1' cpus='1' memory='256' unit='MiB'/></numa></cpu>",
+        )
+        .replace("<vcpu>1</vcpu>", "<vcpu>2</vcpu>")
+        .replace("<os>", "<numatune><memnode cellid='0' nodeset='0'/><memnode cellid='1' nodeset='1'/></numatune><os>"),
+        "fedora37",
+        host=lambda h, t: four_node_host(t),
     ),
 }
 

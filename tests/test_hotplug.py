@@ -79,14 +79,20 @@ def test_pc_hotplugs_into_a_free_pci_root_slot(host, osdb) -> None:
     assert bus_model(xml, done.device) == "pci-root"
 
 
-def test_a_required_node_without_a_free_port_on_it_is_a_conflict(host, osdb) -> None:
+def test_each_cell_keeps_a_spare_port_and_a_required_node_takes_its_own(host, osdb) -> None:
     xml = laid_out(host, osdb, domain("t", FEDORA, nics(2), cells=2, affinity={"/domain/devices/interface[2]": 1}))
-    required = add(host, osdb, xml, node=1, policy="required")
-    assert isinstance(required, tuple), "the only spare port is outside every expander"
-    preferred = add(host, osdb, xml, node=1, policy="preferred")
+    first = add(host, osdb, xml, node=1, policy="required")
+    assert isinstance(first, Hotplugged)
+    assert node_of(etree.fromstring(xml), first.device) == 1
+    root = etree.fromstring(xml)
+    root.find("devices").append(first.device)  # node 1's spare port is taken now
+    grown = etree.tostring(root)
+    required = add(host, osdb, grown, node=1, policy="required")
+    assert isinstance(required, tuple), "node 1 has no spare port left"
+    assert any(m.id.startswith("app:hotplug-slots") for m in required[1].members)
+    preferred = add(host, osdb, grown, node=1, policy="preferred")
     assert isinstance(preferred, Hotplugged)
-    assert bus_model(xml, preferred.device) == "pcie-root-port"
-    assert node_of(etree.fromstring(xml), preferred.device) is None
+    assert node_of(root, preferred.device) == 0  # the wish yields to the spare port node 0 still has
 
 
 def test_a_second_tpm_and_an_unlaid_domain_are_input_errors(host, osdb) -> None:

@@ -307,7 +307,7 @@ def test_metadata_selection_record_and_idempotence() -> None:
     applied = root.findall(f"metadata/{{{VP}}}policy/{{{VP}}}applied")
     assert [(a.get("name"), a.get("version"), a.get("priority")) for a in applied] == [
         ("desktop-spice", "1.0", "10"),
-        ("hotplug-ready", "1.1", "0"),
+        ("hotplug-ready", "1.2", "0"),
     ]
     assert all(len(a.get("digest")) == 16 for a in applied)
     assert len(root.findall("devices/redirdev")) == 2

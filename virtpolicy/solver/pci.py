@@ -451,10 +451,11 @@ class PciPlanner:
                     f"app:expander-capacity:{node}",
                     pcie,
                     str(node),
-                    None,
+                    "hotplug.ports",
                     limit,
-                    f"the PCI devices on node {node} need a bus each as PCIe endpoints (or two buses per 31 behind "
-                    f"a bridge); the expander's busNr range ({bus_nr + 1}-{upper - 1}) allows {limit}",
+                    f"the PCI devices on node {node} and its spare hot-plug ports need a bus each as PCIe endpoints "
+                    f"(or two buses per 31 behind a bridge); the expander's busNr range ({bus_nr + 1}-{upper - 1}) "
+                    f"allows {limit}",
                     Provenance(
                         Source.APP,
                         f"/domain/devices/controller[@model='pcie-expander-bus'][node={node}]",
@@ -533,13 +534,7 @@ class PciPlanner:
             self.b.problem.add_variable("hotplug.ports", ["0"])
             self.b._pin("hotplug.ports", ["0"], here, "hot-plug adds no root ports")  # noqa: SLF001
         elif self.b.realized:
-            used = {a.get("bus", "") for a in self.b.domain.root.iterfind("devices/*/address[@type='pci']")}
-            used_buses = {int(b, 0) for b in used if b}
-            empty = sum(
-                1
-                for el in self.b.domain.root.iterfind("devices/controller[@model='pcie-root-port']")
-                if el.get("index", "").isdigit() and int(el.get("index", "")) not in used_buses
-            )
+            empty = _spare_ports_of(self.b.domain.root)
             here = Explicit(str(empty), "/domain/devices (spare root ports of a laid-out domain)")
             self.b.problem.add_variable("hotplug.ports", [str(empty)])
             self.b._pin("hotplug.ports", [str(empty)], here, f"{empty} spare root port(s) stay as they are")  # noqa: SLF001
@@ -627,6 +622,22 @@ def _node_in_cells(node_var: str) -> Constraint:
         ),
         test=lambda v, _n=node_var: int(v[_n]) < int(v["numa.cells"]),
     )
+
+
+def _spare_ports_of(root: etree._Element) -> int:
+    """Spare root ports a laid-out domain keeps: the fewest under any expander, or all, without expanders."""
+    used = {int(b, 0) for a in root.iterfind("devices/*/address[@type='pci']") if (b := a.get("bus"))}
+    expanders = {int(el.get("index", "-1")) for el in root.iterfind("devices/controller[@model='pcie-expander-bus']")}
+    per_parent = dict.fromkeys(expanders, 0) if expanders else {0: 0}
+    for el in root.iterfind("devices/controller[@model='pcie-root-port']"):
+        addr = el.find("address[@type='pci']")
+        parent = int(addr.get("bus", "0"), 0) if addr is not None else 0
+        if el.get("index", "").isdigit() and int(el.get("index", "")) not in used:
+            if not expanders:
+                parent = 0
+            if parent in per_parent:
+                per_parent[parent] += 1
+    return min(per_parent.values())
 
 
 def _pairs_in(

@@ -65,6 +65,7 @@ class HotplugSlot:
     model: str
 
 
+EXPANDERS = ("pcie-expander-bus", "pci-expander-bus")
 HOTPLUG_BUSES = {  # libvirt domain_addr.c: buses whose slots carry VIR_PCI_CONNECT_HOTPLUGGABLE
     "pcie-root-port": "pcie",
     "pcie-switch-downstream-port": "pcie",
@@ -288,11 +289,15 @@ class TopologyBuilder:
         for p in todo:
             if p.element.find("address[@type='pci']") is None:
                 by_node.setdefault(p.node if self.cells > 1 else None, []).append(p)
-        expanders = self._expanders(sorted(n for n in by_node if n is not None), by_node)
+        nodes = {n for n in by_node if n is not None}
+        fresh = not any(bus.model in EXPANDERS for bus in self.buses.values())
+        if fresh and self.cells > 1 and self.hotplug_ports and self.root_kind == "pcie":
+            nodes |= set(range(self.cells))  # every cell gets spare ports of its own, for NUMA-local hot-plug
+        expanders = self._expanders(sorted(nodes), by_node)
         for node, group in sorted(by_node.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
             parent = 0 if node is None else expanders[node]
             self._place_group(group, parent)
-        self._spare_ports()
+        self._spare_ports(expanders)
         self._bus_numbers(expanders)
 
     def _with_companions(self, p: Placement) -> None:
@@ -369,12 +374,15 @@ class TopologyBuilder:
         del by_node
         return found
 
-    def _spare_ports(self) -> None:
+    def _spare_ports(self, expanders: dict[int, int]) -> None:
+        """`hotplug_ports` empty root ports under each expander (so each NUMA cell can take a hot-plugged
+        device), or on pcie-root when there are no expanders."""
         if self.root_kind != "pcie":
             return
-        spare = len(list(self.empty_root_ports(0)))
-        for _ in range(max(0, self.hotplug_ports - spare)):
-            self._root_port(0)
+        for parent in sorted(set(expanders.values())) or [0]:
+            spare = len(list(self.empty_root_ports(parent)))
+            for _ in range(max(0, self.hotplug_ports - spare)):
+                self._root_port(parent)
 
     def _buses_below(self, index: int) -> int:
         return sum(1 for n in nx.descendants(self.graph, ("bus", index)) if n[0] == "bus")
