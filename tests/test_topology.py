@@ -323,3 +323,25 @@ def test_a_plain_virtio_device_behind_a_bridge_keeps_its_place(host, osdb) -> No
     assert again.solved, again.describe()
     moved = etree.fromstring(again.xml).findall("devices/interface")[1].find("address")
     assert (moved.get("bus"), moved.get("slot")) == (bridge_bus, "0x02")
+
+
+@pytest.mark.parametrize("machine", ["q35", "pc"])
+def test_hotplug_ready_keeps_eight_free_hotplug_slots(machine: str, host, osdb) -> None:
+    """q35: eight empty root ports; pc: eight free hot-pluggable PCI slots, with a pci-bridge once the
+    devices leave fewer on pci-root."""
+    from virtpolicy.rules.profile import find_profile
+    from virtpolicy.solver.compile import SelectedProfile
+    from virtpolicy.solver.topology import TopologyBuilder
+
+    ready = [SelectedProfile(find_profile("hotplug-ready"), 0, "--profile")]
+    out = run(domain("t", FEDORA, nics(22, "e1000"), machine=machine), host, osdb, profiles=ready)
+    assert out.solved, out.describe()
+    root = etree.fromstring(out.xml)
+    free = TopologyBuilder(root.find("devices"), machine, 1, 0).hotplug_slots()
+    kinds = [s.model for s in free]
+    if machine == "q35":
+        assert kinds.count("pcie-root-port") == 8
+    else:
+        assert len(free) >= 8 and root.find("devices/controller[@model='pci-bridge']") is not None
+    again = run(out.xml, host, osdb, profiles=ready)
+    assert again.xml == out.xml  # a laid-out domain gains nothing on re-solve

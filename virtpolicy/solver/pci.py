@@ -165,7 +165,7 @@ class PciPlanner:
         app_cells = cells_in(self.b.domain.root)
         cells = [str(k) for k in range(1, max(MAX_CELLS, app_cells) + 1)]
         p.add_variable("numa.cells", cells, "guest NUMA cells")
-        p.add_variable("hotplug.ports", HOTPLUG_PORTS, "spare hot-plug root ports")
+        p.add_variable("hotplug.ports", HOTPLUG_PORTS, "spare hot-plug root ports (q35), free PCI slots (pc)")
         numa = app_cells > 1 or self._numa_wanted()
         for inst in self.b.instances:
             var = self._driver_var(inst)
@@ -243,7 +243,6 @@ class PciPlanner:
             self.b.add_constraint(_node_in_cells(inst.var("node")))
         self._app_cells()
         self._app_controllers_need_their_bus_kind()
-        self._ports_only_on_pcie()
         self._even_split()
         self._affinity()
         self._existing_addresses()
@@ -285,24 +284,6 @@ class PciPlanner:
             count = str(cells_in(self.b.domain.root))
             here = Explicit(count, xpath_of(numa))
             self.b._pin("numa.cells", [count], here, f"the domain has {count} NUMA cell(s)")  # noqa: SLF001
-
-    def _ports_only_on_pcie(self) -> None:
-        """Spare root ports exist only on PCIe machines; pci-root slots are hot-pluggable by themselves."""
-        conventional = [f for f in self.b.problem.variables["machine"].values if _root(f) != "pcie"]
-        spare = [v for v in self.b.problem.variables["hotplug.ports"].values if v != "0"]
-        if conventional and spare:
-            self.b._add_forbid(  # noqa: SLF001
-                "structural:root-ports-need-pcie",
-                [("machine", frozenset(conventional)), ("hotplug.ports", frozenset(spare))],
-                "pcie-root-ports exist only on PCIe machines (q35, virt); on pc the pci-root slots are hot-pluggable",
-                Provenance(
-                    Source.STRUCTURAL,
-                    "root-ports-need-pcie",
-                    "pci.toml",
-                    "libvirt domain_addr.c: pcie-root-port plugs only into pcie-root or pcie-expander-bus",
-                    data=(("rule", "root-ports-need-pcie"), ("file", "pci.toml"), ("line", 0)),
-                ),
-            )
 
     def _possible_families(self) -> list[str]:
         """Machine families the app's own machine attribute still allows (all, when it wrote none)."""
@@ -534,8 +515,8 @@ class PciPlanner:
             self.b.problem.add_variable("hotplug.ports", ["0"])
             self.b._pin("hotplug.ports", ["0"], here, "hot-plug adds no root ports")  # noqa: SLF001
         elif self.b.realized:
-            empty = _spare_ports_of(self.b.domain.root)
-            here = Explicit(str(empty), "/domain/devices (spare root ports of a laid-out domain)")
+            empty = self._spare_of_laid_out()
+            here = Explicit(str(empty), "/domain/devices (spare hot-plug slots of a laid-out domain)")
             self.b.problem.add_variable("hotplug.ports", [str(empty)])
             self.b._pin("hotplug.ports", [str(empty)], here, f"{empty} spare root port(s) stay as they are")  # noqa: SLF001
         controllers = {
@@ -560,6 +541,23 @@ class PciPlanner:
             node = nodes.get(bus)
             if node is not None and str(node) in self.b.problem.variables[inst.var("node")].values:
                 self.b._pin(inst.var("node"), [str(node)], here, f"{inst.prefix} stays on node {node}")  # noqa: SLF001
+
+    def _spare_of_laid_out(self) -> int:
+        """The spare hot-plug room a laid-out domain keeps (root ports on q35, free PCI slots on pc), at most
+        what the engine recorded deciding, so that re-solving neither adds nor reports a change."""
+        from virtpolicy.models.machines import family_of
+        from virtpolicy.solver.topology import TopologyBuilder
+
+        root = self.b.domain.root
+        fam = family_of(self.b.app_machine.value) if self.b.app_machine else None
+        if fam is not None and fam.root == "pci" and root.find("devices/controller[@index='0']") is not None:
+            count = len(TopologyBuilder(root.find("devices"), fam.name, cells_in(root), 0).hotplug_slots())
+        else:
+            count = _spare_ports_of(root)
+        recorded = self.b.domain.previous_decisions().get("hotplug.ports")
+        if recorded is not None and recorded[0].isdigit():
+            count = min(count, int(recorded[0]))
+        return count
 
     def add_preferences(self) -> None:
         """Lowest preferences, taken after the device models are decided (a slot follows from a model)."""

@@ -350,8 +350,9 @@ class TopologyBuilder:
             remaining = sum(1 for q in group[group.index(p) :] if q.element.find("address[@type='pci']") is None)
             if not free:
                 raise TopologyError(f"PCI bus {current} is full")
-            if len(free) == 1 and remaining > 1:
-                bridge = current = self._bridge("pci", current)  # the last slot takes a bridge with 31 more
+            if len(free) == 1 and (remaining > 1 or self.hotplug_ports):
+                # the last slot takes a bridge with 31 more (also to keep spare hot-plug slots)
+                bridge = current = self._bridge("pci", current)
             self._address(p.element, current, self.buses[current].free_slot() or 1)
 
     def _expanders(self, nodes: list[int], by_node: dict[int | None, list[Placement]]) -> dict[int, int]:
@@ -377,12 +378,22 @@ class TopologyBuilder:
     def _spare_ports(self, expanders: dict[int, int]) -> None:
         """`hotplug_ports` empty root ports under each expander (so each NUMA cell can take a hot-plugged
         device), or on pcie-root when there are no expanders."""
+        if self.root_kind == "pci":
+            self._spare_legacy_slots()
         if self.root_kind != "pcie":
             return
         for parent in sorted(set(expanders.values())) or [0]:
             spare = len(list(self.empty_root_ports(parent)))
             for _ in range(max(0, self.hotplug_ports - spare)):
                 self._root_port(parent)
+
+    def _spare_legacy_slots(self) -> None:
+        """pc: at least `hotplug_ports` free hot-pluggable PCI slots, adding a pci-bridge (31 slots) if needed."""
+        while len(self.hotplug_slots()) < self.hotplug_ports:
+            host = next((s.bus for s in self.hotplug_slots()), None)
+            if host is None:
+                raise TopologyError("no PCI slot left for a pci-bridge to hold spare hot-plug slots")
+            self._bridge("pci", host)
 
     def _buses_below(self, index: int) -> int:
         return sum(1 for n in nx.descendants(self.graph, ("bus", index)) if n[0] == "bus")
