@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from libvirt_harness import LibvirtError, LibvirtHarness
 from lxml import etree
+from qemu_qtree import numa_node_of_devices
 from support import assert_minimal, run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -266,6 +267,11 @@ def test_numa_topology_runs_and_qemu_puts_devices_on_their_nodes(
     assert {int(node) for _, node in pxb_nodes} == {0, 1}, qtree[:2000]
     assert node_of(live, live.findall("devices/interface")[1]) == 1
     assert node_of(live, live.findall("devices/disk")[1]) == 1
+    # and QEMU itself: each device hangs off the pxb of the cell it was placed on
+    in_qemu = numa_node_of_devices(qtree)
+    for kind, index, node in (("interface", 0, 0), ("interface", 1, 1), ("disk", 0, 0), ("disk", 1, 1)):
+        alias = live.findall(f"devices/{kind}")[index].find("alias").get("name")
+        assert in_qemu.get(alias) == node, f"{kind}[{index}] ({alias}) is on node {in_qemu.get(alias)} in QEMU"
 
 
 DEVICE_KINDS = st.sampled_from(["nic", "nic-e1000", "disk"])
