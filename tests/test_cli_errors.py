@@ -211,3 +211,23 @@ def test_solved_json_example() -> None:
     root = _solved_json(run(str(EXAMPLE), "--format", "json", "-q"))
     assert root.findtext("name") == "rhel6-q35"
     assert root.find("devices/interface/model").get("type") == "virtio-transitional"
+
+
+def _cells(vcpus: int, memory_mib: int, cells: str) -> bytes:
+    return (
+        f"<domain type='kvm'><name>cells</name><memory unit='MiB'>{memory_mib}</memory><vcpu>{vcpus}</vcpu>"
+        f"<os><type arch='x86_64'>hvm</type></os><cpu><numa>{cells}</numa></cpu><devices/></domain>\n"
+    ).encode()
+
+
+def test_inconsistent_numa_cells_are_one_line_errors_naming_the_cell(tmp_path: Path) -> None:
+    cell = "<cell id='{}' cpus='{}' memory='{}' unit='MiB'/>"
+    cases = {
+        "beyond": (_cells(2, 1024, cell.format(0, "0", 512) + cell.format(1, "1-2", 512)), "names vCPU 2"),
+        "overlap": (_cells(2, 1024, cell.format(0, "0-1", 512) + cell.format(1, "1", 512)), "vCPU 1 is in"),
+        "unassigned": (_cells(4, 1024, cell.format(0, "0", 512) + cell.format(1, "1", 512)), "vCPU(s) 2, 3"),
+        "memory": (_cells(2, 2048, cell.format(0, "0", 512) + cell.format(1, "1", 512)), "the cells hold 1024 MiB"),
+    }
+    for name, (xml, fragment) in cases.items():
+        line = assert_input_error(run(str(write(tmp_path / f"{name}.xml", xml)), "--os", "fedora37"), fragment)
+        assert "/domain/cpu/numa" in line, line

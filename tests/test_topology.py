@@ -173,16 +173,14 @@ def test_numa_placed_devices_hang_off_expanders_with_their_node(host, osdb) -> N
 
 
 def test_capacity_conflict_names_the_numbers(host, osdb) -> None:
-    """40 PCIe devices on node 0, whose expander's bus range only has room for 37 root ports."""
+    """40 PCIe-only NICs (e1000e) on node 0, whose expander's bus range only has room for 37 root ports."""
     expanders = (
         "<controller type='pci' index='1' model='pcie-expander-bus'><target busNr='200'><node>0</node></target>"
         "</controller><controller type='pci' index='2' model='pcie-expander-bus'><target busNr='238'>"
         "<node>1</node></target></controller>"
     )
     affinity = {f"/domain/devices/interface[{i}]": 0 for i in range(1, 41)}
-    out = run(
-        domain("t", FEDORA, expanders + nics(40, "virtio-non-transitional"), cells=2, affinity=affinity), host, osdb
-    )
+    out = run(domain("t", FEDORA, expanders + nics(40, "e1000e"), cells=2, affinity=affinity), host, osdb)
     assert not out.solved
     messages = " ".join(m.message for m in out.result.members)
     assert "range (201-237) allows 37" in messages, messages

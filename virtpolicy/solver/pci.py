@@ -281,6 +281,7 @@ class PciPlanner:
     def _app_cells(self) -> None:
         numa = self.b.domain.root.find("cpu/numa")
         if numa is not None:
+            check_app_cells(self.b.domain.root, self.b.domain.source, self.b.domain.vcpus)
             count = str(cells_in(self.b.domain.root))
             here = Explicit(count, xpath_of(numa))
             self.b._pin("numa.cells", [count], here, f"the domain has {count} NUMA cell(s)")  # noqa: SLF001
@@ -620,6 +621,54 @@ def _node_in_cells(node_var: str) -> Constraint:
         ),
         test=lambda v, _n=node_var: int(v[_n]) < int(v["numa.cells"]),
     )
+
+
+def check_app_cells(root: etree._Element, source: str, vcpus: int) -> None:
+    """The app's own cells must hold each vCPU exactly once and add up to the domain's memory (Nova's
+    manual-topology rules; libvirt rejects overlaps and CPUs beyond <vcpu>, and silently resizes memory)."""
+    from virtpolicy.errors import InputError
+    from virtpolicy.rules.facts import MEMORY_UNITS
+    from virtpolicy.solver.locality import parse_nodeset
+
+    owner: dict[int, str] = {}
+    total_kib = 0.0
+    for cell in root.iterfind("cpu/numa/cell"):
+        where = xpath_of(cell)
+        try:
+            cpus = parse_nodeset(cell.get("cpus", ""))
+            kib = int(cell.get("memory", "0")) * MEMORY_UNITS.get(cell.get("unit", "KiB").lower(), 1 / 1024) * 1024
+        except ValueError:
+            raise InputError(f"{source}:{cell.sourceline}: {where}: cpus or memory is not a number") from None
+        total_kib += kib
+        for cpu in sorted(cpus):
+            if cpu >= vcpus:
+                raise InputError(
+                    f"{source}:{cell.sourceline}: {where}: cpus='{cell.get('cpus')}' names vCPU {cpu}, "
+                    f"but /domain/vcpu is {vcpus} (vCPUs 0-{vcpus - 1})"
+                )
+            if cpu in owner:
+                raise InputError(
+                    f"{source}:{cell.sourceline}: {where}: vCPU {cpu} is in {owner[cpu]} already (each vCPU belongs "
+                    "to exactly one cell)"
+                )
+            owner[cpu] = where
+    missing = [c for c in range(vcpus) if c not in owner]
+    numa = root.find("cpu/numa")
+    if missing:
+        raise InputError(
+            f"{source}:{numa.sourceline}: /domain/cpu/numa: vCPU(s) {', '.join(map(str, missing))} of /domain/vcpu's "
+            f"{vcpus} are in no cell (Nova: every vCPU belongs to exactly one cell)"
+        )
+    memory = root.find("memory")
+    if memory is not None and (memory.text or "").strip().isdigit():
+        unit = MEMORY_UNITS.get(memory.get("unit", "KiB").lower(), 1 / 1024)
+        domain_kib = int((memory.text or "0").strip()) * unit * 1024
+        if abs(domain_kib - total_kib) >= 1:
+            raise InputError(
+                f"{source}:{numa.sourceline}: /domain/cpu/numa: the cells hold {total_kib / 1024:g} MiB but "
+                f"/domain/memory is {domain_kib / 1024:g} MiB (they must add up; libvirt would silently take the "
+                "cells' sum)"
+            )
 
 
 def _spare_ports_of(root: etree._Element) -> int:
