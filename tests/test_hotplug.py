@@ -95,10 +95,10 @@ def test_each_cell_keeps_a_spare_port_and_a_required_node_takes_its_own(host, os
     assert node_of(root, preferred.device) == 0  # the wish yields to the spare port node 0 still has
 
 
-def test_a_second_tpm_and_an_unlaid_domain_are_input_errors(host, osdb) -> None:
-    xml = laid_out(host, osdb, domain("t", FEDORA, nics(1) + "<tpm model='tpm-crb'><backend type='emulator'/></tpm>"))
-    with pytest.raises(InputError, match="libvirt allows one"):
-        add(host, osdb, xml, "<tpm model='tpm-crb'><backend type='emulator'/></tpm>")
+def test_a_second_rng_and_an_unlaid_domain_are_input_errors(host, osdb) -> None:
+    xml = laid_out(host, osdb, domain("t", FEDORA, nics(1)))
+    with pytest.raises(InputError, match="decides one per domain"):
+        add(host, osdb, xml, "<rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>")
     with pytest.raises(InputError, match="solve the domain first"):
         add(host, osdb, domain("t", FEDORA, nics(1)).encode())
 
@@ -120,3 +120,15 @@ def test_libvirt_hotplugs_the_device_at_the_address_we_chose(
     assert len(nics_live) == 2, "the hot-plugged NIC is not in the live domain"
     addr = nics_live[-1].find("address")
     assert {k: f"0x{int(addr.get(k), 16):0{len(ours[k]) - 2}x}" for k in ours} == ours
+
+
+def test_only_what_libvirt_attaches_live(host, osdb) -> None:
+    xml = laid_out(host, osdb, domain("t", FEDORA, disks(1) + nics(1)))
+    disk = add(host, osdb, xml, "<disk type='file' device='disk'><source file='/n.qcow2'/></disk>")
+    assert isinstance(disk, Hotplugged)
+    assert disk.device.find("target").get("bus") == "virtio" and disk.device.find("target").get("dev") == "vdb"
+    sata = add(host, osdb, xml, "<disk type='file' device='disk'><source file='/s.qcow2'/><target bus='sata'/></disk>")
+    assert isinstance(sata, tuple)
+    assert any("cannot be hotplugged" in m.message for m in [*sata[1].members, *sata[1].background])
+    with pytest.raises(InputError, match="cannot hot-plug a video"):
+        add(host, osdb, xml, "<video><model type='vga'/></video>")

@@ -231,8 +231,8 @@ class Builder:
 
             first = next(e for e in elements if e is not self.focus)
             raise InputError(
-                f"{self.domain.source}: {xpath_of(first)}: the domain has a {cls.label} already, "
-                f"and libvirt allows one; the new <{self.focus.tag}> cannot be added"
+                f"{self.domain.source}: {xpath_of(first)}: the domain has a {cls.label} already, and virtpolicy "
+                f"decides one per domain; the new <{self.focus.tag}> cannot be added"
             )
 
     def _hyperv_variables(self) -> None:

@@ -14,11 +14,14 @@ from dataclasses import dataclass
 from lxml import etree
 
 from virtpolicy.errors import InputError
+from virtpolicy.models.catalog import catalog
 from virtpolicy.models.domain import VIRTPOLICY_NS, Domain, xpath_of
 from virtpolicy.models.guestos import GuestOS
 from virtpolicy.models.host import Host
+from virtpolicy.models.pci import table
 from virtpolicy.solver.build import Build, build
 from virtpolicy.solver.compile import SelectedProfile
+from virtpolicy.solver.problem import Provenance, Source, require
 from virtpolicy.solver.render import render
 from virtpolicy.solver.solve import Conflict, Solution, solve
 
@@ -51,12 +54,9 @@ def add_device(
     devices.append(device)
     if node is not None:
         _wish(domain, xpath_of(device), node, policy)
+    _attachable_live(domain, device)
     built = build(domain, host, guest, guest_support, profiles, device_names, focus=device)
-    if not any(inst.element is device for inst in built.instances):
-        raise InputError(
-            f"{domain.source}: <{device.tag}>: not a device virtpolicy decides about "
-            "(disk, cdrom, interface, graphics, video, usb controller, tablet, balloon, rng, agent channel, tpm)"
-        )
+    _disk_buses_attachable_live(built)
     result = solve(built.problem)
     if isinstance(result, Conflict):
         return built, result
@@ -66,6 +66,47 @@ def add_device(
     added.tail = None
     etree.indent(added, space="  ")  # on its own, as `virsh attach-device` reads it
     return Hotplugged(added, built, result)
+
+
+def _attachable_live(domain: Domain, device: etree._Element) -> None:
+    """libvirt attaches only some devices to a running domain (qemu_hotplug.c)."""
+    kinds = [cls for cls in catalog().classes.values() if device in domain.devices(cls.element)]
+    if not kinds:
+        raise InputError(
+            f"{domain.source}: <{device.tag}>: not a device virtpolicy decides about "
+            f"({', '.join(cls.label for cls in catalog().classes.values())})"
+        )
+    if kinds[0].name not in table()["hotplug"]["classes"]:
+        raise InputError(
+            f"{domain.source}: <{device.tag}>: libvirt cannot hot-plug a {kinds[0].label} into a running domain "
+            f"(qemu_hotplug.c: live attach of device '{device.tag}' is not supported); add it with "
+            "`virtpolicy solve` and restart the domain"
+        )
+
+
+def _disk_buses_attachable_live(built: Build) -> None:
+    """libvirt hot-plugs disks only on some buses (qemu_hotplug.c)."""
+    rules = table()["hotplug"]
+    inst = built.instances[0]
+    bus = inst.var("bus")
+    if inst.cls.name in ("disk", "cdrom") and bus in built.problem.variables:
+        built.problem.add(
+            require(
+                f"structural:hotplug-disk-bus:{inst.prefix}",
+                bus,
+                rules["disk_buses"],
+                built.problem.variables[bus].values,
+                f"a hot-plugged {inst.cls.label} sits on {' or '.join(rules['disk_buses'])}: libvirt says "
+                "\"disk bus '...' cannot be hotplugged.\" for the others",
+                Provenance(
+                    Source.STRUCTURAL,
+                    "hotplug-disk-bus",
+                    "pci.toml [hotplug]",
+                    "libvirt src/qemu/qemu_hotplug.c qemuDomainAttachDeviceDiskLiveInternal",
+                    data=(("rule", "hotplug-disk-bus"), ("file", "pci.toml"), ("line", 0)),
+                ),
+            )
+        )
 
 
 def _wish(domain: Domain, xpath: str, node: int, policy: str) -> None:
