@@ -132,3 +132,13 @@ def test_only_what_libvirt_attaches_live(host, osdb) -> None:
     assert any("cannot be hotplugged" in m.message for m in [*sata[1].members, *sata[1].background])
     with pytest.raises(InputError, match="cannot hot-plug a video"):
         add(host, osdb, xml, "<video><model type='vga'/></video>")
+
+
+def test_a_node_wish_does_not_give_a_laid_out_domain_numa_cells(host, osdb) -> None:
+    xml = laid_out(host, osdb, domain("t", FEDORA, nics(1)))
+    required = add(host, osdb, xml, node=1, policy="required")
+    assert isinstance(required, tuple)
+    assert any("single NUMA cell" in m.message for m in required[1].members), required[1].members
+    preferred = add(host, osdb, xml, node=1, policy="preferred")
+    assert isinstance(preferred, Hotplugged)
+    assert preferred.solution.assignment["numa.cells"] == "1"

@@ -285,6 +285,9 @@ class PciPlanner:
             count = str(cells_in(self.b.domain.root))
             here = Explicit(count, xpath_of(numa))
             self.b._pin("numa.cells", [count], here, f"the domain has {count} NUMA cell(s)")  # noqa: SLF001
+        elif self.b.realized:
+            here = Explicit("1", "/domain/cpu (no <numa> in a laid-out domain)")
+            self.b._pin("numa.cells", ["1"], here, "a laid-out domain keeps its single NUMA cell")  # noqa: SLF001
 
     def _possible_families(self) -> list[str]:
         """Machine families the app's own machine attribute still allows (all, when it wrote none)."""
