@@ -153,14 +153,19 @@ def test_a_full_pci_root_on_pc_grows_a_pci_bridge(host, osdb) -> None:
     assert len(set(pci_addresses(root).values())) == len(pci_addresses(root))
 
 
-def test_numa_placed_devices_hang_off_expanders_with_their_node(host, osdb) -> None:
-    xml = domain(
-        "t",
+def two_cell_domain(name: str) -> str:
+    """Two disks and two NICs on a two-cell guest, the second of each required on node 1."""
+    return domain(
+        name,
         FEDORA,
         disks(2) + nics(2),
         cells=2,
         affinity={"/domain/devices/interface[2]": 1, "/domain/devices/disk[2]": 1},
     )
+
+
+def test_numa_placed_devices_hang_off_expanders_with_their_node(host, osdb) -> None:
+    xml = two_cell_domain("t")
     out = run(xml, host, osdb)
     root = etree.fromstring(out.xml)
     assert node_of(root, root.findall("devices/interface")[1]) == 1
@@ -261,13 +266,7 @@ def test_device_add_command_returns_the_device_with_a_hotpluggable_slot(tmp_path
 def test_numa_topology_runs_and_qemu_puts_devices_on_their_nodes(
     host, osdb, libvirt: LibvirtHarness, tmp_path: Path
 ) -> None:
-    xml = domain(
-        "vp-topo-numa",
-        FEDORA,
-        disks(2) + nics(2),
-        cells=2,
-        affinity={"/domain/devices/interface[2]": 1, "/domain/devices/disk[2]": 1},
-    )
+    xml = two_cell_domain("vp-topo-numa")
     out = run(xml, host, osdb)
     ours = pci_addresses(etree.fromstring(out.xml))
     started = libvirt.define_and_start(out.xml.decode(), tmp_path)
