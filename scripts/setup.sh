@@ -3,6 +3,7 @@
 #
 #   scripts/setup.sh main   osinfo-db + .venv with `pip install -e .`
 #   scripts/setup.sh test   + libvirt/QEMU/OVMF/swtpm/virt-install + `pip install -e '.[test]'`
+#                           + libvirt's test-suite corpus in .cache/ (scripts/fetch-libvirt-corpus.sh)
 #
 # CI starts from a bare image, so nothing here may assume a hand-installed package.  Re-runs must be
 # cheap (developers run it before every test session): apt is skipped when dpkg-query says every
@@ -33,6 +34,7 @@ if [[ "$MODE" == test ]]; then
   PACKAGES+=(
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
     qemu-system-x86 qemu-utils osinfo-db ovmf swtpm swtpm-tools virtinst hyperfine chromium fonts-dejavu-core
+    xz-utils debian-archive-keyring
   )
 fi
 
@@ -71,6 +73,12 @@ else
   log "pip: install -e .$EXTRA"
   "$VENV/bin/python" -m pip install -q -e "$REPO$EXTRA" >&2
   echo "$WANT" >"$STAMP"
+fi
+
+# libvirt's own test-suite domains (tests/corpus.py): fetched from Debian's source package into .cache/,
+# checksum-verified, never committed; a no-op when already present.
+if [[ "$MODE" == test ]]; then
+  bash "$REPO/scripts/fetch-libvirt-corpus.sh"
 fi
 
 log "done"
