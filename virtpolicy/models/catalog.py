@@ -48,6 +48,11 @@ class DeviceClass:
     singleton: bool
     explicit_none: bool
     variables: dict[str, ClassVariable]
+    auxiliary_values: frozenset[str] = frozenset()  # guest severity: a missing driver makes these inert
+
+    def auxiliary(self, value: str) -> bool:
+        """Without a driver the device is inert, not unrunnable (balloon, RNG, agent, QXL's VGA fallback)."""
+        return value in self.auxiliary_values
 
 
 @dataclass(frozen=True)
@@ -59,11 +64,25 @@ class Supplement:
 
 
 @dataclass(frozen=True)
+class Provides:
+    """A driver osinfo-db does not list but the OS ships (the supplement's `[[has]]` rows)."""
+
+    device_ids: tuple[str, ...]
+    name: str
+    short_ids: tuple[re.Pattern[str], ...]
+    why: str
+
+    def matches(self, short_id: str) -> bool:
+        return any(p.match(short_id) for p in self.short_ids)
+
+
+@dataclass(frozen=True)
 class Catalog:
     virtio: dict[str, VirtioFamily]
     classes: dict[str, DeviceClass]
     supplements: tuple[Supplement, ...]
     target_prefix: dict[str, str]  # bus -> disk target name prefix
+    provides: tuple[Provides, ...] = ()
 
     def buses_for_target(self, dev: str) -> list[str]:
         """The buses libvirt would infer from a target name (vdb -> virtio; sdb -> sata/scsi/usb)."""
@@ -107,10 +126,15 @@ def catalog() -> Catalog:
             singleton=row.get("singleton", False),
             explicit_none=row.get("explicit_none", False),
             variables=variables,
+            auxiliary_values=frozenset(row.get("auxiliary", ())),
         )
     sup = tomllib.loads((DATA / "osinfo-supplement.toml").read_text())
     supplements = tuple(
         Supplement(r["device"], r["name"], tuple(re.compile(p) for p in r["short_ids"]), r["why"])
         for r in sup.get("lacks", ())
     )
-    return Catalog(virtio, classes, supplements, dict(data["target_prefix"]))
+    provides = tuple(
+        Provides(tuple(r["device_ids"]), r["name"], tuple(re.compile(p) for p in r["short_ids"]), r["why"])
+        for r in sup.get("has", ())
+    )
+    return Catalog(virtio, classes, supplements, dict(data["target_prefix"]), provides)

@@ -57,7 +57,12 @@ class GuestOS:
 
     @property
     def label(self) -> str:
-        return f"{self.short_id} ({self.id})"
+        return f"{self.short_id} ({self.id})" if self.described else "no guest OS named"
+
+    @property
+    def described(self) -> bool:
+        """False for UNKNOWN_OS: the app named no OS, so there is nothing to check drivers against."""
+        return self.id != UNKNOWN_OS_ID
 
 
 GENERIC_OS = GuestOS(
@@ -68,6 +73,18 @@ GENERIC_OS = GuestOS(
     version="",
     device_ids=frozenset(),
     source="built-in: an OS osinfo does not describe",
+)
+
+
+UNKNOWN_OS_ID = "unknown"
+UNKNOWN_OS = GuestOS(
+    id=UNKNOWN_OS_ID,
+    short_id="unknown",
+    name="No guest OS named (guest-driver checks skipped)",
+    family="unknown",
+    version="",
+    device_ids=frozenset(),
+    source="built-in: the domain names no OS",
 )
 
 

@@ -12,10 +12,12 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from lxml import etree
 
 from virtpolicy.models.catalog import Catalog, ClassVariable, DeviceClass, GuestDevice, catalog
+from virtpolicy.models.completeness import Completeness, completeness
 from virtpolicy.models.domain import Domain, Explicit, xpath_of
 from virtpolicy.models.guestos import GuestOS
 from virtpolicy.models.host import DomainCaps, Host
@@ -34,6 +36,9 @@ from virtpolicy.solver.problem import (
     Strength,
     require,
 )
+
+if TYPE_CHECKING:
+    from virtpolicy.solver.solve import Solution
 
 VIRTIO_MODELS = ("virtio", "virtio-transitional", "virtio-non-transitional")
 GLOBAL_VARIABLES: dict[str, tuple[str, ...]] = {
@@ -85,6 +90,22 @@ class Build:
     facts: Facts | None = None
     pci_devices: list[tuple[Instance, str]] = field(default_factory=list)  # (instance, its slot-deciding variable)
     hotplug: bool = False  # one new device into the free slots of a laid-out domain
+    completeness: Completeness = field(default_factory=lambda: Completeness(False, ""))
+    warnings: list[str] = field(default_factory=list)  # said once, whatever the solution
+    advisories: list[Forbid] = field(default_factory=list)  # guest facts that only make an app's device inert
+
+    @property
+    def complete(self) -> bool:
+        """The domain is checked, not completed: the output is the input plus the engine's record."""
+        return self.completeness.complete and not self.hotplug
+
+    def warnings_for(self, solution: Solution) -> list[str]:
+        """The fixed warnings, then each advisory the solution runs into (an inert device the app wrote)."""
+        found = list(self.warnings)
+        for c in self.advisories:
+            if all(solution.assignment.get(v) in s for v, s in zip(c.variables, c.sets, strict=True)):
+                found.append(f"{c.message}; the device stays as written but the guest cannot use it")
+        return found
 
 
 def _bind(element: etree._Element, xml: str) -> tuple[etree._Element | None, str]:
@@ -117,6 +138,7 @@ class Builder:
         profiles: list[SelectedProfile] | None = None,
         device_names: dict[str, str] | None = None,
         focus: etree._Element | None = None,
+        complete: bool | None = None,
     ) -> None:
         self.domain = domain
         self.focus = focus  # hot-plug: only this device is decided; the laid-out rest is context
@@ -130,11 +152,20 @@ class Builder:
         arch = domain.attr("os/type", "arch")
         self.arch = arch.value if arch else host.arch
         self.app_machine = domain.attr("os/type", "machine")
-        self.realized = domain.is_realized
+        self.completeness = completeness(domain.root, domain.source, complete)
+        self.realized = self.completeness.complete or domain.is_realized
+        self.warnings: list[str] = []
+        self.advisories: list[Forbid] = []
+        if not guest.described:
+            self.warnings.append(
+                f"{domain.source}: no guest OS (no <libosinfo:os> metadata, no --os): guest-driver checks "
+                "were skipped; the domain was checked against the host and libvirt/QEMU facts only"
+            )
         self.hyperv: list[HypervFeature] = []
         self._ids: set[str] = set()
         self._host_lacks: dict[str, dict[str, str]] = {}  # fact -> virt type -> file lacking it
-        self.facts = Facts(domain, guest, host, self.arch, device_names or {})
+        self.guest = self._supplemented(guest)
+        self.facts = Facts(domain, self.guest, host, self.arch, device_names or {})
         self.compiler = ProfileCompiler(self, self.facts)
         self.pci = PciPlanner(self)
 
@@ -167,6 +198,20 @@ class Builder:
             self.facts,
             self.pci.devices,
             self.focus is not None,
+            self.completeness,
+            self.warnings,
+            self.advisories,
+        )
+
+    def _supplemented(self, guest: GuestOS) -> GuestOS:
+        """The guest with the drivers osinfo-db does not list but the OS ships (osinfo-supplement.toml)."""
+        rows = [p for p in self.catalog.provides if p.matches(guest.short_id)] if guest.described else []
+        ids = frozenset(d for p in rows for d in p.device_ids) - guest.device_ids
+        if not ids:
+            return guest
+        names = ", ".join(p.name for p in rows if set(p.device_ids) & ids)
+        return replace(
+            guest, device_ids=guest.device_ids | ids, source=f"{guest.source} + osinfo-supplement.toml ({names})"
         )
 
     def _declared_drivers(self) -> None:
@@ -592,10 +637,31 @@ class Builder:
 
     # --- guest OS driver support --------------------------------------------------------------------
     def _guest_forbid(
-        self, cid: str, conds: list[tuple[str, frozenset[str]]], message: str, detail: str, cites: tuple[str, ...] = ()
+        self,
+        cid: str,
+        conds: list[tuple[str, frozenset[str]]],
+        message: str,
+        detail: str,
+        cites: tuple[str, ...] = (),
+        inst: Instance | None = None,
+        value: str = "",
     ) -> None:
         if f"guest:{cid}" in self._ids:
             return  # the same fact, reached from another value of the same variable
+        if inst is not None and inst.element is not None and inst.cls.auxiliary(value):
+            # the app wrote this device; without a driver it is inert, not unrunnable: warn, keep it
+            if all(c.id != f"guest:{cid}" for c in self.advisories):
+                merged = dict(conds)
+                self.advisories.append(
+                    Forbid(
+                        id=f"guest:{cid}",
+                        variables=tuple(merged),
+                        message=message,
+                        provenance=Provenance(Source.GUEST, self.guest.label, detail),
+                        sets=tuple(merged.values()),
+                    )
+                )
+            return
         prov = Provenance(
             Source.GUEST,
             self.guest.label,
@@ -618,6 +684,8 @@ class Builder:
 
     def _guest_constraints(self) -> None:
         g = self.guest
+        if not g.described:
+            return  # no OS named: nothing to check the devices against (a warning says so)
         for fam_name in self.problem.variables["machine"].values:
             try:
                 fam = family_named(fam_name)
@@ -660,8 +728,11 @@ class Builder:
             self._guest_forbid(
                 f"{name}={value}",
                 [(name, frozenset([value]))],
-                f"{g.short_id} has no driver for {dev.name or value}: {what} cannot be {value}",
+                f"{g.short_id} has no driver for {dev.name or value} (osinfo-db lists none of its ids): "
+                f"{what} cannot be {value}",
                 ", ".join(dev.ids),
+                inst=inst,
+                value=value,
             )
         elif dev.supplement:
             lack = self.catalog.lacks(g.short_id, dev.supplement)
@@ -669,8 +740,11 @@ class Builder:
                 self._guest_forbid(
                     f"{name}={value}",
                     [(name, frozenset([value]))],
-                    f"{g.short_id} has no driver for {lack.name} ({lack.why}): {what} cannot be {value}",
+                    f"{g.short_id} has no driver for {lack.name} ({lack.why}; osinfo-supplement.toml): "
+                    f"{what} cannot be {value}",
                     "osinfo-supplement.toml",
+                    inst=inst,
+                    value=value,
                 )
 
     def _guest_virtio(self, inst: Instance, var: ClassVariable, value: str, dev: GuestDevice) -> None:
@@ -686,8 +760,11 @@ class Builder:
                 self._guest_forbid(
                     f"{name}={value}",
                     [(name, frozenset([value]))],
-                    f"{g.short_id} has no virtio 1.0 driver for {family.name} (modern-only): {what} cannot be {value}",
+                    f"{g.short_id} has no virtio 1.0 driver for {family.name} (modern-only; osinfo-db lists no "
+                    f"{family.modern}): {what} cannot be {value}",
                     family.modern,
+                    inst=inst,
+                    value=value,
                 )
             return
         mode_var = inst.var(dev.mode_from) if dev.mode_from else None
@@ -707,8 +784,11 @@ class Builder:
             self._guest_forbid(
                 f"{name}={'|'.join(values)}",
                 [(name, frozenset(values))],
-                f"{g.short_id} has no driver for {family.name} in any mode: {what} cannot be {' or '.join(values)}",
+                f"{g.short_id} has no driver for {family.name} in any mode (neither osinfo-db nor "
+                f"osinfo-supplement.toml lists {needs}): {what} cannot be {' or '.join(values)}",
                 needs,
+                inst=inst,
+                value=value,
             )
             return
         for model in models:
@@ -740,6 +820,8 @@ class Builder:
                     f"({mode} mode): {what} cannot be {shown}{on}, since {rules[rule_of[mode]].text}",
                     needs,
                     cites=(rule_of[mode],),
+                    inst=inst,
+                    value=value,
                 )
 
     # --- engine defaults (soft, lowest) -------------------------------------------------------------
@@ -808,5 +890,6 @@ def build(
     profiles: list[SelectedProfile] | None = None,
     device_names: dict[str, str] | None = None,
     focus: etree._Element | None = None,
+    complete: bool | None = None,
 ) -> Build:
-    return Builder(domain, host, guest, guest_support, profiles, device_names, focus).build()
+    return Builder(domain, host, guest, guest_support, profiles, device_names, focus, complete).build()

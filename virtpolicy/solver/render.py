@@ -136,6 +136,8 @@ class Renderer:
             )
 
     def render(self) -> etree._ElementTree:
+        if self.built.complete:
+            return self._render_complete()
         self._domain_type_and_machine()
         self._firmware()
         self._features()
@@ -155,6 +157,19 @@ class Renderer:
             apply_actions(self.built.actions, self.root, self.values, self.built.facts)
         self._record()
         etree.indent(self.tree, space="  ")
+        return self.tree
+
+    def _render_complete(self) -> etree._ElementTree:
+        """A complete domain comes back as written: its machine alias made canonical (as libvirt does at
+        define) and the engine's record added; nothing else is touched."""
+        type_el = self.root.find("os/type")
+        machine = type_el.get("machine") if type_el is not None else None
+        if type_el is not None and machine and _is_alias(machine):
+            name = self.built.host.default_machine(self.built.arch, self.values["domain.type"], self.values["machine"])
+            if name:
+                type_el.set("machine", name)
+        self._record()
+        etree.indent(self.tree, space="  ")  # the parser kept no blank text: one layout for every output
         return self.tree
 
     # --- global decisions --------------------------------------------------------------------------
@@ -374,13 +389,15 @@ class Renderer:
         metadata = _ensure(self.root, "metadata")
         old = metadata.find(f"{{{VIRTPOLICY_NS}}}policy")
         previous = self.built.domain.previous_decisions()
+        position = len(metadata)
         if old is not None:
+            position = metadata.index(old)
+            tail = old.tail
             metadata.remove(old)
-        record = etree.SubElement(
-            metadata,
-            f"{{{VIRTPOLICY_NS}}}policy",
-            nsmap={"virtpolicy": VIRTPOLICY_NS},
-        )
+        record = etree.Element(f"{{{VIRTPOLICY_NS}}}policy", nsmap={"virtpolicy": VIRTPOLICY_NS})
+        metadata.insert(position, record)
+        if old is not None:
+            record.tail = tail
         record.set("version", __version__)
         record.set("os", self.built.guest.id)
         for sel in self.built.profiles:

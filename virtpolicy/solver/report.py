@@ -52,6 +52,7 @@ def _header(built: Build, status: str) -> dict[str, Any]:
         "domain": built.domain.name,
         "os": {"id": built.guest.id, "short_id": built.guest.short_id},
         "host": built.host.name,
+        "domain_state": {"complete": built.complete, "reason": built.completeness.reason},
         "profiles": [
             {
                 "name": s.profile.name,
@@ -78,6 +79,7 @@ def solution_json(built: Build, solution: Solution, xml: str) -> dict[str, Any]:
             for d in solution.dropped
             if d.constraint.provenance.source is not Source.ENGINE
         ],
+        "warnings": built.warnings_for(solution),
         "xml": xml,
     }
 
@@ -85,6 +87,7 @@ def solution_json(built: Build, solution: Solution, xml: str) -> dict[str, Any]:
 def conflict_json(built: Build, conflict: Conflict) -> dict[str, Any]:
     return {
         **_header(built, "conflict"),
+        "warnings": list(built.warnings),
         "conflict": [_constraint_json(c) for c in conflict.members],
         "background": [_constraint_json(c) for c in conflict.background],
     }
