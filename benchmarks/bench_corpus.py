@@ -9,7 +9,7 @@ against the host bundle of the QEMU 7.2 test host (tests/corpus.py) and classifi
 - changed: a short unified diff and the element-level causes (what was added, removed or altered);
 - conflict: exit 2, the minimal set from stderr;
 - input-error: exit 1, the one-line message;
-- internal-error: stderr says "internal error";
+- internal-error: stderr says "internal error" (or holds a Python traceback);
 - timeout: no answer within --timeout seconds.
 
 Each file runs in its own subprocess (`python -m virtpolicy.cli solve FILE --host BUNDLE ...`), so a hang
@@ -45,7 +45,10 @@ from lxml import etree
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
-sys.path.insert(0, str(REPO / "tests"))
+# The engine next to this script, not whatever the venv's editable install points at: a run from a
+# snapshot (`git archive HEAD | tar -x -C DIR`, then DIR/benchmarks/bench_corpus.py with
+# VIRTPOLICY_LIBVIRT_CORPUS set) measures one commit while others edit the working tree.
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import corpus  # noqa: E402  (test-support module, next to the tests)
 
@@ -186,7 +189,7 @@ def run_one(path: Path, bundle: Path, cmd_extra: list[str], timeout: float) -> t
     seconds = round(time.perf_counter() - start, 3)
     stderr = proc.stderr.decode(errors="replace")
     res = Result(path.name, "other", proc.returncode, seconds, slow=seconds > SLOW_S)
-    if "internal error" in stderr:
+    if "internal error" in stderr or "Traceback (most recent call last)" in stderr:
         res.category, res.message = "internal-error", stderr.strip().splitlines()[-1]
     elif proc.returncode == 0:
         try:
