@@ -17,7 +17,8 @@ or a memory blow-up stays one timeout and cannot take the run down; --jobs of th
 OS: libvirt's test domains carry no libosinfo metadata, and without it the engine exits 1, so the default
 is `--os generic --guest-support lenient` (no osinfo driver list, driver support a preference only):
 the check is against the host and the libvirt/QEMU facts, which is what a corpus of OS-less domains can
-test. `--os linux2022` (or any id) with `--guest-support strict` checks against a real guest instead.
+test. `--os linux2022` (or any id) with `--guest-support strict` checks against a real guest instead, and
+`--os none` passes no OS at all (the engine's own no-OS mode, where it has one).
 
 Every exit-0 output is validated with libvirt's RelaxNG schema (`/usr/share/libvirt/schemas/domain.rng`),
 and so is every input (for context: a rejected input explains a rejected output).
@@ -268,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write per-file results here")
     ap.add_argument("-j", "--jobs", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=20.0)
-    ap.add_argument("--os", dest="os_id", default="generic", help="guest OS passed to solve (%(default)s)")
+    ap.add_argument(
+        "--os", dest="os_id", default="generic", help="guest OS passed to solve (%(default)s; 'none': no --os)"
+    )
     ap.add_argument("--guest-support", default="lenient", choices=("strict", "lenient"))
     ap.add_argument("--host", type=Path, help="host bundle (default: assembled from the corpus' QEMU 7.2 data)")
     ap.add_argument("files", nargs="*", type=Path, help="only these files (default: the corpus)")
@@ -280,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     schema = etree.RelaxNG(etree.parse(str(SCHEMA))) if SCHEMA.exists() else None
     if schema is None:
         print(f"bench_corpus: {SCHEMA} missing: outputs not validated", file=sys.stderr)
-    extra = ["--os", args.os_id]
+    extra = ["--os", args.os_id] if args.os_id != "none" else []
     if args.guest_support == "lenient":
         extra += ["--guest-support", "lenient"]
     with tempfile.TemporaryDirectory(prefix="bench-corpus-") as tmp:
