@@ -225,6 +225,7 @@ def _cause_key(cause: str) -> str:
 def _line_key(line: str) -> str:
     """A conflict member or error line without what differs per file: the file name, line and indexes."""
     line = re.sub(r"^virtpolicy: (error|internal error): \S+?\.xml(:\d+)?: ", r"\1: ", line)
+    line = re.sub(r"\d+(\.\d+)? MiB", "N MiB", line)
     return re.sub(r"\[\d+\]", "[n]", line)
 
 
