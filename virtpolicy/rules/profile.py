@@ -13,12 +13,29 @@ Effects: `require` / `forbid` / `prefer` (variable -> values), `add` / `default`
 snippets, `multiple` = yes | no | auto), `set` (XPath -> derived expression), `drivers` (osinfo device
 ids or named driver packs the guest is declared to have). Everything is validated at load time, and
 every error names file:line.
+
+Where profiles come from, and what they may write (the trust model):
+
+- A domain's metadata selects profiles by NAME only (`check_name`), looked up on the search path; a
+  domain is often written by someone other than the operator, so it never names a file, and nothing
+  outside the search path (not the current directory either) is read or even tested for existence.
+  A path is accepted from the command line alone (`--profile FILE`, `find_profile(allow_path=True)`).
+- Hypervisor pass-through in `add`/`default` snippets (`<qemu:commandline>` and the other driver
+  namespaces, see rules.snippets) bypasses everything libvirt and this engine check, so it needs both
+  an opt-in in the profile itself (`allow_passthrough = true`, refused at load time without it) and a
+  trusted origin, checked when the profile is selected: the shipped library, /etc/virtpolicy/profiles,
+  a `--profile-path DIR` or a `--profile FILE` the operator named, in a file and directory that no other
+  user can write. The per-user directory ($XDG_CONFIG_HOME) is searched but not trusted for pass-through.
+  The draft's XML format has no opt-in, so its snippets can never carry pass-through.
+- No snippet can write the engine's own `<virtpolicy:policy>` record.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,13 +48,14 @@ from virtpolicy.models.catalog import catalog
 from virtpolicy.models.machines import families
 from virtpolicy.models.pci import pci_variables
 from virtpolicy.models.xmlsafe import parse_bytes
+from virtpolicy.rules import snippets as snippet_rules
 from virtpolicy.rules.expr import ExprError, Expression, parse
 from virtpolicy.rules.facts import FACT_NAMES, FUNCTION_NAMES
 from virtpolicy.rules.tables import engine_defaults
 
 MAX_PROFILE_BYTES = 256 * 1024
 MAX_RULES = 500
-PROFILE_KEYS = {"name", "version", "description", "use_when", "rule"}
+PROFILE_KEYS = {"name", "version", "description", "use_when", "rule", "allow_passthrough"}
 RULE_KEYS = {
     "id",
     "equal",
@@ -56,6 +74,12 @@ RULE_KEYS = {
     "description",
 }
 SHIPPED = Path(__file__).parent / "profiles"
+SYSTEM = Path("/etc/virtpolicy/profiles")
+# a profile name as a domain may write it: what a file stem on the search path can be, never a path
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+NAME_ACCEPTED = "a letter or digit, then letters, digits, '.', '_', '+', '-' (no '/', '\\', '..', leading '.' or '~')"
+MAX_NAME = 255  # NAME_MAX: a longer name is no file name on the path
+TRUSTED_ORIGINS = "the shipped library, /etc/virtpolicy/profiles, --profile-path DIR or --profile FILE"
 
 # named driver packs a profile may declare (osinfo ids a guest gains when the pack is installed)
 DRIVER_PACKS: dict[str, tuple[str, ...]] = {
@@ -142,6 +166,10 @@ class Profile:
     digest: str
     rules: tuple[Rule, ...]
     use_when: str = ""
+    allow_passthrough: bool = False  # the profile's own opt-in (`allow_passthrough = true`)
+    # the pass-through its snippets write, as "file:line: rule 'id' adds <qemu:commandline> (URI)"; only an
+    # opted-in profile has any, and find_profile refuses them unless the file's origin is trusted
+    passthrough: tuple[str, ...] = ()
 
 
 def _line_of_rules(text: str) -> list[int]:
@@ -198,6 +226,30 @@ def check_expression(source: str, where: str) -> Expression:
     return expr
 
 
+def check_snippet(snippet: Snippet, where: str, rule_id: str, allow_passthrough: bool) -> list[str]:
+    """Refuse what no profile may write; return the pass-through an opted-in profile writes.
+
+    Only `add` and `default` write to the output: `remove` (and the draft's `match`) of a pass-through
+    element is harmless, so it is allowed.
+    """
+    if snippet.action not in ("add", "default"):
+        return []
+    forged = snippet_rules.forged_record(snippet.root)
+    if forged:
+        raise ProfileError(
+            f"{where}: rule '{rule_id}': '{snippet.action}' snippet writes {forged}, the engine's own record of "
+            "a solve; a profile cannot write it (accepted: any other metadata in the profile's own namespace)"
+        )
+    parts = snippet_rules.passthrough_parts(snippet.root)
+    if parts and not allow_passthrough:
+        raise ProfileError(
+            f"{where}: rule '{rule_id}': '{snippet.action}' snippet adds {parts[0]}, hypervisor pass-through "
+            "that neither libvirt nor virtpolicy checks; accepted only from a profile that says "
+            f"allow_passthrough = true and comes from a trusted place ({TRUSTED_ORIGINS})"
+        )
+    return [f"{where}: rule '{rule_id}' adds {part}" for part in parts]
+
+
 def parse_snippet(xml: str, where: str, action: str, multiple: str = "auto") -> Snippet:
     try:
         tree = parse_bytes(f"<domain>{xml}</domain>".encode(), where)
@@ -208,7 +260,10 @@ def parse_snippet(xml: str, where: str, action: str, multiple: str = "auto") -> 
     return Snippet(action, multiple, tree.getroot())
 
 
-def _rule(raw: object, index: int, profile: str, path: Path, text: str, line: int) -> Rule:
+def _rule(
+    raw: object, index: int, profile: str, path: Path, text: str, line: int, passthrough: list[str] | None = None
+) -> Rule:
+    """One [[rule]]; pass-through its snippets write is appended to `passthrough` (None: not opted in)."""
     where = f"{path}:{line}"
     if not isinstance(raw, dict):
         raise ProfileError(f"{where}: a [[rule]] must be a table")
@@ -238,7 +293,12 @@ def _rule(raw: object, index: int, profile: str, path: Path, text: str, line: in
         if action in raw:
             if not isinstance(raw[action], str):
                 raise ProfileError(f"{where}: '{action}' must be a domain XML snippet (a string)")
-            snippets.append(parse_snippet(raw[action], f"{path}:{_line_of_key(text, line, action)}", action, multiple))
+            key_where = f"{path}:{_line_of_key(text, line, action)}"
+            snippet = parse_snippet(raw[action], key_where, action, multiple)
+            found = check_snippet(snippet, key_where, rid, passthrough is not None)
+            if passthrough is not None:
+                passthrough.extend(found)
+            snippets.append(snippet)
     derive = {}
     if "set" in raw:
         if not isinstance(raw["set"], dict):
@@ -251,6 +311,12 @@ def _rule(raw: object, index: int, profile: str, path: Path, text: str, line: in
                 parent = ""
             if not parent or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*|text\(\)", attr):
                 raise ProfileError(f"{where}: set: '{xpath}' must be an element XPath ending in /@attribute or /text()")
+            if ":" in parent.rpartition("/")[2].split("[", 1)[0]:
+                # the last step is created when missing: never a namespaced (pass-through) element
+                raise ProfileError(
+                    f"{where}: set: '{xpath}': the element it sets must be a plain libvirt element, without a "
+                    "namespace prefix"
+                )
             derive[xpath] = check_expression(str(source), f"{path}:{_line_of_key(text, line, 'set')}")
     drivers: list[str] = []
     for d in raw.get("drivers", []):
@@ -333,11 +399,18 @@ def load_toml_profile(path: Path) -> Profile:
     name = data["name"]
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
         raise ProfileError(f"{path}:1: profile name '{name}' must be lower-case letters, digits and '-'")
+    allow = data.get("allow_passthrough", False)
+    if not isinstance(allow, bool):
+        line = _line_of_key(text, 1, "allow_passthrough")
+        raise ProfileError(f"{path}:{line}: allow_passthrough = {allow!r}; accepted: true, false")
     raw_rules = data.get("rule", [])
     if not isinstance(raw_rules, list) or len(raw_rules) > MAX_RULES:
         raise ProfileError(f"{path}:1: 'rule' must be a list of at most {MAX_RULES} [[rule]] tables")
     lines = _line_of_rules(text)
-    rules = [_rule(r, i, name, path, text, lines[i] if i < len(lines) else 1) for i, r in enumerate(raw_rules)]
+    passthrough: list[str] | None = [] if allow else None
+    rules = [
+        _rule(r, i, name, path, text, lines[i] if i < len(lines) else 1, passthrough) for i, r in enumerate(raw_rules)
+    ]
     seen: set[str] = set()
     for rule in rules:
         if rule.id in seen:
@@ -351,47 +424,142 @@ def load_toml_profile(path: Path) -> Profile:
         digest=hashlib.sha256(data_bytes).hexdigest()[:16],
         rules=tuple(rules),
         use_when=str(data.get("use_when", "")),
+        allow_passthrough=allow,
+        passthrough=tuple(passthrough or ()),
     )
 
 
 def load_profile(path: Path) -> Profile:
+    """A profile file (TOML, or the draft's XML by suffix), checked; the caller decides about its origin."""
     if path.suffix == ".xml":
         from virtpolicy.rules.xmlprofile import load_xml_profile
 
-        return load_xml_profile(path)
+        profile = load_xml_profile(path)
+        for rule in profile.rules:  # the draft format has no opt-in: never pass-through, never the record
+            for snippet in rule.snippets:
+                check_snippet(snippet, rule.where, rule.id, allow_passthrough=False)
+        return profile
     return load_toml_profile(path)
+
+
+def _user_directory() -> Path | None:
+    """$XDG_CONFIG_HOME/virtpolicy/profiles (~/.config without it); None when there is no usable home.
+
+    A relative XDG_CONFIG_HOME is ignored, as the XDG Base Directory spec says: it would make the search
+    path depend on the current directory.
+    """
+    xdg = os.environ.get("XDG_CONFIG_HOME", "")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "virtpolicy" / "profiles"
+    try:
+        home = Path.home()
+    except (RuntimeError, KeyError):
+        return None
+    return home / ".config" / "virtpolicy" / "profiles" if home.is_absolute() else None
 
 
 def search_path(extra: Iterable[Path] = ()) -> list[Path]:
     """Where profiles are looked up, first match wins: --profile-path, user, system, shipped."""
-    import os
+    user = _user_directory()
+    return [*extra, *([user] if user else []), SYSTEM, SHIPPED]
 
-    config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "virtpolicy" / "profiles"
-    return [*extra, config, Path("/etc/virtpolicy/profiles"), SHIPPED]
+
+def check_name(name: str, where: str = "") -> str:
+    """A profile name as a domain (or `--profile NAME`) may give it, or a one-line InputError.
+
+    Names are looked up on the search path only. A path, a parent reference, a hidden file, a home
+    directory or a control character is refused before anything touches the file system, so the answer
+    says nothing about which files exist.
+    """
+    if len(name) <= MAX_NAME and NAME_PATTERN.fullmatch(name) and ".." not in name:
+        return name
+    shown = name[:64].encode("unicode_escape").decode("ascii").replace("'", "\\'")
+    shown += "..." if len(name) > 64 else ""
+    prefix = f"{where}: " if where else ""
+    raise ProfileError(
+        f"{prefix}profile name '{shown}' is refused: a domain selects a profile by name on the profile search "
+        f"path, never by file; accepted: {NAME_ACCEPTED}, at most {MAX_NAME} characters (a file is accepted from "
+        "the command line only: --profile FILE)"
+    )
+
+
+def looks_like_path(spec: str) -> bool:
+    """`--profile` takes a file when it says so: a '/' (or the OS separator) or a .toml / .xml suffix."""
+    return "/" in spec or os.sep in spec or spec.endswith((".toml", ".xml"))
+
+
+def untrusted_because(path: Path, trusted_origin: bool) -> str:
+    """'' when a profile file may write hypervisor pass-through, else why not (a phrase about the file).
+
+    The origin must be one the operator chose (`trusted_origin`), and like sshd's StrictModes, a file or
+    directory another user could have written (world-writable, or owned by another user than root or the
+    one running virtpolicy) is not trusted whatever its origin: that is how a profile gets planted.
+    """
+    if not trusted_origin:
+        return "is in the per-user profile directory, which is searched but not trusted for pass-through"
+    try:
+        real = path.resolve(strict=True)
+        checks = ((real, real.stat()), (real.parent, real.parent.stat()))
+    except (OSError, RuntimeError):
+        return "cannot be checked"
+    for what, st in checks:
+        label = "its directory" if what == real.parent else "the file"
+        if st.st_mode & stat.S_IWOTH:
+            return f"is not trusted: {label} is writable by every user"
+        if st.st_uid not in (0, os.geteuid()):
+            return f"is not trusted: {label} belongs to another user (uid {st.st_uid})"
+    return ""
 
 
 def available(extra: Iterable[Path] = ()) -> dict[str, Path]:
     """name -> file, over the search path (earlier directories shadow later ones)."""
     found: dict[str, Path] = {}
     for directory in search_path(extra):
-        if not directory.is_dir():
-            continue
-        for file in sorted([*directory.glob("*.toml"), *directory.glob("*.xml")]):
+        try:
+            if not directory.is_dir():
+                continue
+            files = sorted([*directory.glob("*.toml"), *directory.glob("*.xml")])
+        except OSError:
+            continue  # an unreadable directory on the path holds no profiles for us
+        for file in files:
             found.setdefault(file.stem, file)
     return found
 
 
-def find_profile(name: str, extra: Iterable[Path] = (), version: str | None = None, where: str = "") -> Profile:
-    files = available(extra)
-    path = Path(name) if name.endswith((".toml", ".xml")) and Path(name).exists() else files.get(name)
-    prefix = f"{where}: " if where else ""
-    if path is None:
-        import difflib
+def find_profile(
+    name: str, extra: Iterable[Path] = (), version: str | None = None, where: str = "", allow_path: bool = False
+) -> Profile:
+    """The profile a selection names, looked up on the search path (`extra` = --profile-path first).
 
-        close = difflib.get_close_matches(name, list(files), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; available: {', '.join(sorted(files))}"
-        raise ProfileError(f"{prefix}unknown profile '{name}'{hint}")
+    `allow_path` is for the command line alone (`--profile FILE`): a domain's metadata only ever gives a
+    name (see check_name), so its selection cannot read a file elsewhere or learn whether one exists.
+    """
+    extra = list(extra)
+    prefix = f"{where}: " if where else ""
+    if allow_path and looks_like_path(name):
+        path: Path | None = Path(name)
+        trusted_origin = True  # the operator named this file
+    else:
+        check_name(name, where)
+        files = available(extra)
+        path = files.get(name)
+        if path is None:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(files), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            names = ", ".join(sorted(files)) or "none"
+            raise ProfileError(f"{prefix}unknown profile '{name}'{hint} (available on the search path: {names})")
+        trusted_origin = path.parent in {*extra, SYSTEM, SHIPPED}
     profile = load_profile(path)
+    if profile.passthrough:
+        why = untrusted_because(path, trusted_origin)
+        if why:
+            raise ProfileError(
+                f"{profile.passthrough[0]}, hypervisor pass-through, but {path} {why}; pass-through is accepted only "
+                f"from {TRUSTED_ORIGINS}, in a file and directory no other user can write"
+                + (f" (selected by {where})" if where else "")
+            )
     if version is not None and profile.version != version:
         raise ProfileError(
             f"{prefix}profile '{name}' is pinned to version {version}, but {path} is version {profile.version}"

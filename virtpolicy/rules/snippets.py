@@ -4,17 +4,42 @@ A snippet that touches a modelled variable (`<video><model type='qxl'/></video>`
 on that variable, so a host without QXL is a conflict, not broken XML. Everything else (redirdevs,
 channels, clock timers, ...) is applied to the output document after solving, with the draft's
 semantics: `add` (multiple = yes | no | auto), `default` (fill only what is unset) and `remove`.
+
+A snippet is data from a file, so what it may write is limited here: hypervisor pass-through (the
+driver namespaces of libvirt's domaincommon.rng, e.g. `<qemu:commandline>`) is found by
+`passthrough_parts` and allowed only from an opted-in profile on the trusted path (see rules.profile),
+and the engine's own `<virtpolicy:policy>` record can never be written by a snippet (`forged_record`).
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 
 from lxml import etree
 
 from virtpolicy.models.catalog import catalog
+from virtpolicy.models.domain import VIRTPOLICY_NS
 from virtpolicy.models.machines import family_of
+
+# Hypervisor pass-through: libvirt's per-driver XML namespaces, each of which hands its content to the
+# hypervisor (or to the driver's private state) unchecked. From domaincommon.rng (libvirt 9.0):
+# qemucmdline, qemucapabilities, qemudeprecation, qemuoverride, lxcsharens, bhyvecmdline, xencmdline,
+# vmwaredatacenterpath; and the test driver's namespace (src/test/test_driver.c, TEST_NAMESPACE_HREF).
+DRIVER_NAMESPACES: dict[str, str] = {
+    "http://libvirt.org/schemas/domain/qemu/1.0": "qemu",  # commandline, capabilities, deprecation, override
+    "http://libvirt.org/schemas/domain/lxc/1.0": "lxc",  # namespace (share the host's namespaces)
+    "http://libvirt.org/schemas/domain/bhyve/1.0": "bhyve",  # commandline
+    "http://libvirt.org/schemas/domain/xen/1.0": "xen",  # commandline
+    "http://libvirt.org/schemas/domain/vmware/1.0": "vmware",  # datacenterpath
+    "http://libvirt.org/schemas/domain/test/1.0": "test",  # runstate, hasmanagedsave, domainsnapshot
+}
+# any other (or future) driver namespace under libvirt's domain schema URI counts as pass-through too, so a
+# variant spelling (https, a trailing slash, another version) is never a way around the list above
+_DRIVER_NS_PATTERN = re.compile(r"\s*https?://(www\.)?libvirt\.org/schemas/domain/", re.I)
+# the engine's own record of a solve (solver.render writes it; Domain.previous_decisions reads it back)
+ENGINE_RECORD = {f"{{{VIRTPOLICY_NS}}}{name}" for name in ("policy", "applied", "decision")}
 
 # elements that may appear several times side by side, and the attributes that tell them apart
 KEYED: dict[str, tuple[str, ...]] = {
@@ -74,6 +99,53 @@ def modelled_parts(root: etree._Element, action: str) -> tuple[list[Modelled], e
         el.getparent().remove(el)
     _prune_empty(rest)
     return found, rest
+
+
+def is_driver_namespace(uri: str | None) -> bool:
+    """True for a libvirt hypervisor-driver namespace, whose elements pass straight to the hypervisor."""
+    return bool(uri) and (uri in DRIVER_NAMESPACES or _DRIVER_NS_PATTERN.match(uri or "") is not None)
+
+
+def _shown(el: etree._Element) -> str:
+    qname = etree.QName(el)
+    prefix = DRIVER_NAMESPACES.get(qname.namespace or "") or el.prefix or "ns"
+    return f"<{prefix}:{qname.localname}> ({qname.namespace})"
+
+
+def passthrough_parts(root: etree._Element) -> list[str]:
+    """The hypervisor pass-through a snippet writes, outermost elements first, as '<qemu:commandline> (URI)'.
+
+    Any depth counts (libvirt reads these at the top level, but a snippet is merged, so where it lands is
+    not a guarantee), and so does an attribute in a driver namespace on an ordinary element.
+    """
+    found: list[str] = []
+    for el in root.iter():
+        if not isinstance(el.tag, str):
+            continue
+        if is_driver_namespace(etree.QName(el).namespace):
+            if not any(is_driver_namespace(etree.QName(a).namespace) for a in el.iterancestors()):
+                found.append(_shown(el))
+            continue
+        for attr in el.attrib:
+            namespace = etree.QName(attr).namespace
+            if is_driver_namespace(namespace):
+                found.append(
+                    f"attribute {DRIVER_NAMESPACES.get(namespace or '', 'ns')}:{etree.QName(attr).localname} "
+                    f"({namespace}) on <{etree.QName(el).localname}>"
+                )
+    return found
+
+
+def forged_record(root: etree._Element) -> str:
+    """'' unless the snippet writes the engine's own record (<virtpolicy:policy> and its children).
+
+    The record says which profiles were applied and what the engine decided; a later solve trusts it to
+    keep those decisions, so a profile that wrote it could pass off its own values as earlier decisions.
+    """
+    for el in root.iter():
+        if isinstance(el.tag, str) and el.tag in ENGINE_RECORD:
+            return f"<virtpolicy:{etree.QName(el).localname}> ({VIRTPOLICY_NS})"
+    return ""
 
 
 def _prune_empty(el: etree._Element) -> None:
