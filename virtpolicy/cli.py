@@ -148,15 +148,29 @@ def _guest(args: argparse.Namespace, domain: Domain) -> GuestOS:
 
 
 def _selected_profiles(args: argparse.Namespace, domain: Domain) -> list[SelectedProfile]:
+    """The domain's metadata selections, then --profile ones.
+
+    A domain is often written by someone other than the operator, so its selections are names on the
+    search path only; a file is accepted from --profile alone (the operator's own choice).
+    """
+    from virtpolicy.models.domain import xpath_of
     from virtpolicy.rules.profile import find_profile
 
+    lines: dict[str, int] = {}  # XPath of each selecting element -> its line, for file:line messages
+    metadata = domain.root.find("metadata")
+    for el in metadata.iterfind(".//{*}profile") if metadata is not None else ():
+        lines.setdefault(xpath_of(el), el.sourceline or 0)
     selected = []
     for sel in domain.profile_selections():
-        profile = find_profile(sel.name, args.profile_path, sel.version, f"{domain.source}: {sel.where}")
+        line = lines.get(sel.where)
+        where = f"{domain.source}:{line}: {sel.where}" if line else f"{domain.source}: {sel.where}"
+        profile = find_profile(sel.name, args.profile_path, sel.version, where)
         selected.append(SelectedProfile(profile, sel.priority, sel.where))
     for spec in args.profile:
-        name, _, version = spec.partition("@")
-        profile = find_profile(name, args.profile_path, version or None, f"--profile {spec}")
+        name, at, version = spec.rpartition("@")
+        if not at or "/" in version:  # no @VERSION (a path may hold an '@' of its own)
+            name, version = spec, ""
+        profile = find_profile(name, args.profile_path, version or None, f"--profile {spec}", allow_path=True)
         selected.append(SelectedProfile(profile, 0, "--profile"))
     names = [s.profile.name for s in selected]
     return [s for i, s in enumerate(selected) if s.profile.name not in names[:i]]
