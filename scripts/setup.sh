@@ -29,7 +29,7 @@ log() { echo "setup.sh[$MODE]: $*" >&2; }
 # Debian's own python3 (not whatever python3 a developer has on PATH): the venv must be
 # reproducible on a fresh machine, which only has Debian's.
 PY=/usr/bin/python3
-PACKAGES=(osinfo-db python3 python3-venv)
+PACKAGES=(osinfo-db libvirt0 python3 python3-venv)  # libvirt0: /usr/share/libvirt/schemas (input and output validation)
 if [[ "$MODE" == test ]]; then
   PACKAGES+=(
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients

@@ -37,12 +37,25 @@ def _virsh(uri: str, *args: str) -> str:
     return done.stdout
 
 
+def _write(path: Path, text: str) -> None:
+    """An unwritable bundle directory is the user's to fix: one line naming the path, not a traceback."""
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write the host bundle: {exc.strerror or exc}") from None
+
+
 def capture(uri: str, directory: Path) -> list[Path]:
     """Write capabilities.xml, the host's PCI devices and one domcaps file per machine family and virt type;
     return the files."""
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{directory}: cannot create the host bundle directory: {exc.strerror or exc}") from None
+    if not directory.is_dir():
+        raise InputError(f"{directory}: not a directory (host capture writes a bundle directory)")
     caps_file = directory / "capabilities.xml"
-    caps_file.write_text(_virsh(uri, "capabilities"))
+    _write(caps_file, _virsh(uri, "capabilities"))
     written = [caps_file]
     written.append(_capture_nodedevs(uri, directory / NODEDEV_FILE))
     host = load_host_bundle_caps_only(caps_file)
@@ -55,7 +68,7 @@ def capture(uri: str, directory: Path) -> list[Path]:
             if canonical is None:
                 continue
             out = directory / f"domcaps-{arch}-{fam.name}-{vt}.xml"
-            out.write_text(_virsh(uri, "domcapabilities", "--arch", arch, "--machine", canonical, "--virttype", vt))
+            _write(out, _virsh(uri, "domcapabilities", "--arch", arch, "--machine", canonical, "--virttype", vt))
             written.append(out)
     return written
 
@@ -64,7 +77,7 @@ def _capture_nodedevs(uri: str, out: Path) -> Path:
     """Every host PCI device as `virsh nodedev-dumpxml` prints it: NUMA node and PCIe link of each."""
     names = sorted(_virsh(uri, "nodedev-list", "--cap", "pci").split())
     dumps = [_virsh(uri, "nodedev-dumpxml", name).strip() for name in names]
-    out.write_text("<devices>\n" + "\n".join(dumps) + "\n</devices>\n")
+    _write(out, "<devices>\n" + "\n".join(dumps) + "\n</devices>\n")
     return out
 
 

@@ -7,13 +7,15 @@ together with the XPath that names it in reports.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from lxml import etree
 
 from virtpolicy.errors import InputError
-from virtpolicy.models.xmlsafe import expect_root, parse_bytes
+from virtpolicy.models.units import UnitError, to_kib
+from virtpolicy.models.xmlsafe import expect_root, parse_bytes, read_file
 
 LIBOSINFO_NS = "http://libosinfo.org/xmlns/libvirt/domain/1.0"
 VIRTPOLICY_NS = "http://virtpolicy.org/xmlns/domain/1.0"
@@ -55,6 +57,160 @@ def xpath_of(el: etree._Element) -> str:
     return "/" + "/".join(reversed(parts))
 
 
+# --- typed parsing of the values the engine reads ------------------------------------------------------
+# Every value is checked here, against libvirt's own limits, before anything is computed from it: a tiny
+# document must not make the engine expand a range of four billion CPUs or build 10,000 devices.
+MAX_DEVICES = 4096  # elements under <devices>; virtpolicy's cap (README "Limits")
+MAX_VCPUS = 65535  # domain.rng countCPU (unsignedShort); the host's own maximum is a conflict, not this
+MAX_GUEST_CELLS = 128  # QEMU's MAX_NODES (include/sysemu/numa.h)
+MAX_HOST_NODES = 1024  # host NUMA node ids in a nodeset; virtpolicy's cap
+PCI_LIMITS = {"domain": 0xFFFF, "bus": 0xFF, "slot": 0x1F, "function": 0x7}
+_DECIMAL = re.compile(r"(0|[1-9][0-9]*)")
+_HEX = re.compile(r"0[xX][0-9a-fA-F]+")
+_NODESET = re.compile(r"\^?[0-9]+(-[0-9]+)?")
+
+
+def located(source: str, el: etree._Element, attr: str | None = None) -> str:
+    """`FILE:LINE: XPATH[/@attr]`, the prefix of every message about a value in the domain."""
+    return f"{source}:{el.sourceline or 0}: {xpath_of(el)}" + (f"/@{attr}" if attr else "")
+
+
+def c_integer(text: str) -> int:
+    """An integer as libvirt reads it (virStrToLong_ui base 0: 0x-hex or decimal), or ValueError.
+
+    A leading-zero number libvirt would read as octal is refused instead of guessed (write 0x.. or
+    decimal): Python's int(x, 0) refuses it too, and the engine must never read it differently from libvirt.
+    """
+    t = text.strip()
+    if _HEX.fullmatch(t):
+        return int(t, 16)
+    if _DECIMAL.fullmatch(t):
+        return int(t)
+    raise ValueError(text)
+
+
+def int_value(
+    el: etree._Element,
+    source: str,
+    attr: str | None = None,
+    *,
+    default: int | None = None,
+    maximum: int,
+    minimum: int = 0,
+    base0: bool = False,
+) -> int | None:
+    """A bounded non-negative integer attribute (or the element's text when attr is None).
+
+    None (or `default`) when absent; InputError naming file:line and XPath when malformed or out of range.
+    """
+    raw = el.get(attr) if attr else el.text
+    if raw is None or (attr is None and not raw.strip()):
+        return default
+    try:
+        value = c_integer(raw) if base0 else int(raw.strip()) if _DECIMAL.fullmatch(raw.strip()) else None
+    except ValueError:
+        value = None
+    if value is None:
+        form = "a decimal or 0x-hex number" if base0 else "a decimal number"
+        octal = base0 and re.fullmatch(r"\s*0[0-9]+\s*", raw)
+        hint = f" (libvirt reads a leading 0 as octal; write 0x{raw.strip().lstrip('0')} or a decimal)" if octal else ""
+        raise InputError(f"{located(source, el, attr)}: '{raw}' is not {form}{hint}")
+    if not minimum <= value <= maximum:
+        raise InputError(f"{located(source, el, attr)}: {raw} is out of range (libvirt accepts {minimum}-{maximum})")
+    return value
+
+
+def memory_kib(el: etree._Element, source: str, attr: str | None = None, unit_attr: str = "unit") -> int:
+    """A scaled size (text or `attr`, with `unit_attr`) in KiB, checked against libvirt's limit."""
+    raw = el.get(attr) if attr else el.text
+    try:
+        return to_kib(raw or "", el.get(unit_attr))
+    except UnitError as exc:
+        raise InputError(f"{located(source, el, attr)}: {exc}") from None
+
+
+def cpuset(el: etree._Element, attr: str, source: str, limit: int, what: str, beyond: str) -> set[int]:
+    """libvirt's cpuset/nodeset syntax ('0-3,^2,8'), each id below `limit`, checked before any range is
+    expanded (a '0-4294967295' must not become four billion integers); `what` names an id (vCPU, host node),
+    `beyond` says where the limit comes from."""
+    from virtpolicy.solver.locality import parse_nodeset
+
+    raw = el.get(attr, "")
+    parts = [p.strip() for p in raw.split(",")]
+    if raw.strip() and not all(_NODESET.fullmatch(p) for p in parts):
+        raise InputError(f"{located(source, el, attr)}: '{raw}' is not a list like '0-3,^2,8'")
+    highest = max((int(n) for n in re.findall(r"[0-9]+", raw)), default=-1)
+    if highest >= limit:
+        raise InputError(f"{located(source, el, attr)}: '{raw}' names {what} {highest}, but {beyond}")
+    try:
+        return parse_nodeset(raw, limit)
+    except ValueError as exc:
+        raise InputError(f"{located(source, el, attr)}: {exc}") from None
+
+
+def check_size(root: etree._Element, source: str) -> None:
+    """The device cap, checked first: even validating 100,000 devices against the schema takes seconds."""
+    devices = root.find("devices")
+    if devices is not None:
+        count = sum(1 for c in devices if isinstance(c.tag, str))
+        if count > MAX_DEVICES:
+            raise InputError(
+                f"{located(source, devices)}: {count} devices; virtpolicy accepts at most {MAX_DEVICES} per domain"
+            )
+
+
+def check_values(root: etree._Element, source: str) -> None:
+    """The sizes and numbers the engine computes with, refused before anything is built from them."""
+    vcpu = root.find("vcpu")
+    count = 1
+    if vcpu is not None:
+        count = int_value(vcpu, source, default=1, minimum=1, maximum=MAX_VCPUS) or 1
+        current = int_value(vcpu, source, "current", minimum=1, maximum=MAX_VCPUS)
+        if current is not None and current > count:
+            raise InputError(f"{located(source, vcpu, 'current')}: {current} is more than the {count} vCPUs of <vcpu>")
+    for el in root.iterfind("vcpus/vcpu"):
+        ident = int_value(el, source, "id", maximum=MAX_VCPUS)
+        if ident is not None and ident >= count:
+            raise InputError(f"{located(source, el, 'id')}: vCPU {ident} does not exist (<vcpu> is {count})")
+    for el in (root.find("memory"), root.find("currentMemory"), root.find("maxMemory")):
+        if el is not None and (el.text or "").strip():
+            memory_kib(el, source)
+    cells = root.findall("cpu/numa/cell")
+    if len(cells) > MAX_GUEST_CELLS:
+        raise InputError(
+            f"{located(source, cells[0].getparent())}: {len(cells)} NUMA cells; QEMU allows at most {MAX_GUEST_CELLS}"
+        )
+    for cell in cells:
+        int_value(cell, source, "id", maximum=MAX_GUEST_CELLS - 1)
+        if cell.get("cpus") is not None:
+            cpuset(cell, "cpus", source, count, "vCPU", f"/domain/vcpu is {count} (vCPUs 0-{count - 1})")
+        if cell.get("memory") is not None:
+            memory_kib(cell, source, "memory")
+    for el in root.iterfind("numatune/*"):
+        if el.get("cellid") is not None:
+            int_value(el, source, "cellid", maximum=MAX_GUEST_CELLS - 1)
+        if el.get("nodeset") is not None:
+            cpuset(el, "nodeset", source, MAX_HOST_NODES, "host node", f"virtpolicy accepts 0-{MAX_HOST_NODES - 1}")
+    for addr in root.iterfind(".//address[@type='pci']"):
+        for attr, most in PCI_LIMITS.items():
+            int_value(addr, source, attr, maximum=most, base0=True)
+    for ctrl in root.iterfind("devices/controller"):
+        int_value(ctrl, source, "index", maximum=2**32 - 1)
+        for attr in ("ports", "vectors"):
+            int_value(ctrl, source, attr, maximum=2**32 - 1)
+        node = ctrl.find("target/node")
+        if node is not None:
+            int_value(node, source, maximum=MAX_HOST_NODES - 1)
+        target = ctrl.find("target")
+        if target is not None:
+            for attr in ("busNr", "chassis", "port", "index"):
+                int_value(target, source, attr, maximum=255, base0=attr == "port")
+    for size in root.iterfind("devices/memory/target/size"):
+        memory_kib(size, source)
+    for driver in root.iterfind("devices/*/driver[@queues]"):
+        int_value(driver, source, "queues", minimum=1, maximum=MAX_VCPUS)
+
+
 class Domain:
     def __init__(self, tree: etree._ElementTree, source: str) -> None:
         self.tree = tree
@@ -63,15 +219,20 @@ class Domain:
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str) -> Domain:
-        return cls(parse_bytes(data, source), source)
+        """An app's document: libvirt's schema (relaxed for what the engine fills) and the typed values
+        are checked here, so every caller (solve, explain, check, device add, the API) gets the same
+        one-line refusal before anything is built from it."""
+        from virtpolicy.models.schema import validate_input
+
+        domain = cls(parse_bytes(data, source), source)
+        check_size(domain.root, source)
+        validate_input(domain.tree, source)
+        check_values(domain.root, source)
+        return domain
 
     @classmethod
     def from_file(cls, path: Path) -> Domain:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
-        return cls.from_bytes(data, str(path))
+        return cls.from_bytes(read_file(path), str(path))
 
     # --- explicit values -------------------------------------------------------------------------
     def attr(self, path: str, name: str) -> Explicit | None:
@@ -99,12 +260,11 @@ class Domain:
 
     @property
     def vcpus(self) -> int:
-        text = self.root.findtext("vcpu")
-        try:
-            return int((text or "1").strip())
-        except ValueError:
-            el = self.root.find("vcpu")
-            raise InputError(f"{self.source}:{el.sourceline}: /domain/vcpu must be a number, got '{text}'") from None
+        """<vcpu>, bounded by libvirt's schema (1-65535); 1 when absent, as libvirt defaults."""
+        el = self.root.find("vcpu")
+        if el is None:
+            return 1
+        return int_value(el, self.source, default=1, minimum=1, maximum=MAX_VCPUS) or 1
 
     def devices(self, tag: str) -> list[etree._Element]:
         return list(self.root.xpath(f"devices/{tag}"))

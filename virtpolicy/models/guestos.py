@@ -18,7 +18,7 @@ from pathlib import Path
 from lxml import etree
 
 from virtpolicy.errors import InputError
-from virtpolicy.models.xmlsafe import parse_file
+from virtpolicy.models.xmlsafe import parse_file, read_file
 
 DEFAULT_OSINFO_DB = Path("/usr/share/osinfo")
 WINDOWS_FAMILIES = frozenset({"winnt", "win9x", "win16"})
@@ -155,7 +155,8 @@ class OsinfoDB:
         self._load_index()
 
     def _signature(self) -> str:
-        version = (self.path / "VERSION").read_text().strip() if (self.path / "VERSION").exists() else ""
+        version_file = self.path / "VERSION"
+        version = read_file(version_file).decode(errors="replace").strip() if version_file.exists() else ""
         count = 0
         newest = 0.0
         for vendor in os.scandir(self._os_dir):
@@ -171,13 +172,10 @@ class OsinfoDB:
     def _load_index(self) -> None:
         signature = self._signature()
         cache = self._cache_file()
-        try:
-            data = json.loads(cache.read_text())
-            if data.get("signature") == signature:
-                self._index = data["index"]
-                return
-        except (OSError, ValueError, KeyError):
-            pass
+        cached = self._cached_index(cache, signature)
+        if cached is not None:
+            self._index = cached
+            return
         index: dict[str, str] = {}
         for file in sorted(self._os_dir.glob("*/*.xml")):
             for raw in _read_os_file(file):
@@ -193,6 +191,27 @@ class OsinfoDB:
             tmp.replace(cache)
         except OSError:
             pass  # a read-only cache only costs speed
+
+    def _cached_index(self, cache: Path, signature: str) -> dict[str, str] | None:
+        """The cached index when it is intact and current; None (rebuild) for anything else.
+
+        The cache is a file anyone with the same $XDG_CACHE_HOME may have broken (truncated, edited, a
+        list instead of an object): a bad cache costs one rebuild, never an error, and may only name OS
+        files inside this database.
+        """
+        try:
+            data = json.loads(read_file(cache))
+        except (InputError, ValueError):
+            return None
+        if not isinstance(data, dict) or data.get("signature") != signature:
+            return None
+        index = data.get("index")
+        prefix = str(self._os_dir) + os.sep
+        if not isinstance(index, dict) or not index:
+            return None
+        if not all(isinstance(k, str) and isinstance(v, str) and v.startswith(prefix) for k, v in index.items()):
+            return None
+        return index
 
     def _raw_for(self, key: str) -> _Raw | None:
         file = self._index.get(key)

@@ -27,13 +27,22 @@ if TYPE_CHECKING:
 Wish = tuple[set[str], str, Provenance]  # allowed guest nodes, what the wish says, where it came from
 
 
-def parse_nodeset(text: str) -> set[int]:
-    """libvirt's nodeset syntax: '0-2,4,^1'."""
+NODESET_LIMIT = 65536  # above every vCPU id (<vcpu> is at most 65535); models.domain checks tighter limits first
+
+
+def parse_nodeset(text: str, limit: int = NODESET_LIMIT) -> set[int]:
+    """libvirt's nodeset syntax: '0-2,4,^1'; every id below `limit`, checked before a range is expanded
+    (ValueError otherwise: '0-4294967295' must not become four billion integers)."""
     nodes: set[int] = set()
     for part in (p.strip() for p in text.split(",") if p.strip()):
         exclude = part.startswith("^")
         first, _, last = part.lstrip("^").partition("-")
-        span = set(range(int(first), int(last or first) + 1))
+        low, high = int(first), int(last or first)
+        if high >= limit:
+            raise ValueError(f"'{text}' names {high}; only 0-{limit - 1} exist")
+        if low > high:
+            raise ValueError(f"'{part}' is an empty range")
+        span = set(range(low, high + 1))
         nodes = nodes - span if exclude else nodes | span
     return nodes
 
@@ -53,6 +62,7 @@ class HostLocality:
             self.all_cells = parse_nodeset(memory.get("nodeset", ""))
             self.where = xpath_of(memory)
         for memnode in root.iterfind("numatune/memnode[@cellid][@nodeset]"):
+            # the values were checked when the domain was read (models.domain.check_values)
             self.memnodes[int(memnode.get("cellid", "0"))] = parse_nodeset(memnode.get("nodeset", ""))
             self.where = xpath_of(memnode.getparent())
 
