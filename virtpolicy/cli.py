@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from virtpolicy import __version__
 from virtpolicy.errors import InputError
@@ -25,8 +26,15 @@ EMBEDDED_EXAMPLE = Path(__file__).parent / "data" / "examples" / "rhel6-on-q35.x
 EXIT_OK, EXIT_INPUT, EXIT_CONFLICT = 0, 1, 2
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse exits 2 on a usage error, which means "conflict" here: usage errors are bad input (1), one line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_INPUT, f"{self.prog}: error: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="virtpolicy", description="Policy engine for libvirt domains.")
+    p = _ArgumentParser(prog="virtpolicy", description="Policy engine for libvirt domains.")
     p.add_argument("--version", action="version", version=f"virtpolicy {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -122,8 +130,18 @@ def _read_domain(arg: str | None) -> Domain:
             return Domain.from_file(EMBEDDED_EXAMPLE)
         arg = "-"
     if arg == "-":
-        return Domain.from_bytes(sys.stdin.buffer.read(), "<stdin>")
+        from virtpolicy.models.xmlsafe import read_stream
+
+        return Domain.from_bytes(read_stream(sys.stdin.buffer, "<stdin>"), "<stdin>")
     return Domain.from_file(Path(arg))
+
+
+def _write(path: Path, data: bytes) -> None:
+    """-o FILE: a directory, a read-only or missing parent is the user's to fix: one line naming the path."""
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
 def _host(args: argparse.Namespace) -> Host:
@@ -179,6 +197,7 @@ def _selected_profiles(args: argparse.Namespace, domain: Domain) -> list[Selecte
 def cmd_solve(args: argparse.Namespace) -> int:
     from virtpolicy.solver.build import build
     from virtpolicy.solver.render import render, to_bytes
+    from virtpolicy.models.schema import validate_output
     from virtpolicy.solver.report import conflict_json, conflict_text, solution_json, solution_text
     from virtpolicy.solver.solve import Conflict, solve
 
@@ -205,6 +224,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
         )
         return EXIT_CONFLICT
     xml = to_bytes(render(built, result))
+    validate_output(xml, str(args.output or "<stdout>"))
     elapsed = (time.perf_counter() - start) * 1000
     if args.refresh:
         from virtpolicy.solver.refresh import diff
@@ -213,7 +233,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(solution_json(built, result, xml.decode()), indent=2, sort_keys=True))
     elif args.output:
-        args.output.write_bytes(xml)
+        _write(args.output, xml)
     else:
         sys.stdout.buffer.write(xml)
     if not args.quiet:
@@ -240,7 +260,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     else:
         text = to_text(report, colour=None if args.output is None else False)
     if args.output:
-        args.output.write_text(text + "\n")
+        _write(args.output, (text + "\n").encode())
     else:
         print(text)
     return EXIT_CONFLICT if isinstance(result, Conflict) else EXIT_OK
@@ -317,7 +337,12 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    from virtpolicy.models.schema import OutputRejected
+
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors (1, one line), --help and --version (0): a code, for in-process callers
+        return exc.code if isinstance(exc.code, int) else EXIT_INPUT
     try:
         if args.command == "solve":
             return cmd_solve(args)
@@ -329,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_device_add(args)
         return cmd_host(args)
     except InputError as exc:
+        print(f"virtpolicy: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except OutputRejected as exc:
         print(f"virtpolicy: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
