@@ -54,6 +54,7 @@ def domain(*names: str) -> bytes:
 
 
 def profile_text(name: str, snippet: str = COMMANDLINE, opt_in: bool = True, action: str = "add") -> str:
+    """A one-rule profile; the snippet's key is on line 8 with the opt-in, line 7 without."""
     allow = "allow_passthrough = true\n" if opt_in else ""
     return (
         f'name = "{name}"\nversion = "1"\ndescription = "{SECRET}"\n{allow}\n'
@@ -62,6 +63,7 @@ def profile_text(name: str, snippet: str = COMMANDLINE, opt_in: bool = True, act
 
 
 def private_dir(path: Path) -> Path:
+    """A directory only this user can write: a trusted place, unlike a shared temp directory."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.chmod(0o700)
     return path
@@ -331,6 +333,12 @@ def test_draft_xml_profiles_can_never_carry_passthrough(tmp_path: Path) -> None:
 
 
 def test_set_cannot_create_a_namespaced_element(tmp_path: Path) -> None:
+    axis = private_dir(tmp_path / "axis") / "axis.toml"
+    axis.write_text(
+        'name = "axis"\nversion = "1"\ndescription = "d"\n[[rule]]\nid = "s"\n'
+        'set = { "devices/interface/child::driver/@queues" = "domain.vcpus" }\n'
+    )
+    assert load_profile(axis).rules[0].derive  # an XPath axis is not a namespace prefix
     path = private_dir(tmp_path / "p") / "setter.toml"
     path.write_text(
         'name = "setter"\nversion = "1"\ndescription = "d"\nallow_passthrough = true\n[[rule]]\nid = "s"\n'

@@ -311,7 +311,7 @@ def _rule(
                 parent = ""
             if not parent or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*|text\(\)", attr):
                 raise ProfileError(f"{where}: set: '{xpath}' must be an element XPath ending in /@attribute or /text()")
-            if ":" in parent.rpartition("/")[2].split("[", 1)[0]:
+            if re.search(r"(?<!:):(?!:)", parent.rpartition("/")[2].split("[", 1)[0]):  # a prefix, not an axis
                 # the last step is created when missing: never a namespaced (pass-through) element
                 raise ProfileError(
                     f"{where}: set: '{xpath}': the element it sets must be a plain libvirt element, without a "

@@ -107,6 +107,7 @@ def is_driver_namespace(uri: str | None) -> bool:
 
 
 def _shown(el: etree._Element) -> str:
+    """'<qemu:commandline> (URI)': libvirt's own prefix for a known driver, so messages read like its docs."""
     qname = etree.QName(el)
     prefix = DRIVER_NAMESPACES.get(qname.namespace or "") or el.prefix or "ns"
     return f"<{prefix}:{qname.localname}> ({qname.namespace})"
