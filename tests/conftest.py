@@ -17,14 +17,20 @@ OSINFO_DB = Path("/usr/share/osinfo")
 
 @pytest.fixture(scope="session")
 def libvirt() -> Iterator[LibvirtHarness]:
-    """One daemon for the whole session: starting libvirtd per test would dominate the run time.
+    """One private daemon for the whole session: starting libvirtd per test would dominate the run time.
 
-    A developer machine without libvirt skips; CI (``CI`` set) fails instead, so a broken CI
-    image cannot turn the real-component tests into silent skips.
+    It is the harness's own libvirtd, never the machine's (tests/libvirt_harness.py says why), so the
+    run neither depends on nor disturbs a libvirtd the developer already runs.  A developer machine
+    without libvirt, or a run as non-root (a privileged daemon is needed for KVM), skips; CI (``CI``
+    set) fails instead, so a broken CI image cannot turn the real-component tests into silent skips.
     """
     missing = missing_binaries()
+    reason = ""
     if missing:
         reason = f"libvirt/QEMU binaries not installed: {', '.join(missing)} (run scripts/setup.sh test)"
+    elif os.geteuid() != 0:
+        reason = "the libvirt harness runs its own privileged libvirtd: run the tests as root"
+    if reason:
         if os.environ.get("CI"):
             pytest.fail(f"CI is set but {reason}", pytrace=False)
         pytest.skip(reason)

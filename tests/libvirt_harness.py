@@ -1,4 +1,4 @@
-"""A real libvirtd + QEMU for the test-suite.
+"""A real libvirtd + QEMU for the test-suite, in a private daemon the harness owns.
 
 The engine's promise is "libvirt accepts it and QEMU starts it"; only a real daemon can check that, so
 the conformance tests drive one through ``virsh``.  This module owns everything about *this* machine
@@ -6,14 +6,53 @@ the conformance tests drive one through ``virsh``.  This module owns everything 
 tests stay about the engine.  Every subprocess has a timeout: a wedged daemon must fail a test, never
 hang CI.
 
+Why a private daemon, never the machine's own (issue 9).  Reusing a libvirtd that already runs made
+the suite depend on how that daemon was configured.  On the normal machine of a libvirt user its
+QEMU runs as ``libvirt-qemu`` (qemu.conf ``user``/``group``, dynamic_ownership on), which cannot
+enter pytest's 0700 tmp dir, so hundreds of tests failed with "Cannot access storage file ...
+Permission denied"; AppArmor/SELinux labelling, a root-only ``/dev/kvm`` the ``kvm`` group cannot
+open, or somebody's own domains called ``vp-test-*`` would break it in other ways.  Moving the images
+to a directory that user can reach would fix only the first of these and still edit a shared machine.
+So :meth:`LibvirtHarness.start` always runs its own privileged ``libvirtd`` (QEMU driver, KVM where
+usable), whatever else runs:
+
+* libvirt 9.0 has no switch that relocates a privileged daemon: ``--config`` names only
+  libvirtd.conf, while qemu.conf, the QEMU driver's state/lock file (``/run/libvirt/qemu/driver.pid``),
+  domain configs, NVRAM, TPM state, logs and the capabilities cache sit at compiled-in paths under
+  ``/etc/libvirt``, ``/var/lib/libvirt``, ``/run/libvirt``, ``/var/log/libvirt`` and
+  ``/var/cache/libvirt``.  A second daemon on those paths fails to take the driver lock or, worse,
+  reconnects to the other daemon's domains.  Session mode (``qemu:///session``) would relocate them
+  (XDG dirs) but needs a non-root user, whose QEMU cannot open a root-only ``/dev/kvm``; the embedded
+  driver (``qemu:///embed?root=``) lives inside one client process, which per-command ``virsh`` is not.
+* So the daemon runs in a private mount namespace (``unshare --mount --propagation private``) in
+  which each of those directories is bind-mounted from a per-harness tree
+  ``/run/virtpolicy-libvirt-<pytest pid>[-tag]/`` (root-only, 0700): it sees only its own configs,
+  lock files and domains, and the machine's daemon (if any) never sees the harness's.  ``/run``, not
+  ``/tmp``: it is writable by root alone, so nobody can plant the predictable path.
+* Outside the namespace only sockets matter: libvirtd.conf puts them in ``<tree>/sock``
+  (``unix_sock_dir``, auth ``none``; the tree is 0700) and ``--pid-file`` moves ``/run/libvirtd.pid``,
+  which is outside ``/run/libvirt`` and would otherwise clash.  Clients connect with
+  ``qemu:///system?socket=<tree>/sock/libvirt-sock`` (:data:`URI` for the session's harness).
+* The private qemu.conf makes QEMU run as root (so it can use a root-only ``/dev/kvm`` and read
+  images in any tmp dir), turns off the MAC security driver (a host AppArmor/SELinux policy is not
+  what the tests are about) and writes QEMU's output straight to its log (``stdio_handler = "file"``),
+  so no virtlogd is needed.  The machine's own qemu.conf is never read or written.
+* :meth:`LibvirtHarness.stop` destroys what still runs in its daemon, stops the daemon and removes the
+  tree.  A tree left by a run that was killed is reaped by the next :meth:`LibvirtHarness.start`
+  (its libvirtd only after ``/proc`` confirms it is that tree's daemon).  ``VIRTPOLICY_KEEP_LIBVIRT=1``
+  keeps the tree for a post-mortem.
+* Known limit: domain cgroups and systemd-machined names (``qemu-<id>-<name>``) stay global; two
+  harnesses starting the same domain name with the same id at the same moment could collide there.
+
 Facts this module encodes (Debian 12, libvirt 9.0, QEMU 7.2, no systemd, nested virtualisation):
 
 * Debian's ``libvirt-daemon-driver-qemu`` ships neither ``/etc/libvirt/qemu.conf`` nor the
   ``libvirt-qemu`` account (``libvirt-daemon-system`` does, and it wants systemd).  The QEMU driver
   resolves its compiled-in default ``libvirt-qemu:libvirt-qemu`` *before* reading qemu.conf, so
   without that user and group the driver fails to initialise ("Failed to parse user
-  'libvirt-qemu'") even when qemu.conf says ``user = "root"``.
-* ``/dev/kvm`` is ``root:root 0600`` here, so QEMU has to run as root (qemu.conf) to use KVM.
+  'libvirt-qemu'") even when qemu.conf says ``user = "root"``; the harness creates the account.
+* ``/dev/kvm`` is ``root:root 0600`` here, so QEMU has to run as root to use KVM; since the private
+  QEMU runs as root, :meth:`LibvirtHarness.kvm_usable` asks whether *this* (root) process can open it.
 * Under KVM, ``<cpu mode='host-passthrough'>`` and ``host-model`` abort QEMU at start
   (``kvm_buf_set_msrs`` assertion on MSR 0x10a); TCG refuses ``host-passthrough``.
 * /dev/kvm here is PVM (``kvm_pvm`` module, KVM inside a VM without hardware virtualisation).
@@ -27,12 +66,13 @@ Facts this module encodes (Debian 12, libvirt 9.0, QEMU 7.2, no systemd, nested 
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
 import re
 import shutil
-import socket
+import signal
 import subprocess
 import tempfile
 import time
@@ -42,17 +82,62 @@ from pathlib import Path
 
 from lxml import etree
 
-URI = "qemu:///system"
-QEMU_CONF = Path("/etc/libvirt/qemu.conf")
-VIRTLOGD_SOCK = Path("/var/run/libvirt/virtlogd-sock")
-DAEMON_LOG_DIR = Path("/var/log/libvirt")
+# Where per-harness trees live (root-only tmpfs on Debian), and how their names start.
+RUN_DIR = Path("/run")
+TREE_PREFIX = "virtpolicy-libvirt-"
 # The QEMU driver's compiled-in default account on Debian (see module docstring).
 QEMU_DEFAULT_ACCOUNT = "libvirt-qemu"
+# Every directory a privileged libvirtd/QEMU driver uses, and its name inside a harness tree.  The
+# daemon sees the tree's copy in place of the machine's (bind mounts in its own mount namespace).
+PRIVATE_DIRS: dict[str, Path] = {
+    "etc": Path("/etc/libvirt"),
+    "lib": Path("/var/lib/libvirt"),
+    "run": Path("/run/libvirt"),
+    "log": Path("/var/log/libvirt"),
+    "cache": Path("/var/cache/libvirt"),
+    "swtpm-log": Path("/var/log/swtpm/libvirt"),
+}
+# Why each qemu.conf line is there: see the module docstring.
+PRIVATE_QEMU_CONF = """\
+# Written by virtpolicy tests/libvirt_harness.py for its private libvirtd; removed with it.
+user = "root"
+group = "root"
+swtpm_user = "root"
+swtpm_group = "root"
+security_driver = "none"
+remember_owner = 0
+stdio_handler = "file"
+"""
+# Mounts each (source, target) pair given after the two fixed arguments, then becomes libvirtd: exec
+# keeps the pid Popen knows, so stop() ends exactly the daemon it started.
+_DAEMON_SCRIPT = (
+    'set -e; conf="$1"; pidfile="$2"; shift 2; '
+    'while [ "$#" -gt 0 ]; do mount --bind "$1" "$2"; shift 2; done; '
+    'exec libvirtd --config "$conf" --pid-file "$pidfile"'
+)
 
 _UNNUMBERED_BRIDGE = re.compile(r"(?m)^\s*secondary bus 0\.\s*$")
 _SCAN_IN_PROGRESS = re.compile(r"(?m)^\s*subordinate bus 255\.\s*$")  # the firmware is still numbering
 _CPU_MODES_BROKEN_UNDER_KVM = frozenset({"host-passthrough", "host-model"})
 _CPU_MODES_BROKEN_UNDER_TCG = frozenset({"host-passthrough"})
+
+
+def private_tree(tag: str = "") -> Path:
+    """The tree of a harness owned by this process; ``tag`` tells apart several in one process.
+
+    The owner's pid is part of the name so that a later run can tell a tree whose owner died.
+    """
+    return RUN_DIR / (f"{TREE_PREFIX}{os.getpid()}" + (f"-{tag}" if tag else ""))
+
+
+def uri_for(tree: Path) -> str:
+    """The connection URI of the private daemon living in ``tree``."""
+    return f"qemu:///system?socket={tree / 'sock' / 'libvirt-sock'}"
+
+
+# The session fixture's daemon; known at import time so that tests can pass it to the CLI.
+DEFAULT_TREE = private_tree()
+URI = uri_for(DEFAULT_TREE)
 
 
 class LibvirtError(RuntimeError):
@@ -88,94 +173,106 @@ def _virsh_error_text(stderr: str) -> str:
 
 
 class LibvirtHarness:
-    """Starts (or reuses) libvirtd + virtlogd and runs domains through ``virsh``.
+    """Runs a private libvirtd (see the module docstring) and domains in it through ``virsh``.
 
-    Only daemons started by this object are stopped by :meth:`stop`, so a developer's own
-    libvirtd survives a test run.
+    Nothing outside its tree is changed apart from the ``libvirt-qemu`` account and the empty mount
+    points, so a developer's own libvirtd and its domains neither affect nor see a test run.
     """
 
     def __init__(
         self,
-        uri: str = URI,
-        ready_timeout: float = 30.0,
+        tree: Path = DEFAULT_TREE,
+        ready_timeout: float = 60.0,
         command_timeout: float = 60.0,
         start_timeout: float = 180.0,
     ) -> None:
-        self.uri = uri
+        self.tree = tree
+        self.uri = uri_for(tree)
+        # A fresh daemon probes QEMU's capabilities (an empty cache) before it answers: seconds.
         self.ready_timeout = ready_timeout
         self.command_timeout = command_timeout
         # TCG boots and swtpm set-up are slow; a start gets more time than a define.
         self.start_timeout = start_timeout
-        self._started: list[subprocess.Popen[bytes]] = []
+        self._daemon: subprocess.Popen[bytes] | None = None
         self._undefine_flags: list[str] | None = None
 
     # ----------------------------------------------------------------- daemons
 
     def start(self) -> None:
-        """Make ``virsh -c qemu:///system`` answer, starting daemons only if none answers."""
-        if self._answers():
+        """Start the private libvirtd and wait until ``virsh -c self.uri`` answers."""
+        if self._daemon is not None and self._daemon.poll() is None:
             return
-        for d in (DAEMON_LOG_DIR, Path("/var/run/libvirt"), Path("/var/lib/libvirt")):
-            d.mkdir(parents=True, exist_ok=True)
-        self._ensure_qemu_account()
-        self._ensure_qemu_runs_as_root()
-        if not self._virtlogd_answers():
-            self._spawn(["virtlogd"], DAEMON_LOG_DIR / "virtlogd-harness.log")
-            self._wait_for(self._virtlogd_answers, "virtlogd", DAEMON_LOG_DIR / "virtlogd-harness.log")
-        log = DAEMON_LOG_DIR / "libvirtd-harness.log"
-        self._spawn(["libvirtd"], log)
-        self._wait_for(self._answers, "libvirtd", log)
-
-    def stop(self) -> None:
-        """Stop the daemons this harness started (libvirtd first: it holds virtlogd's socket)."""
-        for proc in reversed(self._started):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=5)
-        self._started.clear()
-
-    def _spawn(self, argv: list[str], log: Path) -> None:
-        # Foreground mode under Popen (not ``-d``) keeps the real pid, so stop() can end exactly it.
+        if os.geteuid() != 0:
+            raise LibvirtError("the libvirt harness runs a privileged libvirtd and must run as root")
+        reap_stale_trees()
+        self.ensure_qemu_account()
+        self._make_tree()
+        log = self.tree / "libvirtd.out"
+        argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _DAEMON_SCRIPT, "sh"]
+        argv += [str(self.tree / "etc" / "libvirtd.conf"), str(self.tree / "libvirtd.pid")]
+        for name, target in PRIVATE_DIRS.items():
+            argv += [str(self.tree / name), str(target)]
         with log.open("ab") as out:
-            proc = subprocess.Popen(
+            self._daemon = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
-        self._started.append(proc)
+        self._wait_for_daemon(log)
 
-    def _wait_for(self, ready: Callable[[], bool], what: str, log: Path) -> None:
-        proc = self._started[-1]
+    def stop(self) -> None:
+        """Destroy what still runs in the private daemon, stop it and remove its tree.
+
+        Domains go first: a QEMU outliving its daemon would keep the namespace and its files alive.
+        """
+        proc, self._daemon = self._daemon, None
+        if proc is not None and proc.poll() is None:
+            _stop_daemon(proc.pid, self.uri, wait=_child_waiter(proc))
+        _kill_leftover_qemu(self.tree)
+        if not os.environ.get("VIRTPOLICY_KEEP_LIBVIRT"):
+            shutil.rmtree(self.tree, ignore_errors=True)
+
+    def host_path(self, path: Path) -> Path:
+        """Where a path the private daemon uses (e.g. a QEMU log) is found from outside its namespace."""
+        for name, target in PRIVATE_DIRS.items():
+            if path.is_relative_to(target):
+                return self.tree / name / path.relative_to(target)
+        return path
+
+    def _make_tree(self) -> None:
+        if self.tree.exists():
+            if self._answers():
+                raise LibvirtError(f"{self.tree} belongs to a running harness daemon; pass another tree")
+            shutil.rmtree(self.tree)
+        self.tree.mkdir(mode=0o700, parents=True)
+        for name, target in PRIVATE_DIRS.items():
+            (self.tree / name).mkdir(mode=0o755)
+            target.mkdir(parents=True, exist_ok=True)  # a bind mount needs its mount point
+        (self.tree / "sock").mkdir(mode=0o700)
+        (self.tree / "etc" / "qemu.conf").write_text(PRIVATE_QEMU_CONF)
+        (self.tree / "etc" / "libvirtd.conf").write_text(
+            "# Written by virtpolicy tests/libvirt_harness.py for its private libvirtd.\n"
+            f'unix_sock_dir = "{self.tree / "sock"}"\n'
+            'auth_unix_rw = "none"\n'
+            'auth_unix_ro = "none"\n'
+            f'log_outputs = "3:file:{self.tree / "libvirtd.log"}"\n'
+        )
+
+    def _wait_for_daemon(self, log: Path) -> None:
+        proc = self._daemon
+        assert proc is not None
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
-            if ready():
+            if self._answers():
                 return
             if proc.poll() is not None:
-                raise LibvirtError(f"{what} exited with status {proc.returncode}; log {log}:\n{_tail(log)}")
+                raise LibvirtError(f"libvirtd exited with status {proc.returncode}; log {log}:\n{_tail(log)}")
             time.sleep(0.25)
-        raise LibvirtError(f"{what} did not answer within {self.ready_timeout:.0f} s; log {log}:\n{_tail(log)}")
+        raise LibvirtError(f"libvirtd did not answer within {self.ready_timeout:.0f} s; log {log}:\n{_tail(log)}")
 
     def _answers(self) -> bool:
-        try:
-            r = subprocess.run(["virsh", "-c", self.uri, "version"], capture_output=True, timeout=10, check=False)
-        except (OSError, subprocess.TimeoutExpired):
-            return False
-        return r.returncode == 0
+        return _answers(self.uri)
 
     @staticmethod
-    def _virtlogd_answers() -> bool:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(2)
-            try:
-                s.connect(str(VIRTLOGD_SOCK))
-            except OSError:
-                return False
-        return True
-
-    @staticmethod
-    def _ensure_qemu_account() -> None:
+    def ensure_qemu_account() -> None:
         """Create the QEMU driver's compiled-in default account, without which it will not load."""
         try:
             grp.getgrnam(QEMU_DEFAULT_ACCOUNT)
@@ -201,17 +298,6 @@ class LibvirtHarness:
                 timeout=30,
             )
 
-    @staticmethod
-    def _ensure_qemu_runs_as_root() -> None:
-        """QEMU must be root to open a root-only /dev/kvm; an admin's explicit choice is respected."""
-        text = QEMU_CONF.read_text() if QEMU_CONF.exists() else ""
-        additions = [f'{key} = "root"\n' for key in ("user", "group") if not re.search(rf"(?m)^\s*{key}\s*=", text)]
-        if additions:
-            QEMU_CONF.parent.mkdir(parents=True, exist_ok=True)
-            sep = "" if not text or text.endswith("\n") else "\n"
-            marker = "# added by virtpolicy tests/libvirt_harness.py\n"
-            QEMU_CONF.write_text(text + sep + marker + "".join(additions))
-
     # ------------------------------------------------------------------- virsh
 
     def virsh(self, *args: str, timeout: float | None = None) -> str:
@@ -229,7 +315,7 @@ class LibvirtHarness:
 
     @staticmethod
     def kvm_usable() -> bool:
-        """True when QEMU (running as root) can use KVM; otherwise domains must fall back to TCG."""
+        """True when QEMU (root in the private daemon) can use KVM; otherwise domains fall back to TCG."""
         try:
             fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
         except OSError:
@@ -269,12 +355,12 @@ class LibvirtHarness:
             previous = out if settled else None
             time.sleep(0.3)
 
-    def _check_running(self, name: str) -> None:
+    def check_running(self, name: str) -> None:
         """``virsh start`` succeeds even when the guest died at once (KVM emulation failure leaves
         the domain "paused"), so a test must not count that as a start."""
         state = self.virsh("domstate", "--reason", name).strip()
         if not state.startswith("running"):
-            log = Path("/var/log/libvirt/qemu") / f"{name}.log"
+            log = self.host_path(Path("/var/log/libvirt/qemu") / f"{name}.log")
             raise LibvirtError(f"domain {name} is '{state}' after start, not running; {log}:\n{_tail(log)}")
 
     def destroy(self, name: str) -> None:
@@ -393,7 +479,7 @@ class LibvirtHarness:
         try:
             self.start_domain(name)
             info_pci = self.enumerated_info_pci(name)
-            self._check_running(name)
+            self.check_running(name)
             for i, device in enumerate(hotplug):
                 path = workdir / f"hotplug-{i}.xml"
                 path.write_text(device)
@@ -453,10 +539,128 @@ def _run(argv: list[str], timeout: float) -> None:
         raise RuntimeError(f"{' '.join(argv)} failed: {r.stderr.strip()}")
 
 
+def _answers(uri: str) -> bool:
+    try:
+        r = subprocess.run(["virsh", "-c", uri, "version"], capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """For a daemon that is not our child (a stale tree's): no zombie of ours will linger."""
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _child_waiter(proc: subprocess.Popen[bytes]) -> Callable[[int, float], bool]:
+    """A waiter for a daemon that is our child: waiting also reaps it, so no zombie stays."""
+
+    def wait(_pid: int, timeout: float) -> bool:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    return wait
+
+
+def _stop_daemon(pid: int, uri: str, wait: Callable[[int, float], bool]) -> None:
+    """Destroy the daemon's running domains, then SIGTERM it (SIGKILL after 15 s)."""
+    try:
+        argv = ["virsh", "-q", "-c", uri, "list", "--name"]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        for name in r.stdout.split():
+            subprocess.run(["virsh", "-q", "-c", uri, "destroy", name], capture_output=True, timeout=60, check=False)
+    except subprocess.TimeoutExpired:
+        pass  # a wedged daemon: SIGTERM/SIGKILL it anyway, _kill_leftover_qemu ends its guests
+    os.kill(pid, signal.SIGTERM)
+    if not wait(pid, 15.0):
+        os.kill(pid, signal.SIGKILL)
+        wait(pid, 5.0)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        sa, sb = a.stat(), b.stat()
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _kill_leftover_qemu(tree: Path) -> None:
+    """SIGKILL a QEMU of this tree's daemon that is still alive (the daemon died or hung).
+
+    A pid file may be stale and its pid reused, so a process is killed only when its stderr is
+    this tree's log of that domain (``stdio_handler = "file"``): proof that it is ours.
+    """
+    for pidfile in (tree / "run" / "qemu").glob("*.pid"):
+        try:
+            pid = int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if _same_file(Path(f"/proc/{pid}/fd/2"), tree / "log" / "qemu" / f"{pidfile.stem}.log"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid, 5.0)
+
+
+def _tree_daemon_pid(tree: Path) -> int | None:
+    """The pid of the tree's libvirtd if it still runs, checked on its command line, else None."""
+    try:
+        pid = int((tree / "libvirtd.pid").read_text().strip())
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    conf = str(tree / "etc" / "libvirtd.conf").encode()
+    return pid if argv and argv[0].endswith(b"libvirtd") and conf in argv else None
+
+
+def reap_stale_trees() -> None:
+    """Stop the daemons and remove the trees of harnesses whose owning process is gone.
+
+    A run that was killed (CI timeout, ^C twice) cannot stop its daemon; without this every such
+    run would leave a root libvirtd and its guests behind.
+    """
+    for tree in RUN_DIR.glob(f"{TREE_PREFIX}*"):
+        owner = tree.name[len(TREE_PREFIX) :].split("-", 1)[0]
+        if not owner.isdigit() or _alive(int(owner)):
+            continue
+        pid = _tree_daemon_pid(tree)
+        if pid is not None:
+            _stop_daemon(pid, uri_for(tree), wait=_wait_gone)
+        _kill_leftover_qemu(tree)
+        shutil.rmtree(tree, ignore_errors=True)
+
+
 def missing_binaries() -> list[str]:
     """What keeps the harness from running here; the session fixture skips or fails on it."""
-    needed = ("virsh", "libvirtd", "virtlogd", "qemu-img")
+    needed = ("virsh", "libvirtd", "qemu-img", "unshare", "mount")
     return [b for b in needed if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
 
 
-__all__ = ["LibvirtError", "LibvirtHarness", "StartResult", "missing_binaries"]
+__all__ = [
+    "URI",
+    "LibvirtError",
+    "LibvirtHarness",
+    "StartResult",
+    "missing_binaries",
+    "private_tree",
+    "reap_stale_trees",
+    "uri_for",
+]

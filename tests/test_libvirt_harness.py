@@ -6,20 +6,25 @@ harness, not at virtpolicy.
 
 from __future__ import annotations
 
+import os
+import pwd
 import re
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from guest_driver_oracle import virtio_devices_needing_drivers
-from libvirt_harness import LibvirtError, LibvirtHarness
+from libvirt_harness import LibvirtError, LibvirtHarness, private_tree
 from lxml import etree
 
 pytestmark = pytest.mark.libvirt
 
 
-def q35_domain(
-    name: str, os_attrs: str = "", firmware: str = "", features: str = "", devices: str = ""
-) -> str:
+def q35_domain(name: str, os_attrs: str = "", firmware: str = "", features: str = "", devices: str = "") -> str:
     """A small q35 guest; the disk path is deliberately foreign so the harness must relocate it."""
     return f"""
 <domain type='kvm'>
@@ -53,9 +58,7 @@ def controller_model(root: etree._Element, bus: str) -> str | None:
     return None
 
 
-def test_virtio_transitional_nic_lands_behind_pcie_to_pci_bridge(
-    libvirt: LibvirtHarness, tmp_path: Path
-) -> None:
+def test_virtio_transitional_nic_lands_behind_pcie_to_pci_bridge(libvirt: LibvirtHarness, tmp_path: Path) -> None:
     result = libvirt.define_and_start(q35_domain("vp-test-virtio"), tmp_path)
 
     ids = pci_ids(result.info_pci)
@@ -91,8 +94,7 @@ def test_uefi_with_tpm_crb_emulator_starts(libvirt: LibvirtHarness, tmp_path: Pa
 
 def test_uefi_secure_boot_with_enrolled_keys_starts(libvirt: LibvirtHarness, tmp_path: Path) -> None:
     firmware = (
-        "<firmware><feature enabled='yes' name='secure-boot'/>"
-        "<feature enabled='yes' name='enrolled-keys'/></firmware>"
+        "<firmware><feature enabled='yes' name='secure-boot'/><feature enabled='yes' name='enrolled-keys'/></firmware>"
     )
     xml = q35_domain("vp-test-secboot", " firmware='efi'", firmware, features="<smm state='on'/>")
     result = libvirt.define_and_start(xml, tmp_path)
@@ -109,9 +111,7 @@ def test_define_error_carries_libvirts_text(libvirt: LibvirtHarness) -> None:
 
 
 def test_runnable_here_reports_every_change(libvirt: LibvirtHarness) -> None:
-    xml = q35_domain("vp-test-cpu").replace(
-        "<vcpu>1</vcpu>", "<vcpu>1</vcpu><cpu mode='host-passthrough'/>"
-    )
+    xml = q35_domain("vp-test-cpu").replace("<vcpu>1</vcpu>", "<vcpu>1</vcpu><cpu mode='host-passthrough'/>")
     adapted, notes = libvirt.runnable_here(xml)
     root = etree.fromstring(adapted.encode())
     assert root.find("cpu") is None
@@ -132,3 +132,126 @@ def test_oracle_modes_match_the_device_ids_qemu_exposes(libvirt: LibvirtHarness,
     assert modes["/domain/devices/interface[2]"] == "transitional"
     assert ids.count("1af4:1000") == 2, result.info_pci
     assert modes["/domain/devices/disk[1]"] == "modern" and "1af4:1042" in ids  # on a pcie-root-port
+
+
+# ------------------------------------------- a machine that already runs libvirtd (issue 9)
+
+SYSTEM_URI = "qemu:///system"
+
+
+def system_virsh(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """virsh against the machine's own daemon (never the harness's)."""
+    return subprocess.run(
+        ["virsh", "-q", "-c", SYSTEM_URI, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@contextmanager
+def libvirt_users_daemon(workdir: Path) -> Iterator[bool]:
+    """A system libvirtd as a libvirt user's machine runs it: QEMU as ``libvirt-qemu``, dynamic_ownership.
+
+    It is the real ``qemu:///system`` daemon (socket, state, pid file, logs at their usual paths);
+    only its ``/etc/libvirt`` is bind-mounted, in a mount namespace of its own, from a directory with
+    Debian's libvirt-daemon-system settings, so the machine's qemu.conf is never edited and nothing
+    is left to restore even if this process is killed.  As on such a machine (``/dev/kvm`` is
+    ``root:kvm 0660`` there) its QEMU may use KVM: here ``/dev/kvm`` is root-only, so the namespace
+    sees a copy of the device node that ``libvirt-qemu`` may open.  Without it libvirt 9.0 finds
+    KVM "enabled when probing, but not available now" and probes QEMU again on every lookup (a
+    define took 60 s).  Yields True when this context started the daemon, False when a system
+    daemon was already running (then it is used as it is and left running).
+    """
+    if system_virsh("version", timeout=15).returncode == 0:
+        yield False
+        return
+    LibvirtHarness.ensure_qemu_account()
+    etc = workdir / "etc-libvirt"
+    etc.mkdir()
+    (etc / "qemu.conf").write_text(
+        'user = "libvirt-qemu"\ngroup = "libvirt-qemu"\ndynamic_ownership = 1\nstdio_handler = "file"\n'
+    )
+    (etc / "libvirtd.conf").write_text('auth_unix_rw = "none"\n')
+    for d in (Path("/etc/libvirt"), Path("/run/libvirt"), Path("/var/lib/libvirt"), Path("/var/log/libvirt")):
+        d.mkdir(parents=True, exist_ok=True)
+    kvm = ""
+    if Path("/dev/kvm").exists():
+        node = workdir / "kvm"
+        os.mknod(node, stat.S_IFCHR | 0o660, os.stat("/dev/kvm").st_rdev)
+        os.chown(node, 0, pwd.getpwnam("libvirt-qemu").pw_gid)
+        node.chmod(0o660)  # mknod's mode went through the umask
+        kvm = str(node)
+    script = 'mount --bind "$1" /etc/libvirt && { [ -z "$2" ] || mount --bind "$2" /dev/kvm; } && exec libvirtd'
+    with (workdir / "system-libvirtd.log").open("ab") as log:
+        proc = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", str(etc), kvm],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while system_virsh("version", timeout=15).returncode != 0:
+            assert proc.poll() is None, (workdir / "system-libvirtd.log").read_text()
+            assert time.monotonic() < deadline, "the system libvirtd did not answer within 60 s"
+            time.sleep(0.25)
+        yield True
+    finally:
+        for name in system_virsh("list", "--name").stdout.split():
+            system_virsh("destroy", name)
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+            pidfile = Path("/run/libvirtd.pid")  # a killed daemon leaves it; a later libvirtd would trip on it
+            if pidfile.exists() and pidfile.read_text().strip() == str(proc.pid):
+                pidfile.unlink()
+
+
+def test_suite_runs_beside_a_libvirt_qemu_system_daemon(libvirt: LibvirtHarness, tmp_path: Path) -> None:
+    """Issue 9: with the machine's libvirtd running QEMU as libvirt-qemu, harness domains still start.
+
+    The first half proves the situation is the real one: that daemon cannot start a domain whose
+    image the harness made in pytest's 0700 tmp dir (what 378 tests hit when the harness reused it).
+    The second half starts the same kind of domain through a harness started after it.
+    """
+    with libvirt_users_daemon(tmp_path) as started_here:
+        if started_here:
+            control = libvirt.prepare_disk_sources(q35_domain("vp-test-sysdaemon"), tmp_path / "system")
+            (tmp_path / "control.xml").write_text(control)
+            assert system_virsh("define", str(tmp_path / "control.xml")).returncode == 0
+            try:
+                refused = system_virsh("start", "vp-test-sysdaemon", timeout=120)
+            finally:
+                system_virsh("destroy", "vp-test-sysdaemon")
+                system_virsh("undefine", "vp-test-sysdaemon", "--nvram")
+            qemu_uid = pwd.getpwnam("libvirt-qemu").pw_uid
+            assert refused.returncode != 0 and "Permission denied" in refused.stderr, refused.stderr
+            assert f"uid:{qemu_uid}" in refused.stderr, refused.stderr
+
+        harness = LibvirtHarness(private_tree("beside-system-daemon"))
+        harness.start()
+        try:
+            xml = harness.prepare_disk_sources(q35_domain("vp-test-beside"), tmp_path / "harness")
+            xml, _notes = harness.runnable_here(xml)
+            harness.define(xml)
+            try:
+                harness.start_domain("vp-test-beside")
+                harness.check_running("vp-test-beside")  # running, not paused
+                live = etree.fromstring(harness.virsh("dumpxml", "vp-test-beside").encode())
+                assert "vp-test-beside" not in system_virsh("list", "--all", "--name").stdout
+            finally:
+                harness.destroy("vp-test-beside")
+                harness.undefine("vp-test-beside")
+        finally:
+            harness.stop()
+
+        disk = live.find("devices/disk/source")
+        assert disk is not None and Path(disk.get("file", "")).parent == tmp_path / "harness"
+        assert live.findtext("seclabel[@model='dac']/label") == "+0:+0"  # the harness's QEMU is root
+        assert live.get("type") == ("kvm" if harness.kvm_usable() else "qemu")
+        assert not harness.tree.exists()
+        if started_here:
+            assert system_virsh("version").returncode == 0  # the machine's daemon was left alone
+    assert libvirt.virsh("version")  # and so was the session's harness daemon
