@@ -16,8 +16,9 @@ from typing import NoReturn
 
 from virtpolicy import __version__
 from virtpolicy.errors import InputError
+from virtpolicy.models.completeness import completeness
 from virtpolicy.models.domain import Domain
-from virtpolicy.models.guestos import DEFAULT_OSINFO_DB, GuestOS, OsinfoDB
+from virtpolicy.models.guestos import DEFAULT_OSINFO_DB, UNKNOWN_OS, GuestOS, OsinfoDB
 from virtpolicy.models.host import EMBEDDED_BUNDLE, Host, load_host_bundle
 from virtpolicy.models.pci import POLICIES
 from virtpolicy.solver.compile import SelectedProfile
@@ -40,8 +41,30 @@ def _parser() -> argparse.ArgumentParser:
 
     solve = sub.add_parser("solve", help="complete a partial domain XML, or report the conflicting requirements")
     explain = sub.add_parser("explain", help="every minimal conflict and correction, or why each value was chosen")
-    for cmd in (solve, explain):
+    check = sub.add_parser("check", help="check an existing domain against its host and guest OS, never rewriting it")
+    for cmd in (solve, explain, check):
         _input_options(cmd)
+    for cmd in (solve, explain):
+        state = cmd.add_mutually_exclusive_group()
+        state.add_argument(
+            "--complete",
+            dest="complete",
+            action="store_const",
+            const=True,
+            help="treat the domain as complete: check it, add nothing (default: docs/completeness.md's rule)",
+        )
+        state.add_argument(
+            "--partial",
+            dest="complete",
+            action="store_const",
+            const=False,
+            help="treat the domain as partial: fill its gaps even if libvirt laid it out",
+        )
+    check.set_defaults(complete=True)
+    check.add_argument("--format", choices=("text", "json"), default="text")
+    check.add_argument(
+        "--max-conflicts", type=int, default=10, metavar="N", help="stop after N minimal conflicts (default 10)"
+    )
     solve.add_argument(
         "--refresh",
         action="store_true",
@@ -74,11 +97,11 @@ def _parser() -> argparse.ArgumentParser:
     listing = profiles_sub.add_parser("list", help="profiles on the search path")
     show = profiles_sub.add_parser("show", help="one profile's rules")
     show.add_argument("name")
-    check = profiles_sub.add_parser("check", help="lint profiles, and find pairs that can never be combined")
-    check.add_argument("files", nargs="*", type=Path, help="profile files (default: every profile on the path)")
-    for p_ in (listing, show, check):
+    lint = profiles_sub.add_parser("check", help="lint profiles, and find pairs that can never be combined")
+    lint.add_argument("files", nargs="*", type=Path, help="profile files (default: every profile on the path)")
+    for p_ in (listing, show, lint):
         p_.add_argument("--profile-path", action="append", default=[], type=Path, metavar="DIR")
-    check.add_argument("--osinfo-db", type=Path, default=DEFAULT_OSINFO_DB)
+    lint.add_argument("--osinfo-db", type=Path, default=DEFAULT_OSINFO_DB)
 
     host = sub.add_parser("host", help="host bundles")
     host_sub = host.add_subparsers(dest="host_command", required=True)
@@ -156,7 +179,10 @@ def _host(args: argparse.Namespace) -> Host:
 
 
 def _guest(args: argparse.Namespace, domain: Domain) -> GuestOS:
+    """The named OS; for a complete domain that names none, UNKNOWN_OS (guest-driver checks skipped)."""
     key = args.os_id or (domain.os_id.value if domain.os_id else None)
+    if key is None and completeness(domain.root, domain.source, getattr(args, "complete", None)).complete:
+        return UNKNOWN_OS
     if key is None:
         raise InputError(
             f"{domain.source}: no guest OS: add <libosinfo:os id='...'/> metadata or pass --os "
@@ -195,9 +221,9 @@ def _selected_profiles(args: argparse.Namespace, domain: Domain) -> list[Selecte
 
 
 def cmd_solve(args: argparse.Namespace) -> int:
+    from virtpolicy.models.schema import validate_output
     from virtpolicy.solver.build import build
     from virtpolicy.solver.render import render, to_bytes
-    from virtpolicy.models.schema import validate_output
     from virtpolicy.solver.report import conflict_json, conflict_text, solution_json, solution_text
     from virtpolicy.solver.solve import Conflict, solve
 
@@ -211,7 +237,15 @@ def cmd_solve(args: argparse.Namespace) -> int:
 
         domain = forget_engine_decisions(domain)
     start = time.perf_counter()
-    built = build(domain, host, guest, args.guest_support, profiles, OsinfoDB(args.osinfo_db).device_names())
+    built = build(
+        domain,
+        host,
+        guest,
+        args.guest_support,
+        profiles,
+        OsinfoDB(args.osinfo_db).device_names(),
+        complete=False if args.refresh else args.complete,  # refresh re-decides: the domain is partial again
+    )
     result = solve(built.problem)
     if isinstance(result, Conflict):
         if args.format == "json":
@@ -238,6 +272,8 @@ def cmd_solve(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(xml)
     if not args.quiet:
         print(solution_text(built, result, elapsed), file=sys.stderr)
+    for warning in built.warnings_for(result):
+        print(f"virtpolicy: warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -250,7 +286,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     host = _host(args)
     guest = _guest(args, domain)
     profiles = _selected_profiles(args, domain)
-    built = build(domain, host, guest, args.guest_support, profiles, OsinfoDB(args.osinfo_db).device_names())
+    built = build(
+        domain,
+        host,
+        guest,
+        args.guest_support,
+        profiles,
+        OsinfoDB(args.osinfo_db).device_names(),
+        complete=args.complete,
+    )
     result = solve(built.problem)
     report = build_report(built, result, max(1, args.max_conflicts))
     if args.format == "json":
@@ -263,6 +307,28 @@ def cmd_explain(args: argparse.Namespace) -> int:
         _write(args.output, (text + "\n").encode())
     else:
         print(text)
+    return EXIT_CONFLICT if isinstance(result, Conflict) else EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """An existing domain, as it is: 0 when it fits its host and guest, 2 with the minimal conflicts."""
+    from virtpolicy.solver.build import build
+    from virtpolicy.solver.check_domain import check_report, check_text
+    from virtpolicy.solver.solve import Conflict, solve
+
+    domain = _read_domain(args.domain)
+    host = _host(args)
+    guest = _guest(args, domain)
+    profiles = _selected_profiles(args, domain)
+    built = build(
+        domain, host, guest, args.guest_support, profiles, OsinfoDB(args.osinfo_db).device_names(), complete=True
+    )
+    result = solve(built.problem)
+    report = check_report(built, result, max(1, args.max_conflicts))
+    if args.format == "json":
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(check_text(report), file=sys.stdout if report["status"] == "fits" else sys.stderr)
     return EXIT_CONFLICT if isinstance(result, Conflict) else EXIT_OK
 
 
@@ -350,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_profiles(args)
         if args.command == "explain":
             return cmd_explain(args)
+        if args.command == "check":
+            return cmd_check(args)
         if args.command == "device":
             return cmd_device_add(args)
         return cmd_host(args)

@@ -281,7 +281,7 @@ class PciPlanner:
     def _app_cells(self) -> None:
         numa = self.b.domain.root.find("cpu/numa")
         if numa is not None:
-            check_app_cells(self.b.domain.root, self.b.domain.source, self.b.domain.vcpus)
+            self.b.warnings.extend(check_app_cells(self.b.domain.root, self.b.domain.source, self.b.domain.vcpus))
             count = str(cells_in(self.b.domain.root))
             here = Explicit(count, xpath_of(numa))
             self.b._pin("numa.cells", [count], here, f"the domain has {count} NUMA cell(s)")  # noqa: SLF001
@@ -626,9 +626,10 @@ def _node_in_cells(node_var: str) -> Constraint:
     )
 
 
-def check_app_cells(root: etree._Element, source: str, vcpus: int) -> None:
-    """The app's own cells must hold each vCPU exactly once and add up to the domain's memory (Nova's
-    manual-topology rules; libvirt rejects overlaps and CPUs beyond <vcpu>, and silently resizes memory)."""
+def check_app_cells(root: etree._Element, source: str, vcpus: int) -> list[str]:
+    """The app's own cells must hold each vCPU exactly once (Nova's manual-topology rules; libvirt rejects
+    overlaps and CPUs beyond <vcpu>). Memory that does not add up is what libvirt accepts and fixes itself
+    (<memory> becomes the cells' sum plus the memory modules), so it is a warning, not an error."""
     from virtpolicy.errors import InputError
     from virtpolicy.rules.facts import MEMORY_UNITS
     from virtpolicy.solver.locality import parse_nodeset
@@ -662,16 +663,25 @@ def check_app_cells(root: etree._Element, source: str, vcpus: int) -> None:
             f"{source}:{numa.sourceline}: /domain/cpu/numa: vCPU(s) {', '.join(map(str, missing))} of /domain/vcpu's "
             f"{vcpus} are in no cell (Nova: every vCPU belongs to exactly one cell)"
         )
+    modules_kib = 0.0
+    for module in root.iterfind("devices/memory/target/size"):
+        if (module.text or "").strip().isdigit():
+            modules_kib += (
+                int((module.text or "0").strip()) * MEMORY_UNITS.get(module.get("unit", "KiB").lower(), 1 / 1024) * 1024
+            )
     memory = root.find("memory")
     if memory is not None and (memory.text or "").strip().isdigit():
         unit = MEMORY_UNITS.get(memory.get("unit", "KiB").lower(), 1 / 1024)
         domain_kib = int((memory.text or "0").strip()) * unit * 1024
-        if abs(domain_kib - total_kib) >= 1:
-            raise InputError(
-                f"{source}:{numa.sourceline}: /domain/cpu/numa: the cells hold {total_kib / 1024:g} MiB but "
-                f"/domain/memory is {domain_kib / 1024:g} MiB (they must add up; libvirt would silently take the "
-                "cells' sum)"
-            )
+        if abs(domain_kib - total_kib - modules_kib) >= 1:
+            modules = f" and the memory modules {modules_kib / 1024:g} MiB" if modules_kib else ""
+            return [
+                f"{source}:{numa.sourceline}: /domain/cpu/numa: the cells hold {total_kib / 1024:g} MiB{modules} "
+                f"but /domain/memory is {domain_kib / 1024:g} MiB; libvirt takes the sum "
+                f"({(total_kib + modules_kib) / 1024:g} MiB) at define (qemuDomainDefPostParse, "
+                "virDomainDefSetMemoryTotal)"
+            ]
+    return []
 
 
 def _spare_ports_of(root: etree._Element) -> int:
