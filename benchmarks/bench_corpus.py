@@ -56,7 +56,9 @@ import corpus  # noqa: E402  (test-support module, next to the tests)
 SCHEMA = Path("/usr/share/libvirt/schemas/domain.rng")
 CATEGORIES = ("unchanged", "changed", "conflict", "input-error", "internal-error", "timeout", "other")
 SLOW_S = 10.0
-LABEL_ATTRS = ("type", "model", "name", "bus", "dev", "device", "index")
+# Attributes that name an element among its siblings in a cause ("devices/input[@type=tablet]"); values
+# an engine may fill in (a disk's model, a bus) are left out so that a changed element pairs up as "~".
+LABEL_ATTRS = ("type", "device", "name")
 
 
 @dataclass
@@ -76,21 +78,15 @@ class Result:
 def _label(el: etree._Element) -> str:
     """An element named by its tag and the attributes that tell siblings apart (type, model, ...)."""
     tag = etree.QName(el).localname if isinstance(el.tag, str) else "#comment"
-    keys = "".join(f"[@{a}={el.get(a)}]" for a in LABEL_ATTRS if el.get(a) is not None)
-    if tag == "model" and el.getparent() is not None:
-        return tag  # a <model type=...> child is already in its parent's label below
-    return tag + keys
+    attrs = (*LABEL_ATTRS, "model") if tag == "controller" else LABEL_ATTRS
+    return tag + "".join(f"[@{a}={el.get(a)}]" for a in attrs if el.get(a) is not None)
 
 
 def _path(el: etree._Element) -> str:
     parts = []
     node: etree._Element | None = el
     while node is not None and node.getparent() is not None:
-        label = _label(node)
-        model = node.find("model")
-        if model is not None and model.get("type") and node.get("model") is None:
-            label += f"[model={model.get('type')}]"
-        parts.append(label)
+        parts.append(_label(node))
         node = node.getparent()
     return "/".join(reversed(parts)) or "domain"
 
