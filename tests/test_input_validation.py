@@ -357,3 +357,25 @@ def test_corrupted_osinfo_index_cache_is_rebuilt(garbage: bytes | None, tmp_path
     again = OsinfoDB(osinfo_db, cache_dir=tmp_path)
     assert again.lookup("fedora37").id.endswith("/37")
     assert json.loads(cache.read_bytes())["index"]["fedora37"].startswith(str(osinfo_db))
+
+
+def test_device_xml_for_device_add_is_validated_and_named_from_its_own_root(tmp_path: Path) -> None:
+    domain = tmp_path / "d.xml"
+    domain.write_bytes(partial())
+    device = tmp_path / "nic.xml"
+    device.write_bytes(b"<interface type='user'>\n<model type='virtio'/>\n<address type='pci' bus='zz'/></interface>\n")
+    code, _, err = run("device", "add", str(domain), str(device), "--os", "fedora37")
+    one_line_error(code, err, f"{device}:3: /interface/address/@bus", "libvirt's domain schema rejects this")
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "9" * 5000, "4294967296"])
+def test_host_numbers_are_bounded(value: str, tmp_path: Path) -> None:
+    from virtpolicy.models.host import EMBEDDED_BUNDLE
+
+    text = (EMBEDDED_BUNDLE / "domcaps-x86_64-q35-kvm.xml").read_text().replace("max='288'", f"max='{value}'")
+    caps = tmp_path / "domcaps.xml"
+    caps.write_text(text)
+    domain = tmp_path / "d.xml"
+    domain.write_bytes(partial())
+    code, _, err = run("solve", str(domain), "--os", "fedora37", "--host", str(caps))
+    one_line_error(code, err, str(caps), "is not a number from 0 to 4294967295")

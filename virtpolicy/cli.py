@@ -336,12 +336,14 @@ def cmd_device_add(args: argparse.Namespace) -> int:
     """Only the new device is decided; it takes a free slot the running domain already has."""
     from lxml import etree
 
+    from virtpolicy.models.schema import validate_device
     from virtpolicy.models.xmlsafe import parse_file
     from virtpolicy.solver.hotplug import add_device
     from virtpolicy.solver.report import conflict_text
 
     domain = _read_domain(args.domain)
     device = parse_file(args.device_xml).getroot()
+    validate_device(device, str(args.device_xml))
     result = add_device(
         domain,
         device,

@@ -48,12 +48,14 @@ class DomainCaps:
 
 
 def _int(el: etree._Element, attr: str, default: str, source: str) -> int:
-    """An integer attribute of host data, or an InputError naming file, line and attribute."""
+    """A non-negative integer attribute of host data (at most 2^32 - 1, libvirt's unsigned int), or an
+    InputError naming file, line and attribute: a corrupt bundle must not feed the solver -1 or 10^40."""
     raw = el.get(attr, default)
-    try:
-        return int(raw)
-    except ValueError:
-        raise InputError(f"{source}:{el.sourceline}: <{el.tag} {attr}='{raw}'> is not a number") from None
+    digits = raw.strip()
+    value = int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 10 else None
+    if value is None or value > 2**32 - 1:
+        raise InputError(f"{source}:{el.sourceline}: <{el.tag} {attr}='{raw}'> is not a number from 0 to 4294967295")
+    return value
 
 
 def _read_domcaps(path: Path) -> DomainCaps:

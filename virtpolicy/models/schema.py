@@ -209,6 +209,32 @@ def validate_output(doc: etree._ElementTree | etree._Element | bytes, source: st
     )
 
 
+_STUB = b"<domain type='kvm'><name>device</name><memory>1</memory><os><type>hvm</type></os><devices/></domain>"
+
+
+def validate_device(device: etree._Element, source: str) -> None:
+    """A device element on its own (`device add`), validated as libvirt would inside a domain.
+
+    The element is checked inside a minimal domain; messages name its own file:line and an XPath from
+    the device element (/interface/address/@bus), not from the stand-in domain.
+    """
+    from virtpolicy.models.domain import check_values
+
+    stub = etree.fromstring(_STUB)
+    stub.find("devices").append(copy.deepcopy(device))
+    try:
+        validate_input(stub.getroottree(), source)
+        check_values(stub, source)
+    except InputError as exc:
+        text = str(exc)
+        tag = etree.QName(device).localname if isinstance(device.tag, str) else "node()"
+        for prefix in (f"/domain/devices/{tag}[1]", "/domain/devices", "/domain"):
+            if f": {prefix}" in text:
+                text = text.replace(f": {prefix}", f": /{tag}", 1)
+                break
+        raise InputError(text) from None
+
+
 def available() -> bool:
     """Whether libvirt's schema is installed (Debian libvirt0); without it validation is skipped."""
     return _strict() is not None
