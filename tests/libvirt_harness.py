@@ -207,7 +207,7 @@ class LibvirtHarness:
         reap_stale_trees()
         self.ensure_qemu_account()
         self._make_tree()
-        log = self.tree / "libvirtd.out"
+        log = self.tree / "libvirtd.log"  # its stderr: libvirt logs there in the foreground
         argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _DAEMON_SCRIPT, "sh"]
         argv += [str(self.tree / "etc" / "libvirtd.conf"), str(self.tree / "libvirtd.pid")]
         for name, target in PRIVATE_DIRS.items():
@@ -216,7 +216,11 @@ class LibvirtHarness:
             self._daemon = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
-        self._wait_for_daemon(log)
+        try:
+            self._wait_for_daemon(log)
+        except BaseException:
+            self.stop()  # the caller gets no harness to stop; the error already quotes the log
+            raise
 
     def stop(self) -> None:
         """Destroy what still runs in the private daemon, stop it and remove its tree.
@@ -253,7 +257,6 @@ class LibvirtHarness:
             f'unix_sock_dir = "{self.tree / "sock"}"\n'
             'auth_unix_rw = "none"\n'
             'auth_unix_ro = "none"\n'
-            f'log_outputs = "3:file:{self.tree / "libvirtd.log"}"\n'
         )
 
     def _wait_for_daemon(self, log: Path) -> None:
@@ -589,10 +592,11 @@ def _stop_daemon(pid: int, uri: str, wait: Callable[[int, float], bool]) -> None
             subprocess.run(["virsh", "-q", "-c", uri, "destroy", name], capture_output=True, timeout=60, check=False)
     except subprocess.TimeoutExpired:
         pass  # a wedged daemon: SIGTERM/SIGKILL it anyway, _kill_leftover_qemu ends its guests
-    os.kill(pid, signal.SIGTERM)
-    if not wait(pid, 15.0):
-        os.kill(pid, signal.SIGKILL)
-        wait(pid, 5.0)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        if not wait(pid, 15.0):
+            os.kill(pid, signal.SIGKILL)
+            wait(pid, 5.0)
 
 
 def _same_file(a: Path, b: Path) -> bool:

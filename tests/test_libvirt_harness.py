@@ -11,6 +11,7 @@ import pwd
 import re
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from guest_driver_oracle import virtio_devices_needing_drivers
-from libvirt_harness import LibvirtError, LibvirtHarness, private_tree
+from libvirt_harness import LibvirtError, LibvirtHarness, private_tree, reap_stale_trees
 from lxml import etree
 
 pytestmark = pytest.mark.libvirt
@@ -255,3 +256,25 @@ def test_suite_runs_beside_a_libvirt_qemu_system_daemon(libvirt: LibvirtHarness,
         if started_here:
             assert system_virsh("version").returncode == 0  # the machine's daemon was left alone
     assert libvirt.virsh("version")  # and so was the session's harness daemon
+
+
+def test_a_killed_runs_daemon_is_reaped_by_the_next_start(libvirt: LibvirtHarness) -> None:
+    """A run killed before stop() leaves a root libvirtd behind; the next harness start must end it."""
+    script = (
+        "import os, sys\n"
+        "from libvirt_harness import LibvirtHarness, private_tree\n"
+        "h = LibvirtHarness(private_tree('killed'))\n"
+        "h.start()\n"
+        "print(h.tree, flush=True)\n"
+        "os._exit(0)  # as if killed: no stop()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent
+    )
+    assert done.returncode == 0, done.stderr
+    tree = Path(done.stdout.strip())
+    pid = int((tree / "libvirtd.pid").read_text())
+    assert Path(f"/proc/{pid}").exists()  # the orphan daemon really outlived its owner
+    reap_stale_trees()
+    assert not tree.exists() and not Path(f"/proc/{pid}").exists()
+    assert libvirt.virsh("version")  # a live owner's daemon is never reaped
