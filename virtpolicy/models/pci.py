@@ -7,15 +7,19 @@ Kept in the models layer so that profiles (rules) can name `numa.cells`, `hotplu
 from __future__ import annotations
 
 import tomllib
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from lxml import etree
 
 DATA = Path(__file__).parent / "data" / "pci.toml"
 SLOT_VALUES = ("pcie", "integrated", "pci", "none")  # libvirt's own order of preference
 MAX_CELLS = 8
 HOTPLUG_PORTS = ("1", "0", "2", "4", "8", "16", "32")
 POLICIES = ("required", "preferred", "legacy", "socket")  # Nova's PCI NUMA affinity policies
+TAKES = ("pcie", "pci", "virtio", "host", "bus", "none")  # what an [[addressing]] row says a device takes
 
 
 @cache
@@ -34,3 +38,43 @@ def pci_variables() -> dict[str, tuple[str, ...]]:
         variables[f"{cls}.slot"] = SLOT_VALUES
         variables[f"{cls}.node"] = tuple(str(n) for n in range(MAX_CELLS))
     return variables
+
+
+@dataclass(frozen=True)
+class Addressing:
+    """One [[addressing]] row: what libvirt gives a kind of device (a PCI slot of some type, or never one)."""
+
+    element: str
+    takes: str
+    cite: str
+    fixed: str = ""
+    test: etree.XPath | None = None
+
+    def matches(self, element: etree._Element) -> bool:
+        return bool(self.test(element)) if self.test is not None else False
+
+
+@cache
+def addressing_rows() -> tuple[Addressing, ...]:
+    """The rows in file order, each with its XPath compiled once (the first match wins)."""
+    rows = []
+    for row in table().get("addressing", []):
+        if row["takes"] not in TAKES:
+            raise ValueError(f"{DATA}: [[addressing]] {row['element']}: takes='{row['takes']}' (one of {TAKES})")
+        test = etree.XPath(" | ".join(f"self::{part.strip()}" for part in row["element"].split(" | ")))
+        rows.append(Addressing(row["element"], row["takes"], row["cite"], row.get("fixed", ""), test))
+    return tuple(rows)
+
+
+def addressing(element: etree._Element) -> Addressing | None:
+    """The row for a device element of <devices>, or None for a kind libvirt's tables (and ours) do not
+    name: such a device is carried through untouched, neither placed nor moved."""
+    if not isinstance(element.tag, str):
+        return None
+    return next((row for row in addressing_rows() if row.matches(element)), None)
+
+
+def never_pci(element: etree._Element) -> Addressing | None:
+    """The row saying this device never takes a PCI address (so it gets none and uses no bus), if one does."""
+    row = addressing(element)
+    return row if row is not None and row.takes == "none" else None

@@ -19,7 +19,15 @@ from lxml import etree
 from virtpolicy.models.domain import VIRTPOLICY_NS, Explicit, xpath_of
 from virtpolicy.models.hostdevices import NODEDEV_FILE, source_address
 from virtpolicy.models.machines import family_named
-from virtpolicy.models.pci import HOTPLUG_PORTS, MAX_CELLS, POLICIES, SLOT_VALUES, table
+from virtpolicy.models.pci import (
+    HOTPLUG_PORTS,
+    MAX_CELLS,
+    POLICIES,
+    SLOT_VALUES,
+    Addressing,
+    addressing,
+    table,
+)
 from virtpolicy.solver.locality import HostLocality
 from virtpolicy.solver.problem import Constraint, Provenance, Source, Strength
 
@@ -153,6 +161,7 @@ class PciPlanner:
         self.b = builder
         self.slots = table()["slots"]
         self.devices: list[tuple[Instance, str]] = []  # (instance, the variable that decides its slot)
+        self.never_pci: set[str] = set()  # prefixes of instances libvirt never gives a PCI address
 
     def _driver_var(self, inst: Instance) -> str | None:
         for var in inst.cls.variables:
@@ -217,18 +226,20 @@ class PciPlanner:
             "libvirt src/qemu/qemu_domain_address.c qemuDomainDeviceCalculatePCIConnectFlags",
             data=(("rule", "pci-slot-types"), ("file", "pci.toml"), ("line", 0)),
         )
+        families = self._possible_families()
         for inst, var in self.devices:
             driver = inst.var(var)
-            families = self._possible_families()
+            el = self.app_element(inst)
+            kind = addressing(el) if el is not None else None
+            addr = el.find("address[@type='pci']") if el is not None else None
+            at = _slots_at(addr, self._controllers()) if addr is not None else None
+            never = kind is not None and kind.takes == "none"
+            if never:
+                self.never_pci.add(inst.prefix)
             for value in p.variables[driver].values:
                 row = self.slots[f"{inst.cls.name}.{var}"].get(value)
                 for fam in families:
-                    root = _root(fam)
-                    allowed = (row or {}).get(root, ["pcie", "pci"] if root == "pcie" else ["pci"]) if row else None
-                    if allowed is None:
-                        allowed = ["pcie", "pci", "integrated"] if root == "pcie" else ["pci", "integrated"]
-                    if root not in ("pcie", "pci"):
-                        allowed = ["none"]
+                    allowed = _allowed_slots(_root(fam), row, kind, at)
                     self.b._add_forbid(  # noqa: SLF001
                         f"structural:pci-slot:{inst.var('slot')}:{value}:{fam}",
                         [
@@ -236,8 +247,10 @@ class PciPlanner:
                             ("machine", frozenset([fam])),
                             (inst.var("slot"), frozenset(s for s in SLOT_VALUES if s not in allowed)),
                         ],
-                        f"{inst.prefix} as {value} on {fam} sits in a {' or '.join(allowed)} slot",
-                        structural,
+                        f"{inst.prefix} ({kind.element}) never takes a PCI address"
+                        if never and kind is not None
+                        else f"{inst.prefix} as {value} on {fam} sits in a {' or '.join(allowed)} slot",
+                        _addressing_provenance(kind) if never and kind is not None else structural,
                     )
             # a device's node is a guest cell
             self.b.add_constraint(_node_in_cells(inst.var("node")))
@@ -250,6 +263,15 @@ class PciPlanner:
             self._hotplug_slots()
         else:
             self._capacity()
+
+    def app_element(self, inst: Instance) -> etree._Element | None:
+        """The app's own element that is this instance's PCI device, if the app wrote one.
+
+        The agent's PCI device is its virtio-serial controller, but only when the agent channel is there: a
+        virtio-serial controller without the agent's channel is just a controller (it serves other channels)."""
+        if inst.element is None:
+            return None
+        return pci_element(inst, self.b.domain.root)
 
     def _app_controllers_need_their_bus_kind(self) -> None:
         """PCIe controllers the app wrote exist only on PCIe machines, and pci-root/pxb only on pc (libvirt's
@@ -333,6 +355,8 @@ class PciPlanner:
                 )
         wished = {aff.xpath for aff in wishes}
         for inst, _ in self.devices:
+            if inst.prefix in self.never_pci:
+                continue  # not in the guest's PCI topology (an unassigned host device): no node to wish for
             if inst.cls.name == "hostdev" and inst.xpath not in wished:
                 wishes.append(Affinity(inst.xpath, None, NOVA_DEFAULT_POLICY, ""))  # Nova's default
         locality = HostLocality(self.b)
@@ -408,7 +432,9 @@ class PciPlanner:
         if not pcie:
             return
         most_spare = max(int(v) for v in self.b.problem.variables["hotplug.ports"].values)
-        pcie_root_can_fill = len(pcie) + most_spare > ROOT_PORTS_ON_PCIE_ROOT
+        # root ports exist on q35 only: on pc, hotplug.ports counts free PCI slots, which pci-bridges provide
+        on_pcie = self._root_kind() != "pci"
+        pcie_root_can_fill = on_pcie and len(pcie) + most_spare > ROOT_PORTS_ON_PCIE_ROOT
         prov = Provenance(
             Source.STRUCTURAL,
             "pcie-root-ports",
@@ -476,6 +502,9 @@ class PciPlanner:
             for (model, node), n in sorted(counts.items(), key=lambda kv: (kv[0][0], kv[0][1] is None, kv[0][1] or 0))
         )
         for inst, _ in self.devices:
+            el = self.app_element(inst)
+            if inst.prefix in self.never_pci or (el is not None and el.find("address[@type='pci']") is not None):
+                continue  # takes no new slot: never a PCI one (usb-net), or one it has (the agent's controller)
             slot_var, node_var = inst.var("slot"), inst.var("node")
             nodes = self.b.problem.variables[node_var].values
             pairs: set[tuple[str, str]] = set()
@@ -522,29 +551,75 @@ class PciPlanner:
             empty = self._spare_of_laid_out()
             here = Explicit(str(empty), "/domain/devices (spare hot-plug slots of a laid-out domain)")
             self.b.problem.add_variable("hotplug.ports", [str(empty)])
-            self.b._pin("hotplug.ports", [str(empty)], here, f"{empty} spare root port(s) stay as they are")  # noqa: SLF001
+            what = "spare root port(s)" if self._root_kind() == "pcie" else "free hot-plug PCI slot(s)"
+            self.b._pin("hotplug.ports", [str(empty)], here, f"{empty} {what} stay as they are")  # noqa: SLF001
         controllers = {
             int(c.get("index", "-1")): c for c in self.b.domain.root.iterfind("devices/controller[@type='pci']")
         }
         nodes = {bus: _node_of_bus(bus, controllers) for bus in controllers}
         for inst, _ in self.devices:
-            el = pci_element(inst, self.b.domain.root)
+            if inst.prefix in self.never_pci:
+                continue  # slot none already: an address of another type is not a PCI slot
+            el = self.app_element(inst)
             addr = el.find("address[@type='pci']") if el is not None else None
             if addr is None:
+                self._existing_agent_controller(inst)
                 continue
             bus = int(addr.get("bus", "0"), 0)
-            model = controllers[bus].get("model", "") if bus in controllers else ""
-            slots = {
-                "pcie-root-port": ["pcie"],
-                "pcie-switch-downstream-port": ["pcie"],
-                "pcie-root": ["integrated"],
-                "pci-root": ["pci", "integrated"],
-            }.get(model, ["pci"])
+            slots = _slots_at(addr, controllers)
             here = Explicit(",".join(slots), xpath_of(addr))
             self.b._pin(inst.var("slot"), slots, here, f"{inst.prefix} keeps its PCI address")  # noqa: SLF001
             node = nodes.get(bus)
             if node is not None and str(node) in self.b.problem.variables[inst.var("node")].values:
                 self.b._pin(inst.var("node"), [str(node)], here, f"{inst.prefix} stays on node {node}")  # noqa: SLF001
+
+    def _existing_agent_controller(self, inst: Instance) -> None:
+        """An agent channel the engine may add attaches to the virtio-serial controller already there: if it is
+        added (model not none), its model and slot are that controller's, which keeps its address."""
+        if inst.cls.name != "agent" or inst.element is not None:
+            return
+        controller = self.b.domain.root.find("devices/controller[@type='virtio-serial']")
+        if controller is None:
+            return
+        model_var = inst.var("model")
+        models = self.b.problem.variables[model_var].values
+        written = controller.get("model")
+        addr = controller.find("address[@type='pci']")
+        if written is not None:
+            same = [written]
+        elif addr is not None:
+            same = ["virtio"]  # laid out as plain virtio: its mode is fixed by its address
+        else:
+            same = [m for m in models if m.startswith("virtio")]
+        where = xpath_of(controller)
+        prov = Provenance(
+            Source.APP, where, f"'{written or 'virtio'}'", data=(("xpath", where), ("value", written or "virtio"))
+        )
+        added = frozenset(m for m in models if m != "none")
+        self.b._add_forbid(  # noqa: SLF001
+            f"app:{where}:agent-model",
+            [(model_var, frozenset(m for m in added if m not in same))],
+            f"an added agent channel attaches to the existing virtio-serial controller ({written or 'virtio'})",
+            prov,
+        )
+        if addr is None:
+            return
+        slots = _slots_at(addr, self._controllers())
+        self.b._add_forbid(  # noqa: SLF001
+            f"app:{xpath_of(addr)}:agent-slot",
+            [(model_var, added), (inst.var("slot"), frozenset(s for s in SLOT_VALUES if s not in slots))],
+            "an added agent channel uses the existing virtio-serial controller, at its PCI address",
+            prov,
+        )
+
+    def _controllers(self) -> dict[int, etree._Element]:
+        """The PCI controllers the app wrote, by index."""
+        return {int(c.get("index", "-1")): c for c in self.b.domain.root.iterfind("devices/controller[@type='pci']")}
+
+    def _root_kind(self) -> str:
+        """pcie or pci when every machine the app's XML still allows has that root bus, else 'either'."""
+        roots = {_root(f) for f in self._possible_families()}
+        return roots.pop() if len(roots) == 1 else "either"
 
     def _spare_of_laid_out(self) -> int:
         """The spare hot-plug room a laid-out domain keeps (root ports on q35, free PCI slots on pc), at most
@@ -598,6 +673,59 @@ class PciPlanner:
             strength=Strength.SOFT,
             group=group,
         )
+
+
+def _allowed_slots(
+    root: str, row: dict[str, list[str]] | None, kind: Addressing | None, at: list[str] | None
+) -> list[str]:
+    """The slot types a device may take on a machine whose root bus is `root`.
+
+    `row` is the pci.toml [slots] row of the value (how libvirt auto-places it), `kind` the [[addressing]] row
+    of the app's element, `at` the slot types of the PCI address the app (or libvirt) already wrote, if any.
+    An explicit address needs no particular slot type: libvirt checks an address from the XML with its
+    fromConfig relaxation (domain_addr.c virDomainPCIAddressFlagsCompatible: a bus that takes any endpoint
+    takes PCI and PCIe ones, and pcie-root takes integrated endpoints), so where the auto-placement row
+    disagrees, the address decides. A value with no row is one the engine does not model: its element's
+    [[addressing]] row says what libvirt gives it; without one the device is carried through untouched
+    (slot none: libvirt places it, as it would without the engine)."""
+    if root not in ("pcie", "pci") or (kind is not None and kind.takes == "none"):
+        return ["none"]  # a device libvirt never gives a PCI address (ramfb, usb-net, unassigned, USB ...)
+    if row is not None:
+        allowed = list(row.get(root, ["pcie", "pci"] if root == "pcie" else ["pci"]))
+    elif kind is not None and kind.takes in ("pcie", "virtio", "host"):
+        allowed = ["pcie", "pci"] if root == "pcie" and kind.takes != "pcie" else [root]
+    elif kind is not None and kind.takes == "pci":
+        allowed = ["pci"]
+    else:
+        allowed = ["none"]
+    if at is not None and allowed != ["none"]:
+        allowed = [s for s in allowed if s in at] or list(at)
+    elif at is not None and row is None:
+        allowed = list(at)  # a kind the engine does not model, already at a PCI address: it stays there
+    return allowed
+
+
+def _addressing_provenance(row: Addressing) -> Provenance:
+    """The citation of an [[addressing]] row, for a device that never takes a PCI address."""
+    return Provenance(
+        Source.STRUCTURAL,
+        "pci-addressing",
+        "pci.toml [[addressing]]",
+        f"libvirt {row.cite}",
+        data=(("rule", "pci-addressing"), ("file", "pci.toml"), ("line", 0)),
+    )
+
+
+def _slots_at(addr: etree._Element, controllers: dict[int, etree._Element]) -> list[str]:
+    """The slot type an existing PCI address is, from the kind of bus it sits on."""
+    bus = int(addr.get("bus", "0"), 0)
+    model = controllers[bus].get("model", "") if bus in controllers else ""
+    return {
+        "pcie-root-port": ["pcie"],
+        "pcie-switch-downstream-port": ["pcie"],
+        "pcie-root": ["integrated"],
+        "pci-root": ["pci", "integrated"],
+    }.get(model, ["pci"])
 
 
 def _root(fam: str) -> str:
