@@ -260,6 +260,16 @@ def summary(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
+def engine_commit() -> str:
+    """The commit measured: REPO/COMMIT in a snapshot (written next to `git archive`), else git's HEAD."""
+    stamp = REPO / "COMMIT"
+    if stamp.is_file():
+        return stamp.read_text().strip()
+    proc = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "virtpolicy"], capture_output=True)
+    return proc.stdout.strip() + (" (virtpolicy/ modified)" if dirty.stdout.strip() else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--all", action="store_true", help="every x86 file of qemuxml2xmloutdata, not only -latest")
@@ -296,10 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         if out is not None:
             r.output_schema_error = _schema_error(schema, out)
     print(summary(results))
-    print(f"\n{len(files)} files in {wall:.1f} s ({args.jobs} jobs), solve {' '.join(extra)}")
+    print(f"\n{len(files)} files in {wall:.1f} s ({args.jobs} jobs), solve {' '.join(extra)}; {engine_commit()}")
     if args.json:
         payload = {
             "corpus": str(corpus.corpus_dir()),
+            "engine_commit": engine_commit(),
             "options": {"os": args.os_id, "guest_support": args.guest_support, "all": args.all},
             "counts": dict(Counter(r.category for r in results)),
             "results": [asdict(r) for r in results],
