@@ -550,20 +550,19 @@ def _answers(uri: str) -> bool:
     return r.returncode == 0
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie counts as gone (a container's init may never reap it)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat_line.rsplit(")", 1)[-1].split()[:1] != ["Z"]
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:
     """For a daemon that is not our child (a stale tree's): no zombie of ours will linger."""
     deadline = time.monotonic() + timeout
-    while _alive(pid):
+    while pid_alive(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)
@@ -643,7 +642,7 @@ def reap_stale_trees() -> None:
     """
     for tree in RUN_DIR.glob(f"{TREE_PREFIX}*"):
         owner = tree.name[len(TREE_PREFIX) :].split("-", 1)[0]
-        if not owner.isdigit() or _alive(int(owner)):
+        if not owner.isdigit() or pid_alive(int(owner)):
             continue
         pid = _tree_daemon_pid(tree)
         if pid is not None:
@@ -664,6 +663,7 @@ __all__ = [
     "LibvirtHarness",
     "StartResult",
     "missing_binaries",
+    "pid_alive",
     "private_tree",
     "reap_stale_trees",
     "uri_for",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from guest_driver_oracle import virtio_devices_needing_drivers
-from libvirt_harness import LibvirtError, LibvirtHarness, private_tree, reap_stale_trees
+from libvirt_harness import LibvirtError, LibvirtHarness, pid_alive, private_tree, reap_stale_trees
 from lxml import etree
 
 pytestmark = pytest.mark.libvirt
@@ -153,13 +153,14 @@ def libvirt_users_daemon(workdir: Path) -> Iterator[bool]:
 
     It is the real ``qemu:///system`` daemon (socket, state, pid file, logs at their usual paths);
     only its ``/etc/libvirt`` is bind-mounted, in a mount namespace of its own, from a directory with
-    Debian's libvirt-daemon-system settings, so the machine's qemu.conf is never edited and nothing
-    is left to restore even if this process is killed.  As on such a machine (``/dev/kvm`` is
-    ``root:kvm 0660`` there) its QEMU may use KVM: here ``/dev/kvm`` is root-only, so the namespace
-    sees a copy of the device node that ``libvirt-qemu`` may open.  Without it libvirt 9.0 finds
-    KVM "enabled when probing, but not available now" and probes QEMU again on every lookup (a
-    define took 60 s).  Yields True when this context started the daemon, False when a system
-    daemon was already running (then it is used as it is and left running).
+    Debian's libvirt-daemon-system settings (plus ``stdio_handler = "file"``: no virtlogd to start),
+    so the machine's qemu.conf is never edited and nothing is left to restore even if this process
+    is killed.  As on such a machine (``/dev/kvm`` is ``root:kvm 0660`` there) its QEMU may use KVM:
+    here ``/dev/kvm`` is root-only, so the namespace sees a copy of the device node that
+    ``libvirt-qemu`` may open.  Without it libvirt 9.0 finds KVM "enabled when probing, but not
+    available now" and probes QEMU again on every lookup (a define took 60 s).  Yields True when this
+    context started the daemon, False when a system daemon was already running (then it is used as
+    it is and left running).
     """
     if system_virsh("version", timeout=15).returncode == 0:
         yield False
@@ -274,7 +275,7 @@ def test_a_killed_runs_daemon_is_reaped_by_the_next_start(libvirt: LibvirtHarnes
     assert done.returncode == 0, done.stderr
     tree = Path(done.stdout.strip())
     pid = int((tree / "libvirtd.pid").read_text())
-    assert Path(f"/proc/{pid}").exists()  # the orphan daemon really outlived its owner
+    assert pid_alive(pid)  # the orphan daemon really outlived its owner
     reap_stale_trees()
-    assert not tree.exists() and not Path(f"/proc/{pid}").exists()
+    assert not tree.exists() and not pid_alive(pid)
     assert libvirt.virsh("version")  # a live owner's daemon is never reaped
