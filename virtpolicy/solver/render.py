@@ -22,7 +22,7 @@ from virtpolicy.solver.build import Build, Instance, _bind
 from virtpolicy.solver.compile import apply_actions
 from virtpolicy.solver.pci import pci_element
 from virtpolicy.solver.solve import Solution
-from virtpolicy.solver.topology import Placement, TopologyBuilder
+from virtpolicy.solver.topology import Placement, TopologyBuilder, check_controllers
 
 # Where new top-level elements go, relative to their siblings (libvirt's own output order).
 TOP_LEVEL_ORDER = (
@@ -136,6 +136,7 @@ class Renderer:
             )
 
     def render(self) -> etree._ElementTree:
+        check_controllers(self.domain.devices_element, self.domain.source)  # before anything walks the buses
         if self.built.complete:
             return self._render_complete()
         self._domain_type_and_machine()
@@ -375,7 +376,11 @@ class Renderer:
             placement = Placement(element, slot, int(self.values[inst.var("node")]), position, companions)
             placements.append(placement)
         builder = TopologyBuilder(
-            self.domain.devices_element, family, int(self.values["numa.cells"]), int(self.values["hotplug.ports"])
+            self.domain.devices_element,
+            family,
+            int(self.values["numa.cells"]),
+            int(self.values["hotplug.ports"]),
+            self.domain.source,
         )
         if self.built.hotplug:
             for placement in placements:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import networkx as nx
 from lxml import etree
 
+from virtpolicy.errors import InputError
+from virtpolicy.models.domain import xpath_of
 from virtpolicy.models.machines import family_named
 from virtpolicy.models.pci import table
 
@@ -66,6 +68,63 @@ class HotplugSlot:
 
 
 EXPANDERS = ("pcie-expander-bus", "pci-expander-bus")
+
+
+def _where(el: etree._Element, source: str) -> str:
+    line = f"{source}:{el.sourceline}: " if source and el.sourceline else ""
+    return f"{line}{xpath_of(el)}"
+
+
+def check_controllers(devices: etree._Element | None, source: str = "") -> None:
+    """Refuse PCI controller graphs that are not trees, with libvirt's words, before anything walks them.
+
+    Every walk up from a bus (its expander's NUMA node, the bridge above a root port) assumes each bus
+    has one parent and the chain ends at the root; a root controller with an address, a controller on its
+    own bus or two bridges behind each other would make those walks loop forever. Cheap (one pass over
+    the controllers, each chain walked at most once), so complete domains are checked too.
+    """
+    if devices is None:
+        return
+    parent: dict[int, int] = {}
+    address_of: dict[int, etree._Element] = {}
+    for ctrl in devices.iterfind("controller[@type='pci']"):
+        model = ctrl.get("model", "")
+        addr = ctrl.find("address")
+        if model in ("pci-root", "pcie-root") and addr is not None:
+            # domain_validate.c virDomainControllerDefValidate
+            raise InputError(f"{_where(addr, source)}: pci-root and pcie-root controllers should not have an address")
+        index, bus = ctrl.get("index", ""), addr.get("bus", "") if addr is not None else ""
+        if addr is None or addr.get("type") != "pci" or not index.isdigit():
+            continue
+        try:
+            parent[int(index)] = int(bus or "0", 0)
+        except ValueError:
+            continue  # not a number: the typed input checks name it; nothing to walk here
+        address_of[int(index)] = addr
+    settled: set[int] = set()  # buses known to lead to the root (or to a bus without a controller)
+    for index in sorted(parent):
+        chain = [index]
+        current = parent.get(index)
+        while current is not None and current not in settled and current not in chain:
+            chain.append(current)
+            current = parent.get(current)
+        if current is None or current in settled:
+            settled.update(chain)
+            continue
+        where = _where(address_of[current], source)
+        if current == index and len(chain) == 1:
+            # qemu_domain_address.c qemuDomainAssignPCIAddresses says so for a pci-bridge; any bus alike
+            raise InputError(
+                f"{where}: PCI controller at index {index} (0x{index:02x}) has bus='0x{index:02x}', "
+                "but index must be larger than bus"
+            )
+        loop = " behind ".join(str(i) for i in [*chain[chain.index(current) :], current])
+        raise InputError(
+            f"{where}: the PCI controllers with index {loop} are plugged into each other; each controller "
+            "needs a bus that leads to the root (pci-root or pcie-root, index 0)"
+        )
+
+
 HOTPLUG_BUSES = {  # libvirt domain_addr.c: buses whose slots carry VIR_PCI_CONNECT_HOTPLUGGABLE
     "pcie-root-port": "pcie",
     "pcie-switch-downstream-port": "pcie",
@@ -76,8 +135,11 @@ HOTPLUG_BUSES = {  # libvirt domain_addr.c: buses whose slots carry VIR_PCI_CONN
 
 
 class TopologyBuilder:
-    def __init__(self, devices_el: etree._Element, family: str, cells: int, hotplug_ports: int) -> None:
+    def __init__(
+        self, devices_el: etree._Element, family: str, cells: int, hotplug_ports: int, source: str = ""
+    ) -> None:
         self.devices = devices_el
+        self.source = source
         self.family = family
         self.root_kind = family_named(family).root if family in ("q35", "pc") else "other"
         self.cells = cells
@@ -104,12 +166,19 @@ class TopologyBuilder:
         return found
 
     def node_of_bus(self, index: int) -> int | None:
-        """The <node> of the expander a bus hangs off, walking up the graph."""
+        """The <node> of the expander a bus hangs off, walking up the graph.
+
+        The walk keeps the buses it has seen: `_read_existing` refuses cycles, but a walk that can loop
+        forever on a malformed graph is not worth the one set it saves.
+        """
         current: int | None = index
-        while current is not None:
-            node = self.graph.nodes[("bus", current)]["element"].findtext("target/node")
-            if node is not None and node.isdigit():
-                return int(node)
+        seen: set[int] = set()
+        while current is not None and current not in seen and ("bus", current) in self.graph:
+            seen.add(current)
+            node = self.graph.nodes[("bus", current)].get("element")
+            text = node.findtext("target/node") if node is not None else None
+            if text is not None and text.isdigit():
+                return int(text)
             current = self._parent_of(current)
         return None
 
@@ -141,6 +210,7 @@ class TopologyBuilder:
             if bus in self.buses:
                 self.buses[bus].used.add((slot, function))
             self.graph.add_edge(("bus", bus), self._node_of(addr.getparent()), slot=slot, function=function)
+        check_controllers(self.devices, self.source)
 
     @staticmethod
     def _node_of(el: etree._Element) -> tuple[str, int]:
