@@ -79,22 +79,24 @@ APT_OPTS=(
   -q
 )
 
-log "apt-get update ($MIRROR $SUITE, deb-src, private state in $APTDIR)"
-apt-get "${APT_OPTS[@]}" update >&2 || die "apt-get update failed"
-
-VERSION="$(apt-cache "${APT_OPTS[@]}" showsrc "$PACKAGE" 2>/dev/null |
-  awk -v up="$UPSTREAM" '/^Version:/ { v = $2; sub(/^[0-9]+:/, "", v); if (index(v, up "-") == 1) print v }' |
-  sort -V | tail -n 1)"
-[[ -n "$VERSION" ]] || die "no $PACKAGE $UPSTREAM source in $SUITE"
-
 DL="$APTDIR/download"
-DSC="$DL/${PACKAGE}_${VERSION}.dsc"
 ORIG="$DL/${PACKAGE}_${UPSTREAM}.orig.tar.xz"
-if [[ ! -f "$DSC" || ! -f "$ORIG" ]]; then
+# A download kept from an earlier run (only the extraction spec changed) is verified again below.
+DSC="$(ls "$DL/${PACKAGE}_${UPSTREAM}"-*.dsc 2>/dev/null | sort -V | tail -n 1 || true)"
+if [[ -z "$DSC" || ! -f "$ORIG" ]]; then
+  log "apt-get update ($MIRROR $SUITE, deb-src, private state in $APTDIR)"
+  apt-get "${APT_OPTS[@]}" update >&2 || die "apt-get update failed"
+  VERSION="$(apt-cache "${APT_OPTS[@]}" showsrc "$PACKAGE" 2>/dev/null |
+    awk -v up="$UPSTREAM" '/^Version:/ { v = $2; sub(/^[0-9]+:/, "", v); if (index(v, up "-") == 1) print v }' |
+    sort -V | tail -n 1)"
+  [[ -n "$VERSION" ]] || die "no $PACKAGE $UPSTREAM source in $SUITE"
+  DSC="$DL/${PACKAGE}_${VERSION}.dsc"
   log "apt-get source --download-only $PACKAGE=$VERSION"
   (cd "$DL" && apt-get "${APT_OPTS[@]}" source --download-only "$PACKAGE=$VERSION" >&2) ||
     die "apt-get source failed"
 fi
+VERSION="$(basename "$DSC" .dsc)"
+VERSION="${VERSION#"${PACKAGE}_"}"
 [[ -f "$DSC" ]] || die "$DSC not downloaded"
 [[ -f "$ORIG" ]] || die "$ORIG not downloaded (not .tar.xz?)"
 
@@ -125,7 +127,7 @@ tar -xJf "$ORIG" -C "$TMP" --strip-components=1 --wildcards --no-wildcards-match
 rm -rf "$DEST/tests"
 mv "$TMP/tests" "$DEST/tests"
 for d in qemuxml2xmloutdata qemuxml2argvdata domaincapsdata qemucapabilitiesdata; do
-  log "$d: $(find "$DEST/tests/$d" -type f | wc -l) files"
+  log "$d: $(find "$DEST/tests/$d" \( -type f -o -type l \) | wc -l) files (symlinks included)"
 done
 printf '%s\n' "$VERSION" >"$DEST/VERSION"
 printf '%s\n' "$SPEC" >"$DEST/.complete"
