@@ -186,6 +186,19 @@ def test_placements_libvirt_accepts_are_no_conflict_and_stay(path: Path) -> None
     assert canonical(done.stdout) == canonical(path.read_bytes())
 
 
+def test_a_ramfb_at_a_pci_address_is_a_conflict_citing_libvirt(host, osdb) -> None:
+    """libvirt refuses it ("'address' is not supported for 'ramfb' video devices"): never print it."""
+    xml = (DATA / "fidelity" / "ramfb.xml").read_text()
+    xml = xml.replace(
+        "primary='yes'/>", "primary='yes'/><address type='pci' domain='0x0000' bus='0x00' slot='0x03' function='0x0'/>"
+    )
+    out = run(xml, host, osdb, "linux2022")
+    assert not out.solved
+    assert "/domain/devices/video[1]/address" in [m.provenance.where for m in out.result.members]  # type: ignore[union-attr]
+    facts = [c for c in out.built.problem.constraints if c.id == "structural:pci-slot:video.slot"]
+    assert facts and "qemuValidateDomainDeviceDefVideo" in facts[0].provenance.citation
+
+
 def test_pc_spare_slots_are_not_called_root_ports(host, osdb) -> None:
     out = run((DATA / "addressing" / "pc-with-pci-bridges.xml").read_bytes(), host, osdb, "linux2022")
     assert out.solved, out.describe()

@@ -236,6 +236,16 @@ class PciPlanner:
             never = kind is not None and kind.takes == "none"
             if never:
                 self.never_pci.add(inst.prefix)
+                if not self._slot_rows_say_none(inst, var):
+                    # one fact, whatever the model: ramfb, usb-net, an unassigned hostdev, a non-PCI address
+                    self.b._add_forbid(  # noqa: SLF001
+                        f"structural:pci-slot:{inst.var('slot')}",
+                        [(inst.var("slot"), frozenset(s for s in SLOT_VALUES if s != "none"))],
+                        f"{inst.prefix} ({kind.element}) never takes a PCI address",
+                        _addressing_provenance(kind),
+                    )
+                    self.b.add_constraint(_node_in_cells(inst.var("node")))
+                    continue
             for value in p.variables[driver].values:
                 row = self.slots[f"{inst.cls.name}.{var}"].get(value)
                 for fam in families:
@@ -247,10 +257,8 @@ class PciPlanner:
                             ("machine", frozenset([fam])),
                             (inst.var("slot"), frozenset(s for s in SLOT_VALUES if s not in allowed)),
                         ],
-                        f"{inst.prefix} ({kind.element}) never takes a PCI address"
-                        if never and kind is not None
-                        else f"{inst.prefix} as {value} on {fam} sits in a {' or '.join(allowed)} slot",
-                        _addressing_provenance(kind) if never and kind is not None else structural,
+                        f"{inst.prefix} as {value} on {fam} sits in a {' or '.join(allowed)} slot",
+                        structural,
                     )
             # a device's node is a guest cell
             self.b.add_constraint(_node_in_cells(inst.var("node")))
@@ -263,6 +271,16 @@ class PciPlanner:
             self._hotplug_slots()
         else:
             self._capacity()
+
+    def _slot_rows_say_none(self, inst: Instance, var: str) -> bool:
+        """Whether the [slots] row of the value the app wrote already puts the device in no PCI slot (a USB
+        tablet, model='none'): then those rows decide, as they do for the same device the engine adds, so that
+        re-solving an output records the same reason."""
+        from virtpolicy.solver.build import read_explicit
+
+        written = read_explicit(inst.element, inst.cls.variables[var])
+        row = self.slots[f"{inst.cls.name}.{var}"].get(written.value) if written is not None else None
+        return row is not None and all(allowed == ["none"] for allowed in row.values())
 
     def app_element(self, inst: Instance) -> etree._Element | None:
         """The app's own element that is this instance's PCI device, if the app wrote one.
@@ -558,8 +576,8 @@ class PciPlanner:
         }
         nodes = {bus: _node_of_bus(bus, controllers) for bus in controllers}
         for inst, _ in self.devices:
-            if inst.prefix in self.never_pci:
-                continue  # slot none already: an address of another type is not a PCI slot
+            # a device that never takes a PCI address but has one (ramfb at a PCI address) is a conflict here:
+            # libvirt refuses it ("'address' is not supported for 'ramfb' video devices")
             el = self.app_element(inst)
             addr = el.find("address[@type='pci']") if el is not None else None
             if addr is None:
