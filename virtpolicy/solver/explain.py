@@ -148,6 +148,8 @@ class ConflictExplainer:
                 if value == witness[name]:
                     continue
                 wish = _pin(name, value, self.problem)
+                # the witness with just this value changed often proves the value possible without a search
+                self.solver.hints = [{**witness, name: value}]
                 if self._feasible([*hard, wish]):
                     by = [decided_by[name]] if decided_by.get(name) is not None else []
                     excluded.append(Excluded(value, by, hard=False))  # type: ignore[list-item]
@@ -155,6 +157,7 @@ class ConflictExplainer:
                     blame = self.solver._quickxplain([*self.background, wish], [], hard)  # noqa: SLF001
                     excluded.append(Excluded(value, blame, hard=True))
             reasons.append(DecisionReason(name, witness[name], var.label, decided_by.get(name), excluded))
+        self.solver.hints = []
         del kept
         return reasons
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from constraint import BacktrackingSolver, FunctionConstraint
+from constraint import BacktrackingSolver, FunctionConstraint, Unassigned
 from constraint import Problem as CSP
 
-from virtpolicy.solver.problem import Constraint, Forbid, Problem, Source
+from virtpolicy.solver.problem import AtMost, Constraint, Forbid, Problem, Source
 
 Assignment = dict[str, str]
 
@@ -66,6 +66,9 @@ class Solver:
     def __init__(self, problem: Problem) -> None:
         self.problem = problem
         self.solves = 0
+        # assignments worth trying before a search in `consistent`: a set of constraints one of them satisfies
+        # is consistent. Explanations set the witness with the one value they ask about (`decisions`).
+        self.hints: list[Assignment] = []
 
     # --- consistency -------------------------------------------------------------------------------
     def _domains(self, constraints: Sequence[Constraint]) -> tuple[dict[str, list[str]], list[Constraint]]:
@@ -116,7 +119,21 @@ class Solver:
         return solution
 
     def consistent(self, constraints: Sequence[Constraint]) -> bool:
-        return self.find(constraints) is not None
+        """Whether `constraints` have a solution, without building one (what QuickXplain asks).
+
+        `find` must return the preferred solution, so it keeps python-constraint's chronological search;
+        a yes/no answer can use any complete method, and `_satisfiable` splits the problem into
+        independent parts after every decision, so a small conflict is not re-proved for every
+        combination of unrelated variables (the 70 s `explain examples/windows10.xml` of issue 9).
+        """
+        for hint in self.hints:
+            if all(c.holds(*(hint[v] for v in c.variables)) for c in constraints):
+                return True
+        domains, rest = self._domains(constraints)
+        if any(not vals for vals in domains.values()):
+            return False
+        self.solves += 1
+        return _satisfiable(domains, rest)
 
     # --- solving -----------------------------------------------------------------------------------
     def solve(self) -> Solution | Conflict:
@@ -363,6 +380,117 @@ def _propagate(domains: dict[str, list[str]], constraints: list[Constraint]) -> 
         elif not free and not c.holds(*(fixed[v] for v in c.variables)):
             return None
     return result
+
+
+def _simplify_counts(domains: dict[str, list[str]], bound: list[Bound]) -> list[Bound] | None:
+    """Capacity counts (AtMost) on the current domains: refuted when too many variables are already fixed to
+    the value, dropped when too few can still take it, and the value struck from the rest once the limit
+    is reached. Dropping them matters as much as pruning: a count over every disk's bus otherwise keeps
+    all disks in one part that cannot be split."""
+    changed = True
+    while changed:
+        changed = False
+        kept: list[Bound] = []
+        for item in bound:
+            c, free, _ = item
+            if not isinstance(c, AtMost):
+                kept.append(item)
+                continue
+            fixed_hits = sum(1 for v in c.variables if domains[v] == [c.value])
+            if fixed_hits > c.limit:
+                return None
+            open_vars = [v for v in c.variables if len(domains[v]) > 1 and c.value in domains[v]]
+            if fixed_hits + len(open_vars) <= c.limit:
+                continue  # can no longer be violated
+            if fixed_hits == c.limit:
+                for v in open_vars:
+                    domains[v] = [x for x in domains[v] if x != c.value]
+                changed = True
+                continue
+            kept.append(item)
+        bound = kept
+        if changed:
+            again = _propagate(domains, [c for c, _, _ in bound])
+            if again is None:
+                return None
+            bound = again
+    return bound
+
+
+def _partial_ok(domains: dict[str, list[str]], bound: list[Bound]) -> bool:
+    """Constraints that can judge a partial assignment (BusBudget: `partial = True`) refute it early."""
+    for c, _, _ in bound:
+        if getattr(c, "partial", False):
+            values = [domains[v][0] if len(domains[v]) == 1 else Unassigned for v in c.variables]
+            if not c.holds(*values):
+                return False
+    return True
+
+
+def _settle(domains: dict[str, list[str]], constraints: list[Constraint]) -> list[Bound] | None:
+    """Propagate, simplify counts and check partial bounds; None when that alone refutes the domains."""
+    bound = _propagate(domains, constraints)
+    if bound is None:
+        return None
+    bound = _simplify_counts(domains, bound)
+    if bound is None or not _partial_ok(domains, bound):
+        return None
+    return bound
+
+
+def _satisfiable(domains: dict[str, list[str]], constraints: list[Constraint]) -> bool:
+    """Complete yes/no search with decomposition: after each decision and propagation the free variables
+    split into independent parts; the smaller parts are decided on their own (recursion depth stays
+    logarithmic: each is at most half of its parent), the largest one is searched on in this loop, with
+    an explicit stack, so thousands of devices never exhaust Python's recursion limit."""
+    stack: list[tuple[dict[str, list[str]], list[Constraint], str, list[str]]] = []
+    current: tuple[dict[str, list[str]], list[Constraint]] | None = (domains, constraints)
+    while True:
+        ok = False
+        if current is not None:
+            doms, cons = current
+            bound = _settle(doms, cons)
+            if bound is not None:
+                parts = sorted(_components(doms, bound), key=lambda part: -len(part[0]))
+                parts = [part for part in parts if part[1]]  # a free variable with no constraint is satisfied
+                if not parts:
+                    return True
+                ok = all(_part_satisfiable(doms, group, members) for group, members in parts[1:])
+                if ok:
+                    group, members = parts[0]
+                    sub_cons = [c for c, _, _ in members]
+                    sub = _part_domains(doms, sub_cons)
+                    var = _branch_variable(sub, group, members)
+                    stack.append((sub, sub_cons, var, list(sub[var])))
+        current = None
+        while stack and stack[-1][3] == []:
+            stack.pop()
+        if not stack:
+            return False
+        sub, sub_cons, var, values = stack[-1]
+        value = values.pop(0)
+        trial = dict(sub)
+        trial[var] = [value]
+        current = (trial, sub_cons)
+
+
+def _part_domains(domains: dict[str, list[str]], constraints: list[Constraint]) -> dict[str, list[str]]:
+    return {v: domains[v] for c in constraints for v in c.variables}
+
+
+def _part_satisfiable(domains: dict[str, list[str]], group: list[str], members: list[Bound]) -> bool:
+    cons = [c for c, _, _ in members]
+    return _satisfiable(_part_domains(domains, cons), cons)
+
+
+def _branch_variable(domains: dict[str, list[str]], group: list[str], members: list[Bound]) -> str:
+    """The free variable in most constraints (machine, before the devices that hang off it), then the
+    smallest domain: deciding a hub first is what lets the rest fall apart into independent parts."""
+    degree: dict[str, int] = {}
+    for _, free, _ in members:
+        for v in free:
+            degree[v] = degree.get(v, 0) + 1
+    return min(group, key=lambda v: (-degree.get(v, 0), len(domains[v]), v))
 
 
 def _components(domains: dict[str, list[str]], bound: list[Bound]) -> list[tuple[list[str], list[Bound]]]:
