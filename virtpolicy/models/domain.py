@@ -118,7 +118,8 @@ def int_value(
     if value is None:
         form = "a decimal or 0x-hex number" if base0 else "a decimal number"
         octal = base0 and re.fullmatch(r"\s*0[0-9]+\s*", raw)
-        hint = f" (libvirt reads a leading 0 as octal; write 0x{raw.strip().lstrip('0') or '0'} or a decimal)" if octal else ""
+        digits = raw.strip().lstrip("0") or "0"
+        hint = f" (libvirt reads a leading 0 as octal; write 0x{digits} or a decimal)" if octal else ""
         raise InputError(f"{located(source, el, attr)}: '{raw}' is not {form}{hint}")
     if not minimum <= value <= maximum:
         raise InputError(f"{located(source, el, attr)}: {raw} is out of range (libvirt accepts {minimum}-{maximum})")
