@@ -10,6 +10,7 @@ tests/data/fidelity/ (libvirt-produced domains earlier versions broke) and tests
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
 FIDELITY = [DATA / "fidelity" / name for name in ("ramfb.xml", "usbnet.xml", "unassigned.xml", "vserial-no-agent.xml")]
 FALSE_CONFLICTS = sorted((DATA / "addressing").glob("*.xml"))
+REFUSED = {  # explicit addresses libvirt refuses, and the part of libvirt's error the engine repeats
+    "root-port-slot-1": "slot must be <= 0",
+    "endpoint-on-pcie-expander-bus": "cannot be plugged into the PCI controller with index='4'",
+}
 FEDORA = "http://fedoraproject.org/fedora/37"
 SCHEMA = Path("/usr/share/libvirt/schemas/domain.rng")
 
@@ -184,6 +189,13 @@ def test_placements_libvirt_accepts_are_no_conflict_and_stay(path: Path) -> None
     assert done.returncode == 0, done.stderr.decode()
     assert addresses(done.stdout) == addresses(path.read_bytes())
     assert canonical(done.stdout) == canonical(path.read_bytes())
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_an_address_libvirt_refuses_is_a_conflict_naming_it(name: str) -> None:
+    done = cli("solve", str(DATA / "addressing" / "refused" / f"{name}.xml"), "--os", "linux2022", "-q")
+    assert done.returncode == 2, done.stderr.decode()
+    assert REFUSED[name] in done.stderr.decode() and "/domain/devices/memballoon[1]/address" in done.stderr.decode()
 
 
 def test_a_ramfb_at_a_pci_address_is_a_conflict_citing_libvirt(host, osdb) -> None:
@@ -365,3 +377,15 @@ def test_partial_outputs_define_in_libvirt_with_no_pci_address_for_never_pci_dev
     dumped = _define_and_dump(libvirt, out.xml)
     assert not _kept(out.xml, dumped)
     assert _device_of(dumped, kind).find("address[@type='pci']") is None
+
+
+@pytest.mark.libvirt
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_libvirt_refuses_those_addresses_too(name: str, libvirt: LibvirtHarness) -> None:
+    xml = (DATA / "addressing" / "refused" / f"{name}.xml").read_text()
+    try:
+        with pytest.raises(LibvirtError, match=REFUSED[name].replace("'", ".").replace("(", ".")):
+            libvirt.define(xml)
+    finally:
+        with contextlib.suppress(LibvirtError):  # nothing to undefine when libvirt refused it
+            libvirt.undefine(etree.fromstring(xml.encode()).findtext("name") or "")

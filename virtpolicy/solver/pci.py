@@ -586,6 +586,20 @@ class PciPlanner:
             bus = int(addr.get("bus", "0"), 0)
             slots = _slots_at(addr, controllers)
             here = Explicit(",".join(slots), xpath_of(addr))
+            refused = _refused_address(addr, controllers)
+            if refused is not None:
+                self.b._add_forbid(  # noqa: SLF001
+                    f"app:{xpath_of(addr)}:bus",
+                    [(inst.var("slot"), frozenset(SLOT_VALUES))],
+                    f"{inst.prefix}: {refused}",
+                    Provenance(
+                        Source.APP,
+                        xpath_of(addr),
+                        _address_text(addr),
+                        "libvirt src/conf/domain_addr.c virDomainPCIAddressBusSetModel, virDomainPCIAddressValidate",
+                        data=(("xpath", xpath_of(addr)), ("value", _address_text(addr))),
+                    ),
+                )
             self.b._pin(inst.var("slot"), slots, here, f"{inst.prefix} keeps its PCI address")  # noqa: SLF001
             node = nodes.get(bus)
             if node is not None and str(node) in self.b.problem.variables[inst.var("node")].values:
@@ -744,6 +758,39 @@ def _slots_at(addr: etree._Element, controllers: dict[int, etree._Element]) -> l
         "pcie-root": ["integrated"],
         "pci-root": ["pci", "integrated"],
     }.get(model, ["pci"])
+
+
+def _address_text(addr: etree._Element) -> str:
+    """An address as libvirt prints it (virPCIDeviceAddressAsString: 0000:00:1f.2)."""
+    try:
+        parts = [int(addr.get(k, "0"), 0) for k in ("domain", "bus", "slot", "function")]
+    except ValueError:
+        return " ".join(f"{k}={addr.get(k)}" for k in ("domain", "bus", "slot", "function"))
+    return f"{parts[0]:04x}:{parts[1]:02x}:{parts[2]:02x}.{parts[3]}"
+
+
+def _refused_address(addr: etree._Element, controllers: dict[int, etree._Element]) -> str | None:
+    """libvirt's own error for an explicit device address its bus does not take (pci.toml [buses]), or None.
+
+    A bus index with no controller is one libvirt adds with its default model, so nothing is known to refuse."""
+    bus = int(addr.get("bus", "0"), 0)
+    model = controllers[bus].get("model", "") if bus in controllers else ""
+    rule = table().get("buses", {}).get(model)
+    if rule is None:
+        return None
+    where = _address_text(addr)
+    if not rule["endpoints"]:
+        return (
+            f"The device at PCI address {where} cannot be plugged into the PCI controller with index='{bus}' "
+            f"({model} takes no endpoint devices)"
+        )
+    slot = int(addr.get("slot", "0"), 0)
+    low, high = rule["slots"]
+    if slot < low:
+        return f"Invalid PCI address {where}. slot must be >= {low} (on a {model})"
+    if slot > high:
+        return f"Invalid PCI address {where}. slot must be <= {high} (on a {model})"
+    return None
 
 
 def _root(fam: str) -> str:
