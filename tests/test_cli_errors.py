@@ -246,3 +246,46 @@ def test_cell_memory_that_does_not_add_up_is_accepted_as_libvirt_does_with_a_war
     done = run(str(write(tmp_path / "module.xml", with_module)), "--os", "fedora37", "-q")
     assert done.returncode == 0, done.stderr
     assert b"libvirt takes the sum" not in done.stderr
+
+
+# ----------------------------------------------------------------- resource bombs, exit codes, write errors (issue 9)
+
+
+def _timed(*args: str) -> tuple[subprocess.CompletedProcess[bytes], float]:
+    import time
+
+    start = time.perf_counter()
+    proc = run(*args)
+    return proc, time.perf_counter() - start
+
+
+def test_tiny_domains_with_giant_sizes_are_refused_quickly(tmp_path: Path) -> None:
+    """Each is a few hundred bytes that once grew to gigabytes: refused before anything is expanded."""
+    cell = "<cpu><numa><cell id='0' cpus='0-4294967295' memory='1048576'/></numa></cpu>"
+    cases = {
+        "vcpu": (PLAIN.replace("<os>", "<vcpu>4294967296</vcpu><os>"), "/domain/vcpu"),
+        "cells": (PLAIN.replace("<os>", f"<vcpu>4</vcpu>{cell}<os>"), "/domain/cpu/numa/cell/@cpus"),
+        "memory": (PLAIN.replace("<memory unit='MiB'>1024", "<memory unit='EiB'>1024"), "exceeds libvirt's limit"),
+        "bus": (PLAIN.replace("</disk>", "<address type='pci' bus='zz' slot='0x01'/></disk>"), "@bus"),
+    }
+    for name, (xml, fragment) in cases.items():
+        proc, elapsed = _timed(str(write(tmp_path / f"{name}.xml", xml)), "--os", "fedora37")
+        assert_input_error(proc, f"{name}.xml:1:", fragment)
+        assert elapsed < 10, f"{name}: {elapsed:.1f} s"
+
+
+def test_dev_zero_is_refused_after_16_mib() -> None:
+    proc, elapsed = _timed("/dev/zero", "--os", "fedora37")
+    assert_input_error(proc, "/dev/zero", "larger than 16 MiB")
+    assert elapsed < 10
+
+
+def test_usage_error_exits_1_not_2_in_one_line() -> None:
+    """2 means 'conflicting requirements'; a mistyped option is bad input."""
+    line = assert_input_error(run("--no-such-option"))
+    assert "unrecognized arguments: --no-such-option" in line
+
+
+def test_output_to_a_directory_is_one_line_naming_it(tmp_path: Path) -> None:
+    dom = write(tmp_path / "plain.xml", PLAIN)
+    assert_input_error(run(str(dom), "--os", "fedora37", "-q", "-o", str(tmp_path)), str(tmp_path), "cannot write")

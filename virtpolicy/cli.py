@@ -31,7 +31,8 @@ class _ArgumentParser(argparse.ArgumentParser):
     """argparse exits 2 on a usage error, which means "conflict" here: usage errors are bad input (1), one line."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_INPUT, f"{self.prog}: error: {message}\n")
+        command = self.prog.removeprefix("virtpolicy").strip()  # 'solve', 'device add' for a subcommand's error
+        self.exit(EXIT_INPUT, f"virtpolicy: error: {command + ': ' if command else ''}{message}\n")
 
 
 def _parser() -> argparse.ArgumentParser:
