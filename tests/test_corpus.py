@@ -149,6 +149,9 @@ def test_a_sample_of_outputs_defines_in_real_libvirt_with_addresses_kept(libvirt
 
 
 def _where(address: etree._Element) -> str:
+    """A device's identity across a define: libvirt sorts controllers, so they go by type and index."""
     device = address.getparent()
+    if device.tag == "controller":
+        return f"controller[{device.get('type')}:{device.get('index')}]"
     siblings = [d for d in device.getparent() if d.tag == device.tag]
     return f"{device.tag}[{siblings.index(device)}]"
