@@ -318,14 +318,22 @@ def _forbid_state(c: Forbid, fixed: dict[str, str]) -> list[tuple[str, frozenset
 def _propagate(domains: dict[str, list[str]], constraints: list[Constraint]) -> list[Bound] | None:
     """Unit propagation to a fixpoint; returns the constraints left with two or more free variables.
 
-    Nogoods (Forbid) are handled with set operations; other constraints by evaluation. Only constraints
-    on a variable whose domain shrank are looked at again.
+    Nogoods (Forbid) are handled with set operations; other constraints by evaluation. A constraint only
+    reads the fixed values, so only constraints on a variable that just became fixed are looked at again,
+    and a wide one (a capacity over every device) only once at most one of its variables is left free: a
+    count of its free variables is kept, instead of scanning them all each time one more is fixed, which
+    was quadratic in the number of devices.
     """
     watching: dict[str, list[int]] = {}
+    fixed = {name: vals[0] for name, vals in domains.items() if len(vals) == 1}
+    free_count: list[int] = []
     for i, c in enumerate(constraints):
+        open_vars = 0
         for v in c.variables:
             watching.setdefault(v, []).append(i)
-    fixed = {name: vals[0] for name, vals in domains.items() if len(vals) == 1}
+            if v not in fixed:
+                open_vars += 1
+        free_count.append(open_vars)
     done: set[int] = set()  # satisfied for good
     queue = list(range(len(constraints)))
     queued = set(queue)
@@ -348,6 +356,8 @@ def _propagate(domains: dict[str, list[str]], constraints: list[Constraint]) -> 
             kept = [value for value in domains[var] if value not in forbidden]
             done.add(i)
         else:
+            if free_count[i] > 1:
+                continue
             free_vars = tuple(v for v in c.variables if v not in fixed)
             if not free_vars:
                 if not c.holds(*(fixed[v] for v in c.variables)):
@@ -366,10 +376,11 @@ def _propagate(domains: dict[str, list[str]], constraints: list[Constraint]) -> 
             domains[var] = kept
             if len(kept) == 1:
                 fixed[var] = kept[0]
-            for j in watching.get(var, ()):
-                if j not in queued and j not in done:
-                    queue.append(j)
-                    queued.add(j)
+                for j in watching.get(var, ()):
+                    free_count[j] -= 1
+                    if j not in queued and j not in done:
+                        queue.append(j)
+                        queued.add(j)
     result: list[Bound] = []
     for i, c in enumerate(constraints):
         if i in done:
