@@ -46,10 +46,19 @@ class Bus:
     last_slot: int
     used: set[tuple[int, int]] = field(default_factory=set)  # (slot, function)
     reserved: set[int] = field(default_factory=set)  # slots kept for the chipset's fixed devices
+    functions: dict[int, set[int]] = field(default_factory=dict)  # slot -> functions in use: `used` by slot
+
+    def use(self, slot: int, function: int) -> None:
+        """Take (slot, function); `functions` keeps the lookups by slot constant-time for big domains."""
+        self.used.add((slot, function))
+        self.functions.setdefault(slot, set()).add(function)
 
     def free_slots(self) -> list[int]:
-        taken = {s for s, _ in self.used} | self.reserved
-        return [slot for slot in range(self.first_slot, self.last_slot + 1) if slot not in taken]
+        return [
+            slot
+            for slot in range(self.first_slot, self.last_slot + 1)
+            if slot not in self.functions and slot not in self.reserved
+        ]
 
     def free_slot(self) -> int | None:
         free = self.free_slots()
@@ -146,6 +155,11 @@ class TopologyBuilder:
         self.hotplug_ports = hotplug_ports
         self.graph = nx.DiGraph()
         self.buses: dict[int, Bus] = {}
+        # indexes over the graph, kept as edges are added, so that placing each of thousands of devices does
+        # not rescan every bus: what hangs off each (bus, slot), and the empty root ports under each parent
+        self._children: dict[tuple[int, int], list[tuple[tuple[str, int], int]]] = {}
+        self._empty_ports: dict[int, set[int]] = {}
+        self._last_controller: etree._Element | None = None
         self.next_index = 1
         fixed = table()["fixed"].get(family, {})
         self.reserved = {int(s, 16) for s in fixed.get("reserved", [])}
@@ -205,12 +219,24 @@ class TopologyBuilder:
             el = etree.Element("controller", type="pci", index="0", model=root_model)
             self._insert(el)
             self._add_bus(0, root_model, el)
+        check_controllers(self.devices, self.source)
         for addr in self.devices.iterfind("*/address[@type='pci']"):
             bus, slot, function = (int(addr.get(k, "0"), 0) for k in ("bus", "slot", "function"))
-            if bus in self.buses:
-                self.buses[bus].used.add((slot, function))
-            self.graph.add_edge(("bus", bus), self._node_of(addr.getparent()), slot=slot, function=function)
-        check_controllers(self.devices, self.source)
+            self._link(bus, slot, function, self._node_of(addr.getparent()))
+
+    def _link(self, bus: int, slot: int, function: int, child: tuple[str, int]) -> None:
+        """`child` sits at (slot, function) of `bus`: the graph edge, the bus's use and the indexes."""
+        if bus in self.buses:
+            self.buses[bus].use(slot, function)
+            parent = self._parent_of(bus)
+            if parent is not None:
+                self._empty_ports.get(parent, set()).discard(bus)
+        self.graph.add_edge(("bus", bus), child, slot=slot, function=function)
+        self._children.setdefault((bus, slot), []).append((child, function))
+        if child[0] == "bus" and child[1] in self.buses:
+            port = self.buses[child[1]]
+            if port.model == "pcie-root-port" and not port.used:
+                self._empty_ports.setdefault(bus, set()).add(child[1])
 
     @staticmethod
     def _node_of(el: etree._Element) -> tuple[str, int]:
@@ -235,7 +261,8 @@ class TopologyBuilder:
         self.graph.add_node(("bus", index), model=model, element=el)
 
     def empty_root_ports(self, parent: int) -> Iterator[int]:
-        for index, bus in sorted(self.buses.items()):
+        for index in sorted(self._empty_ports.get(parent, ())):
+            bus = self.buses[index]
             if bus.model == "pcie-root-port" and not bus.used and self._parent_of(index) == parent:
                 yield index
 
@@ -245,15 +272,22 @@ class TopologyBuilder:
 
     # --- building ----------------------------------------------------------------------------------
     def _insert(self, el: etree._Element) -> None:
-        controllers = self.devices.findall("controller")
-        if controllers:
-            controllers[-1].addnext(el)
+        """After the last controller (libvirt's order). Only this builder adds controllers while it runs, so
+        the last one is looked up once and then remembered, not searched for with every new root port."""
+        last = self._last_controller
+        if last is None or last.getparent() is not self.devices:
+            controllers = self.devices.findall("controller")
+            last = controllers[-1] if controllers else None
+        if last is not None:
+            last.addnext(el)
+            self._last_controller = el
         else:
             disks = self.devices.findall("disk")
             if disks:
                 disks[-1].addnext(el)
             else:
                 self.devices.insert(0, el)
+            self._last_controller = el
 
     def _address(self, el: etree._Element, bus: int, slot: int, function: int = 0) -> None:
         for old in el.findall("address"):
@@ -261,8 +295,7 @@ class TopologyBuilder:
         etree.SubElement(
             el, "address", type="pci", domain="0x0000", bus=_hex(bus), slot=_hex(slot), function=_hex(function, 1)
         )
-        self.buses[bus].used.add((slot, function))
-        self.graph.add_edge(("bus", bus), self._node_of(el), slot=slot, function=function)
+        self._link(bus, slot, function, self._node_of(el))
 
     def _controller(
         self,
@@ -294,7 +327,7 @@ class TopologyBuilder:
         for slot in range(max(bus.first_slot, FIRST_PORT_SLOT if parent == 0 else 0), bus.last_slot + 1):
             if parent == 0 and (slot == self.video_slot or slot in bus.reserved):
                 continue
-            used_here = {f for s, f in bus.used if s == slot}
+            used_here = bus.functions.get(slot, set())
             if used_here and not self._ports_only(parent, slot):
                 continue
             free = [f for f in range(8) if f not in used_here]
@@ -316,19 +349,18 @@ class TopologyBuilder:
         return index
 
     def _ports_only(self, bus: int, slot: int) -> bool:
-        for _, child, data in self.graph.out_edges(("bus", bus), data=True):
-            if data["slot"] == slot and child[0] == "bus" and self.buses[child[1]].model != "pcie-root-port":
+        for child, _ in self._children.get((bus, slot), ()):
+            if child[0] == "bus" and self.buses[child[1]].model != "pcie-root-port":
                 return False
-            if data["slot"] == slot and child[0] == "device":
+            if child[0] == "device":
                 return False
         return True
 
     def _mark_multifunction(self, bus: int, slot: int) -> None:
-        functions = sorted(f for s, f in self.buses[bus].used if s == slot)
-        if len(functions) < 2:
+        if len(self.buses[bus].functions.get(slot, ())) < 2:
             return
-        for _, child, data in self.graph.out_edges(("bus", bus), data=True):
-            if data["slot"] == slot and data["function"] == 0 and child[0] == "bus":
+        for child, function in self._children.get((bus, slot), ()):
+            if function == 0 and child[0] == "bus":
                 el = self.graph.nodes[child]["element"]
                 addr = el.find("address")
                 if addr is not None:
@@ -373,13 +405,13 @@ class TopologyBuilder:
     def _with_companions(self, p: Placement) -> None:
         """EHCI at function 7 and its UHCI companions at functions 0-2 of one bus-0 slot, as libvirt does."""
         bus = self.buses[0]
-        slot = p.fixed[0] if p.fixed and all(s != p.fixed[0] for s, _ in bus.used) else None
+        slot = p.fixed[0] if p.fixed and p.fixed[0] not in bus.functions else None
         if slot is None:
             slot = next(
                 (
                     s
                     for s in range(FIRST_PORT_SLOT, LAST_SLOT + 1)
-                    if s not in bus.reserved and s != self.video_slot and all(u != s for u, _ in bus.used)
+                    if s not in bus.reserved and s != self.video_slot and s not in bus.functions
                 ),
                 None,
             )
@@ -404,7 +436,12 @@ class TopologyBuilder:
 
     def _place_group(self, group: list[Placement], parent: int) -> None:
         bridge: int | None = self._existing_bridge(parent)
-        for p in group:
+        # how many devices from each position on still need an address (only each one's own turn gives it one)
+        remaining_from = [0] * (len(group) + 1)
+        for i in range(len(group) - 1, -1, -1):
+            unplaced = group[i].element.find("address[@type='pci']") is None
+            remaining_from[i] = remaining_from[i + 1] + unplaced
+        for position, p in enumerate(group):
             if self.root_kind == "pcie" and p.slot_type in ("pcie", "integrated"):
                 free = next(self.empty_root_ports(parent), None)
                 port = free if free is not None else self._root_port(parent)
@@ -417,7 +454,7 @@ class TopologyBuilder:
                 continue
             current = bridge if bridge is not None else parent
             free = self.buses[current].free_slots()
-            remaining = sum(1 for q in group[group.index(p) :] if q.element.find("address[@type='pci']") is None)
+            remaining = remaining_from[position]
             if not free:
                 raise TopologyError(f"PCI bus {current} is full")
             if len(free) == 1 and (remaining > 1 or self.hotplug_ports):
@@ -482,12 +519,10 @@ class TopologyBuilder:
             bus_nr = upper - need
             target.set("busNr", str(bus_nr))
             upper = bus_nr
-        root_buses = 1 + sum(
-            1
-            for i in self.buses
-            if i not in expanders.values()
-            and not any(nx.has_path(self.graph, ("bus", e), ("bus", i)) for e in expanders.values())
-        )
+        below_expanders: set[tuple[str, int]] = set()  # one walk per expander, not one path search per bus
+        for e in expanders.values():
+            below_expanders |= nx.descendants(self.graph, ("bus", e))
+        root_buses = 1 + sum(1 for i in self.buses if i not in expanders.values() and ("bus", i) not in below_expanders)
         if expanders and root_buses >= upper:
             raise TopologyError(f"the root complex needs {root_buses} bus numbers but the expanders start at {upper}")
 
