@@ -128,12 +128,12 @@ class Renderer:
         self.tree = copy.deepcopy(built.domain.tree)
         self.root = self.tree.getroot()
         self.domain = Domain(self.tree, built.domain.source)
-        # map instances of the original tree onto the copy, by XPath
+        # map instances of the original tree onto the copy: a deep copy has the same shape, so walking both
+        # in step pairs them (one pass; a path lookup per instance was quadratic in the number of devices)
+        twins = dict(zip(built.domain.tree.iter(), self.tree.iter(), strict=True))
         self.elements: dict[int, etree._Element | None] = {}
         for i, inst in enumerate(built.instances):
-            self.elements[i] = (
-                self.tree.find(built.domain.tree.getelementpath(inst.element)) if inst.element is not None else None
-            )
+            self.elements[i] = twins.get(inst.element) if inst.element is not None else None
 
     def render(self) -> etree._ElementTree:
         check_controllers(self.domain.devices_element, self.domain.source)  # before anything walks the buses
