@@ -379,3 +379,16 @@ def test_host_numbers_are_bounded(value: str, tmp_path: Path) -> None:
     domain.write_bytes(partial())
     code, _, err = run("solve", str(domain), "--os", "fedora37", "--host", str(caps))
     one_line_error(code, err, str(caps), "is not a number from 0 to 4294967295")
+
+
+def test_pci_controller_index_is_a_bus_number() -> None:
+    message = refused(partial(devices="<controller type='pci' index='4294967295' model='pcie-root-port'/>"))
+    assert "/domain/devices/controller[1]/@index" in message and "0-255" in message, message
+
+
+def test_output_rejection_names_the_first_device_libvirt_would_refuse() -> None:
+    """When several devices are wrong, the message still names one of them, not just <devices>."""
+    bad = "<interface type='user'><address type='pci' bus='0x101' slot='0x01'/></interface>\n"
+    data = PARTIAL.format(domain="", devices=bad * 2).replace("<disk", "<x").encode()
+    with pytest.raises(schema.OutputRejected, match=r"/domain/devices/interface\[1\]/address/@bus: "):
+        schema.validate_output(data, "<stdout>")

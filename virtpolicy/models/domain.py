@@ -201,7 +201,8 @@ def check_values(root: etree._Element, source: str) -> None:
         for attr, most in PCI_LIMITS.items():
             int_value(addr, source, attr, maximum=most, base0=True)
     for ctrl in root.iterfind("devices/controller"):
-        int_value(ctrl, source, "index", maximum=2**32 - 1)
+        # a PCI controller's index is the bus number it provides: 8 bits (libvirt's "index" of a PCI controller)
+        int_value(ctrl, source, "index", maximum=255 if ctrl.get("type") == "pci" else 2**32 - 1)
         for attr in ("ports", "vectors"):
             int_value(ctrl, source, attr, maximum=2**32 - 1)
         node = ctrl.find("target/node")

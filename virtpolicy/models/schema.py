@@ -38,7 +38,12 @@ RELAXED: dict[tuple[str, str], str] = {
 }
 
 # lxml messages that only say "something below failed"; a more specific one is preferred
-_GENERIC = ("failed to validate content", "Invalid sequence in interleave", "Expecting an element")
+_GENERIC = (
+    "failed to validate content",
+    "Invalid sequence in interleave",
+    "Expecting an element",
+    "Error validating value",
+)
 _LOCALIZE_BUDGET = 400  # validations spent finding the innermost rejected element (error path only)
 
 
@@ -150,6 +155,14 @@ def _innermost(schema: etree.RelaxNG, tree: etree._ElementTree) -> tuple[etree._
             if valid:
                 culprit = index
                 break
+        if culprit is None and parent.tag == "devices" and budget > 0:
+            # several devices are wrong at once (no single removal helps): the first that fails on its own
+            isolated = _isolate_device(schema, work, parent, budget)
+            if isolated is not None:
+                index, work, budget = isolated
+                steps.append(index)
+                parent = work.find("devices")[0]
+                continue
         if culprit is None:
             break
         steps.append(culprit)
@@ -171,6 +184,35 @@ def _innermost(schema: etree.RelaxNG, tree: etree._ElementTree) -> tuple[etree._
             attribute = name
             break
     return found, attribute
+
+
+def _isolate_device(
+    schema: etree.RelaxNG, work: etree._Element, devices: etree._Element, budget: int
+) -> tuple[int, etree._Element, int] | None:
+    """(index, a copy of `work` holding only that device, budget left) for the first device the schema
+    rejects on its own, when the document without any device is valid; None otherwise."""
+    children = list(devices)
+    for child in children:
+        devices.remove(child)
+    try:
+        budget -= 1
+        if not schema.validate(etree.ElementTree(work)):
+            return None
+        for index, child in enumerate(children):
+            if budget <= 0 or not isinstance(child.tag, str):
+                continue
+            budget -= 1
+            devices.append(child)
+            valid = schema.validate(etree.ElementTree(work))
+            devices.remove(child)
+            if not valid:
+                single = copy.deepcopy(work)
+                single.find("devices").append(copy.deepcopy(child))
+                return index, single, budget
+        return None
+    finally:
+        for child in children:
+            devices.append(child)
 
 
 def _message(schema: etree.RelaxNG, tree: etree._ElementTree, source: str) -> str:
