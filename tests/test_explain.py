@@ -133,7 +133,11 @@ SCENARIOS = {
             "<cell id='1' cpus='1' memory='256' unit='MiB'/></numa></cpu>",
         )
         .replace("<vcpu>1</vcpu>", "<vcpu>2</vcpu>")
-        .replace("<os>", "<numatune><memnode cellid='0' nodeset='0'/><memnode cellid='1' nodeset='1'/></numatune><os>"),
+        .replace(
+            "<os>",
+            "<numatune><memnode cellid='0' mode='strict' nodeset='0'/>"
+            "<memnode cellid='1' mode='strict' nodeset='1'/></numatune><os>",
+        ),
         "fedora37",
         host=lambda h, t: four_node_host(t),
     ),

@@ -164,6 +164,8 @@ class Builder:
         self.hyperv: list[HypervFeature] = []
         self._ids: set[str] = set()
         self._host_lacks: dict[str, dict[str, str]] = {}  # fact -> virt type -> file lacking it
+        self._host_per_type: dict[str, list[Constraint]] = {}  # fact -> its per-virt-type constraints so far
+        self._superseded: set[int] = set()  # ids of per-virt-type constraints a merged one replaced
         self.guest = self._supplemented(guest)
         self.facts = Facts(domain, self.guest, host, self.arch, device_names or {})
         self.compiler = ProfileCompiler(self, self.facts)
@@ -583,6 +585,9 @@ class Builder:
                     self._host_offers(name, value, row.key, wanted)
         for feature in self.hyperv:
             self._host_offers(f"hyperv.{feature.feature}", "on", "features/hyperv/features", feature.domcaps)
+        if self._superseded:  # one pass, not one per merged fact
+            self.problem.constraints = [c for c in self.problem.constraints if id(c) not in self._superseded]
+            self._superseded.clear()
 
     def _host_lists_app_machine(self, fam: str, vt: str) -> None:
         """The app's versioned machine name must exist on the host (its ABI is that exact version)."""
@@ -624,16 +629,19 @@ class Builder:
         lacking[vt] = prov.where
         offered = set(self.host.virt_types(self.arch)) & set(self.problem.variables["domain.type"].values)
         if set(lacking) >= offered:
-            self.problem.constraints = [c for c in self.problem.constraints if not c.id.startswith(f"host:{key}:")]
+            self._superseded.update(id(c) for c in self._host_per_type.pop(key, []))
             order = self.problem.variables["domain.type"].values
             files = tuple(dict.fromkeys(lacking[v] for v in order if v in lacking))
             merged = replace(prov, where=", ".join(files), data=(*prov.data, ("files", files)))
             self._add_forbid(f"host:{key}", conds, message, merged)
         else:
             one = replace(prov, data=(*prov.data, ("files", (prov.where,))))
+            count = len(self.problem.constraints)
             self._add_forbid(
                 f"host:{key}:{vt}", [*conds, ("domain.type", frozenset([vt]))], f"{message} ({vt} domains)", one
             )
+            if len(self.problem.constraints) > count:
+                self._host_per_type.setdefault(key, []).append(self.problem.constraints[-1])
 
     # --- guest OS driver support --------------------------------------------------------------------
     def _guest_forbid(
