@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from virtpolicy import __version__
 from virtpolicy.errors import InputError
@@ -22,6 +22,9 @@ from virtpolicy.models.guestos import DEFAULT_OSINFO_DB, UNKNOWN_OS, GuestOS, Os
 from virtpolicy.models.host import EMBEDDED_BUNDLE, Host, load_host_bundle
 from virtpolicy.models.pci import POLICIES
 from virtpolicy.solver.compile import SelectedProfile
+
+if TYPE_CHECKING:
+    from virtpolicy.solver.build import Build
 
 EMBEDDED_EXAMPLE = Path(__file__).parent / "data" / "examples" / "rhel6-on-q35.xml"
 EXIT_OK, EXIT_INPUT, EXIT_CONFLICT = 0, 1, 2
@@ -278,24 +281,23 @@ def cmd_solve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_explain(args: argparse.Namespace) -> int:
+def _build(args: argparse.Namespace, complete: bool | None) -> Build:
+    """The problem for a domain on the command line: its host, guest OS and profiles, read once."""
     from virtpolicy.solver.build import build
-    from virtpolicy.solver.explain_report import build_report, to_html, to_text
-    from virtpolicy.solver.solve import Conflict, solve
 
     domain = _read_domain(args.domain)
     host = _host(args)
     guest = _guest(args, domain)
     profiles = _selected_profiles(args, domain)
-    built = build(
-        domain,
-        host,
-        guest,
-        args.guest_support,
-        profiles,
-        OsinfoDB(args.osinfo_db).device_names(),
-        complete=args.complete,
-    )
+    names = OsinfoDB(args.osinfo_db).device_names()
+    return build(domain, host, guest, args.guest_support, profiles, names, complete=complete)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from virtpolicy.solver.explain_report import build_report, to_html, to_text
+    from virtpolicy.solver.solve import Conflict, solve
+
+    built = _build(args, args.complete)
     result = solve(built.problem)
     report = build_report(built, result, max(1, args.max_conflicts))
     if args.format == "json":
@@ -313,17 +315,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """An existing domain, as it is: 0 when it fits its host and guest, 2 with the minimal conflicts."""
-    from virtpolicy.solver.build import build
     from virtpolicy.solver.check_domain import check_report, check_text
     from virtpolicy.solver.solve import Conflict, solve
 
-    domain = _read_domain(args.domain)
-    host = _host(args)
-    guest = _guest(args, domain)
-    profiles = _selected_profiles(args, domain)
-    built = build(
-        domain, host, guest, args.guest_support, profiles, OsinfoDB(args.osinfo_db).device_names(), complete=True
-    )
+    built = _build(args, True)
     result = solve(built.problem)
     report = check_report(built, result, max(1, args.max_conflicts))
     if args.format == "json":
