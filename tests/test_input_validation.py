@@ -392,3 +392,10 @@ def test_output_rejection_names_the_first_device_libvirt_would_refuse() -> None:
     data = PARTIAL.format(domain="", devices=bad * 2).replace("<disk", "<x").encode()
     with pytest.raises(schema.OutputRejected, match=r"/domain/devices/interface\[1\]/address/@bus: "):
         schema.validate_output(data, "<stdout>")
+
+
+def test_profile_files_are_read_bounded(tmp_path: Path) -> None:
+    domain = tmp_path / "d.xml"
+    domain.write_bytes(partial())
+    code, _, err = run("solve", str(domain), "--os", "fedora37", "--profile", "/dev/zero")
+    one_line_error(code, err, "/dev/zero", "larger than 16 MiB")

@@ -47,7 +47,7 @@ from virtpolicy.errors import InputError
 from virtpolicy.models.catalog import catalog
 from virtpolicy.models.machines import families
 from virtpolicy.models.pci import pci_variables
-from virtpolicy.models.xmlsafe import parse_bytes
+from virtpolicy.models.xmlsafe import parse_bytes, read_file
 from virtpolicy.rules import snippets as snippet_rules
 from virtpolicy.rules.expr import ExprError, Expression, parse
 from virtpolicy.rules.facts import FACT_NAMES, FUNCTION_NAMES
@@ -364,11 +364,14 @@ def _rule(
 
 
 def read_profile_bytes(path: Path) -> bytes:
-    """A profile file's bytes, refusing unreadable and oversized files with file:line."""
+    """A profile file's bytes, refusing unreadable and oversized files with file:line.
+
+    Read bounded (xmlsafe.read_file, then this limit): `--profile /dev/zero` must not read forever.
+    """
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ProfileError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        data = read_file(path)
+    except InputError as exc:
+        raise ProfileError(str(exc)) from None
     if len(data) > MAX_PROFILE_BYTES:
         raise ProfileError(f"{path}:1: profile is {len(data)} bytes; the limit is {MAX_PROFILE_BYTES}")
     return data
