@@ -249,7 +249,9 @@ def summary(results: list[Result]) -> str:
     for r in results:
         if r.category in ("conflict", "input-error", "internal-error", "timeout"):
             for line in r.message.splitlines() or [r.category]:
-                conflicts.setdefault(f"{r.category}: {_line_key(line)[:200]}", []).append(r.file)
+                seen = conflicts.setdefault(f"{r.category}: {_line_key(line)[:200]}", [])
+                if r.file not in seen:
+                    seen.append(r.file)
     if conflicts:
         rows.append("\nconflict members and errors (files, line, examples):")
         for key, files in sorted(conflicts.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:40]:
