@@ -57,7 +57,7 @@ class Instance:
     index: int
     element: etree._Element | None
 
-    @property
+    @cached_property
     def prefix(self) -> str:
         return self.cls.name if self.cls.singleton else f"{self.cls.name}[{self.index}]"
 

@@ -162,6 +162,7 @@ class PciPlanner:
         self.slots = table()["slots"]
         self.devices: list[tuple[Instance, str]] = []  # (instance, the variable that decides its slot)
         self.never_pci: set[str] = set()  # prefixes of instances libvirt never gives a PCI address
+        self._controllers_by_index: dict[int, etree._Element] | None = None
 
     def _driver_var(self, inst: Instance) -> str | None:
         for var in inst.cls.variables:
@@ -645,8 +646,11 @@ class PciPlanner:
         )
 
     def _controllers(self) -> dict[int, etree._Element]:
-        """The PCI controllers the app wrote, by index."""
-        return {int(c.get("index", "-1")): c for c in self.b.domain.root.iterfind("devices/controller[@type='pci']")}
+        """The PCI controllers the app wrote, by index (read once: the app's XML does not change in a build)."""
+        if self._controllers_by_index is None:
+            found = self.b.domain.root.iterfind("devices/controller[@type='pci']")
+            self._controllers_by_index = {int(c.get("index", "-1")): c for c in found}
+        return self._controllers_by_index
 
     def _root_kind(self) -> str:
         """pcie or pci when every machine the app's XML still allows has that root bus, else 'either'."""
