@@ -167,6 +167,8 @@ def test_device_kinds_take_what_libvirt_gives_them(xml: str, takes: str) -> None
 
 def test_a_device_kind_no_row_names_is_unknown() -> None:
     assert addressing(etree.fromstring("<crypto model='virtio'/>")) is None
+    # a memballoon whose model the engine is still to choose (--refresh drops it) is no model='none' one
+    assert addressing(etree.fromstring("<memballoon><address type='pci' bus='0x01'/></memballoon>")) is None
 
 
 # --- complete domains: the fidelity reproductions ---------------------------------------------------
@@ -209,6 +211,26 @@ def test_a_ramfb_at_a_pci_address_is_a_conflict_citing_libvirt(host, osdb) -> No
     assert "/domain/devices/video[1]/address" in [m.provenance.where for m in out.result.members]  # type: ignore[union-attr]
     facts = [c for c in out.built.problem.constraints if c.id == "structural:pci-slot:video.slot"]
     assert facts and "qemuValidateDomainDeviceDefVideo" in facts[0].provenance.citation
+
+
+def test_zpci_addresses_and_pci_root_on_s390_are_libvirt_facts_not_conflicts(host, osdb) -> None:
+    """s390 guests use channel I/O, but zPCI devices sit on a pci-root at explicit PCI addresses."""
+    xml = (
+        "<domain type='kvm'><name>z</name><memory unit='MiB'>512</memory><vcpu>1</vcpu>"
+        "<os><type arch='s390x' machine='s390-ccw-virtio'>hvm</type></os><devices>"
+        "<controller type='pci' index='0' model='pci-root'/>"
+        "<interface type='user'><model type='virtio'/><address type='pci' domain='0x0000' bus='0x00' "
+        "slot='0x01' function='0x0'><zpci uid='0x0019' fid='0x0000001f'/></address></interface>"
+        "<memballoon model='virtio'><address type='ccw' cssid='0xfe' ssid='0x0' devno='0x0001'/></memballoon>"
+        "</devices></domain>"
+    )
+    out = run(xml, host, osdb, "linux2022")
+    ids = [c.id for c in out.built.problem.constraints]
+    # the x86 host offers no s390x guests, so this is a host conflict; but no PCI fact takes part in it
+    assert not out.solved
+    members = [m.id for m in out.result.members]  # type: ignore[union-attr]
+    assert not [m for m in members if "pci-slot" in m or "controller" in m or "address" in m], members
+    assert "structural:pci-slot:memballoon.slot" in ids  # its ccw address: never a PCI slot
 
 
 def test_pc_spare_slots_are_not_called_root_ports(host, osdb) -> None:

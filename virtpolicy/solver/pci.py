@@ -304,14 +304,15 @@ class PciPlanner:
             "pcie-switch-downstream-port",
             "dmi-to-pci-bridge",
         }
-        pci_only = {"pci-root", "pci-expander-bus"}
         families = self.b.problem.variables["machine"].values
         for el in self.b.domain.root.iterfind("devices/controller[@type='pci']"):
             model = el.get("model", "")
             if model in pcie_only:
                 allowed = [f for f in families if _root(f) == "pcie"]
-            elif model in pci_only:
-                allowed = [f for f in families if _root(f) == "pci"]
+            elif model == "pci-root":  # i440fx, pSeries PHBs, s390 zPCI: every machine without pcie-root
+                allowed = [f for f in families if _root(f) != "pcie"]
+            elif model == "pci-expander-bus":  # 'only supported on 440fx-based machinetypes'
+                allowed = [f for f in families if f == "pc"]
             else:
                 continue
             here = Explicit(model, xpath_of(el) + "/@model")
@@ -724,8 +725,11 @@ def _allowed_slots(
     disagrees, the address decides. A value with no row is one the engine does not model: its element's
     [[addressing]] row says what libvirt gives it; without one the device is carried through untouched
     (slot none: libvirt places it, as it would without the engine)."""
-    if root not in ("pcie", "pci") or (kind is not None and kind.takes == "none"):
+    if kind is not None and kind.takes == "none":
         return ["none"]  # a device libvirt never gives a PCI address (ramfb, usb-net, unassigned, USB ...)
+    if root not in ("pcie", "pci"):
+        # channel I/O (s390): no PCI slot of the engine's making, but an explicit zPCI address stays
+        return list(at) if at is not None else ["none"]
     if row is not None:
         allowed = list(row.get(root, ["pcie", "pci"] if root == "pcie" else ["pci"]))
     elif kind is not None and kind.takes in ("pcie", "virtio", "host"):
