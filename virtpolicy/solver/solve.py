@@ -149,13 +149,18 @@ class Solver:
         kept_multi: list[Constraint] = [c for c in hard if len(c.variables) > 1]
         kept: list[Constraint] = []
         dropped: list[Dropped] = []
+        partial_on: dict[str, list[Constraint]] = {}  # capacities that can refute a partial assignment
+        for c in hard:
+            if getattr(c, "partial", False):
+                for v in c.variables:
+                    partial_on.setdefault(v, []).append(c)
         for c in soft:
             values = tuple(witness[v] for v in c.variables)
             if c.holds(*values):
                 self._keep(c, domains, kept_multi, kept)
                 continue
             trial = self._narrowed(c, domains)
-            if trial is None:
+            if trial is None or _refuted(c, trial, partial_on):
                 dropped.append(Dropped(c, len(kept)))
                 continue
             candidate = self.find(kept_multi + ([c] if len(c.variables) > 1 else []), trial)
@@ -391,6 +396,22 @@ def _propagate(domains: dict[str, list[str]], constraints: list[Constraint]) -> 
         elif not free and not c.holds(*(fixed[v] for v in c.variables)):
             return None
     return result
+
+
+def _refuted(c: Constraint, trial: dict[str, list[str]], partial_on: dict[str, list[Constraint]]) -> bool:
+    """A capacity already exceeded by the values the kept requirements fixed, with `c` added: then `find`
+    could only fail, after a search over every device. With a thousand devices competing for 216 root
+    ports, most per-device `slot = pcie` preferences end here instead of in a full solve each."""
+    seen: set[int] = set()
+    for name in c.variables:
+        for p in partial_on.get(name, ()):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            values = [trial[v][0] if len(trial[v]) == 1 else Unassigned for v in p.variables]
+            if not p.holds(*values):
+                return True
+    return False
 
 
 def _simplify_counts(domains: dict[str, list[str]], bound: list[Bound]) -> list[Bound] | None:
