@@ -10,6 +10,7 @@ profile requirements comes before changing the app's own XML.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from virtpolicy.solver.problem import Constraint, Problem, Source
@@ -19,6 +20,7 @@ from virtpolicy.solver.solve import Solver
 # is its intent, and libvirt/QEMU facts cannot be changed at all
 COST = {Source.PROFILE: 1, Source.GUEST: 3, Source.HOST: 5, Source.APP: 8, Source.ENGINE: 0}
 MAX_HITTING_SETS = 5000
+REPAIR_TRIES = 64  # combinations of one device's other variables tried before asking the solver
 
 
 @dataclass
@@ -139,8 +141,20 @@ class ConflictExplainer:
     def decisions(
         self, witness: dict[str, str], decided_by: dict[str, Constraint | None], kept: list[Constraint]
     ) -> list[DecisionReason]:
-        """For a feasible problem: why each variable has its value, and what excluded each other value."""
+        """For a feasible problem: why each variable has its value, and what excluded each other value.
+
+        Each other value is first tried as a repair of the witness within its own device (`_repairable`):
+        when that works the value is possible, exactly as a search would have found, at the cost of the
+        device's few constraints instead of a solve of the whole domain per value.
+        """
         hard = self.candidates
+        on_var: dict[str, list[Constraint]] = {}
+        for c in [*self.background, *hard]:
+            for v in dict.fromkeys(c.variables):
+                on_var.setdefault(v, []).append(c)
+        device_of: dict[str, list[str]] = {}
+        for name in self.problem.variables:
+            device_of.setdefault(name.split(".")[0], []).append(name)
         reasons = []
         for name, var in self.problem.variables.items():
             excluded = []
@@ -150,7 +164,9 @@ class ConflictExplainer:
                 wish = _pin(name, value, self.problem)
                 # the witness with just this value changed often proves the value possible without a search
                 self.solver.hints = [{**witness, name: value}]
-                if self._feasible([*hard, wish]):
+                if self._repairable(witness, name, value, device_of[name.split(".")[0]], on_var) or self._feasible(
+                    [*hard, wish]
+                ):
                     by = [decided_by[name]] if decided_by.get(name) is not None else []
                     excluded.append(Excluded(value, by, hard=False))  # type: ignore[list-item]
                 else:
@@ -160,6 +176,30 @@ class ConflictExplainer:
         self.solver.hints = []
         del kept
         return reasons
+
+    def _repairable(
+        self,
+        witness: dict[str, str],
+        name: str,
+        value: str,
+        device: list[str],
+        on_var: dict[str, list[Constraint]],
+    ) -> bool:
+        """Is there a solution with `name = value` that differs from the witness only in this device's
+        variables? The witness satisfies every hard constraint, so only the constraints on those variables
+        need checking: True is a proof, False only means "ask the solver". Narrow constraints are checked
+        first, so a capacity over every device is evaluated only for a candidate that passes the rest."""
+        others = [v for v in device if v != name]
+        touched = sorted({id(c): c for v in device for c in on_var.get(v, ())}.values(), key=lambda c: len(c.variables))
+        choices = [[witness[v], *(x for x in self.problem.variables[v].values if x != witness[v])] for v in others]
+        for tried, combo in enumerate(itertools.product(*choices)):
+            if tried >= REPAIR_TRIES:
+                return False
+            local = dict(zip(others, combo, strict=True))
+            local[name] = value
+            if all(c.holds(*(local[v] if v in local else witness[v] for v in c.variables)) for c in touched):
+                return True
+        return False
 
     def _background_for(self, mus: list[Constraint]) -> list[Constraint]:
         if not self.background or not self.solver.consistent(mus):
