@@ -449,8 +449,8 @@ class PciPlanner:
 
     def _capacity(self) -> None:
         pcie = [(i.var("slot"), i.var("node")) for i, _ in self.devices]
-        if not pcie or (self.b.completeness.complete and self.b.focus is None):
-            return  # a complete domain places nothing: its layout is the one libvirt accepted
+        if not pcie:
+            return
         most_spare = max(int(v) for v in self.b.problem.variables["hotplug.ports"].values)
         # root ports exist on q35 only: on pc, hotplug.ports counts free PCI slots, which pci-bridges provide
         on_pcie = self._root_kind() != "pci"
