@@ -225,4 +225,8 @@ def test_mutated_domains_are_answered_never_crash(case: tuple[str, bytes], tmp_p
     again.write_bytes(out)
     code2, out2, err2 = _run(["solve", str(again), "-q", *_os_args(data)])
     assert code2 == 0, f"re-solve exit {code2}: {err2}\n{context}"
-    assert out2 == out, f"re-solving changed the output\n{context}"
+    if out2 != out:
+        import difflib
+
+        diff = "\n".join(difflib.unified_diff(out.decode().splitlines(), out2.decode().splitlines(), lineterm="", n=0))
+        pytest.fail(f"re-solving changed the output:\n{diff[:2000]}\n{context}")
