@@ -1,0 +1,121 @@
+"""Scale: solve and explain as a domain grows to hundreds and thousands of devices, and explain on every example.
+
+Issue 9 asks that work grow gently with size: 1,000 devices solve and explain within 5 s, and
+`virtpolicy explain` finish under 1 s on every file in examples/. This measures both, in-process with the
+host bundle and the osinfo-db index loaded once (their one-time cost is bench_vs_virtinstall.py's), as
+the median of a few runs. "solve" is build + solve + render, what `virtpolicy solve` does per request;
+"explain" is build + solve + the explain report, what `virtpolicy explain` does.
+
+A size whose first run exceeds --budget seconds is reported as such and the larger sizes of that kind
+and command are skipped: they would only take longer, and the table should come back in minutes.
+
+Run: .venv/bin/python benchmarks/bench_scale.py [--runs N] [--sizes 100,500,1000] [--budget S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from collections.abc import Callable
+
+from _benchutil import REPO, emit_json, environment, median, table
+
+from virtpolicy.models.domain import Domain
+from virtpolicy.models.guestos import OsinfoDB
+from virtpolicy.models.host import Host, embedded_host
+from virtpolicy.solver.build import build
+from virtpolicy.solver.explain_report import build_report
+from virtpolicy.solver.render import render, to_bytes
+from virtpolicy.solver.solve import Conflict, solve
+
+TARGET_DEVICES_S = 5.0  # 1,000 devices, solve or explain
+TARGET_EXAMPLE_S = 1.0  # explain on every file in examples/
+EXAMPLES = REPO / "examples"
+DEVICES: dict[str, Callable[[int], str]] = {
+    "disks": lambda i: f"<disk type='file' device='disk'><source file='/var/lib/images/d{i}.qcow2'/></disk>",
+    "interfaces": lambda i: "<interface type='network'><source network='default'/></interface>",
+}
+
+
+def scaled_domain(kind: str, count: int) -> bytes:
+    """A partial Fedora 37 domain with `count` devices of one kind and nothing else decided."""
+    devices = "".join(DEVICES[kind](i) for i in range(count))
+    return (
+        f"<domain type='kvm'><name>{kind}-{count}</name><memory unit='GiB'>8</memory><vcpu>8</vcpu>"
+        "<metadata><libosinfo:libosinfo xmlns:libosinfo='http://libosinfo.org/xmlns/libvirt/domain/1.0'>"
+        "<libosinfo:os id='http://fedoraproject.org/fedora/37'/></libosinfo:libosinfo></metadata>"
+        f"<os><type arch='x86_64'>hvm</type></os><devices>{devices}</devices></domain>"
+    ).encode()
+
+
+def run_once(data: bytes, source: str, host: Host, osdb: OsinfoDB, command: str) -> float:
+    """Seconds for one request, from the parsed input to the output (XML or explain report)."""
+    gc.collect()
+    start = time.perf_counter()
+    domain = Domain.from_bytes(data, source)
+    guest = osdb.lookup(domain.os_id.value if domain.os_id else "generic")
+    built = build(domain, host, guest, device_names=osdb.device_names())
+    result = solve(built.problem)
+    if command == "explain":
+        build_report(built, result, 10)
+    elif not isinstance(result, Conflict):
+        to_bytes(render(built, result))
+    return time.perf_counter() - start
+
+
+def measure(data: bytes, source: str, host: Host, osdb: OsinfoDB, command: str, runs: int, budget: float) -> dict:
+    """Median of `runs` requests; a first run over `budget` seconds is the only one."""
+    times = [run_once(data, source, host, osdb, command)]
+    if times[0] > budget:
+        return {"median_s": round(times[0], 3), "runs": 1, "over_budget": True}
+    times += [run_once(data, source, host, osdb, command) for _ in range(runs - 1)]
+    return {"median_s": round(median(times), 3), "runs": len(times), "over_budget": False}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--sizes", default="100,500,1000", help="device counts, comma-separated")
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds; larger sizes are skipped past it")
+    args = parser.parse_args()
+    sys.setrecursionlimit(1000)  # the default: a deep recursion must fail here as it would in the CLI
+    host, osdb = embedded_host(), OsinfoDB()
+    osdb.device_names()  # the index is built once per process, not per request
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    rows: list[list[object]] = []
+    results: list[dict[str, object]] = []
+    for kind in DEVICES:
+        for command in ("solve", "explain"):
+            skipped = False
+            for count in sizes:
+                name = f"{command} {count} {kind}"
+                if skipped:
+                    rows.append([name, "skipped", "-", f"a smaller size exceeded {args.budget:.0f} s"])
+                    results.append({"case": name, "skipped": True})
+                    continue
+                figure = measure(scaled_domain(kind, count), name, host, osdb, command, args.runs, args.budget)
+                skipped = bool(figure["over_budget"])
+                target = f"<= {TARGET_DEVICES_S:.0f} s" if count <= 1000 else "-"
+                note = f"over the {args.budget:.0f} s budget: one run" if skipped else f"{figure['runs']} runs"
+                rows.append([name, f"{figure['median_s']:.3f}", target, note])
+                results.append({"case": name, **figure})
+    for path in sorted(EXAMPLES.glob("*.xml")):
+        name = f"explain examples/{path.name}"
+        figure = measure(path.read_bytes(), str(path), host, osdb, "explain", args.runs, args.budget)
+        rows.append([name, f"{figure['median_s']:.3f}", f"<= {TARGET_EXAMPLE_S:.0f} s", f"{figure['runs']} runs"])
+        results.append({"case": name, **figure})
+    print(table(["case", "median s", "target", "notes"], rows))
+    emit_json(
+        {
+            "bench": "scale",
+            "results": results,
+            "targets": {"devices_s": TARGET_DEVICES_S, "example_explain_s": TARGET_EXAMPLE_S},
+            **environment(),
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
