@@ -33,6 +33,8 @@ usable), whatever else runs:
   (``unix_sock_dir``, auth ``none``; the tree is 0700) and ``--pid-file`` moves ``/run/libvirtd.pid``,
   which is outside ``/run/libvirt`` and would otherwise clash.  Clients connect with
   ``qemu:///system?socket=<tree>/sock/libvirt-sock`` (:data:`URI` for the session's harness).
+* Each daemon gets its own VNC/SPICE port range (:func:`display_ports`): port allocators are
+  per daemon, and concurrent runs (several developers, CI jobs) otherwise all start at 5900.
 * The private qemu.conf makes QEMU run as root (so it can use a root-only ``/dev/kvm`` and read
   images in any tmp dir), turns off the MAC security driver (a host AppArmor/SELinux policy is not
   what the tests are about) and writes QEMU's output straight to its log (``stdio_handler = "file"``),
@@ -76,6 +78,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +111,8 @@ security_driver = "none"
 remember_owner = 0
 stdio_handler = "file"
 """
+_DISPLAY_PORTS_PER_TREE = 64
+_DISPLAY_PORT_SLOTS = 400  # 5900 + 400 * 64 = 31500: below Linux's ephemeral ports (32768-60999)
 # Mounts each (source, target) pair given after the two fixed arguments, then becomes libvirtd: exec
 # keeps the pid Popen knows, so stop() ends exactly the daemon it started.
 _DAEMON_SCRIPT = (
@@ -128,6 +133,19 @@ def private_tree(tag: str = "") -> Path:
     The owner's pid is part of the name so that a later run can tell a tree whose owner died.
     """
     return RUN_DIR / (f"{TREE_PREFIX}{os.getpid()}" + (f"-{tag}" if tag else ""))
+
+
+def display_ports(tree: Path) -> tuple[int, int]:
+    """The VNC/SPICE autoport range of the daemon in ``tree``.
+
+    Each daemon's port allocator knows only its own guests, so two private daemons starting a
+    graphical domain at the same moment both chose 5900 and one QEMU died ("binding socket to
+    127.0.0.1:5900 failed").  Each tree gets its own 64 ports between 5900 (libvirt's minimum) and
+    31499, below the ephemeral range; a clash needs two runs hashed alike *and* starting at once.
+    """
+    slot = zlib.crc32(tree.name.encode()) % _DISPLAY_PORT_SLOTS
+    lo = 5900 + slot * _DISPLAY_PORTS_PER_TREE
+    return lo, lo + _DISPLAY_PORTS_PER_TREE - 1
 
 
 def uri_for(tree: Path) -> str:
@@ -251,7 +269,10 @@ class LibvirtHarness:
             (self.tree / name).mkdir(mode=0o755)
             target.mkdir(parents=True, exist_ok=True)  # a bind mount needs its mount point
         (self.tree / "sock").mkdir(mode=0o700)
-        (self.tree / "etc" / "qemu.conf").write_text(PRIVATE_QEMU_CONF)
+        lo, hi = display_ports(self.tree)
+        (self.tree / "etc" / "qemu.conf").write_text(
+            PRIVATE_QEMU_CONF + f"remote_display_port_min = {lo}\nremote_display_port_max = {hi}\n"
+        )
         (self.tree / "etc" / "libvirtd.conf").write_text(
             "# Written by virtpolicy tests/libvirt_harness.py for its private libvirtd.\n"
             f'unix_sock_dir = "{self.tree / "sock"}"\n'
@@ -662,6 +683,7 @@ __all__ = [
     "LibvirtError",
     "LibvirtHarness",
     "StartResult",
+    "display_ports",
     "missing_binaries",
     "pid_alive",
     "private_tree",

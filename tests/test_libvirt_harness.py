@@ -19,7 +19,14 @@ from pathlib import Path
 
 import pytest
 from guest_driver_oracle import virtio_devices_needing_drivers
-from libvirt_harness import LibvirtError, LibvirtHarness, pid_alive, private_tree, reap_stale_trees
+from libvirt_harness import (
+    LibvirtError,
+    LibvirtHarness,
+    display_ports,
+    pid_alive,
+    private_tree,
+    reap_stale_trees,
+)
 from lxml import etree
 
 pytestmark = pytest.mark.libvirt
@@ -253,6 +260,8 @@ def test_suite_runs_beside_a_libvirt_qemu_system_daemon(libvirt: LibvirtHarness,
         assert disk is not None and Path(disk.get("file", "")).parent == tmp_path / "harness"
         assert live.findtext("seclabel[@model='dac']/label") == "+0:+0"  # the harness's QEMU is root
         assert live.get("type") == ("kvm" if harness.kvm_usable() else "qemu")
+        lo, hi = display_ports(harness.tree)  # its own VNC ports: no race with other daemons' guests
+        assert lo <= int(live.find("devices/graphics").get("port", "0")) <= hi
         assert not harness.tree.exists()
         if started_here:
             assert system_virsh("version").returncode == 0  # the machine's daemon was left alone
