@@ -6,8 +6,9 @@ host bundle and the osinfo-db index loaded once (their one-time cost is bench_vs
 the median of a few runs. "solve" is build + solve + render, what `virtpolicy solve` does per request;
 "explain" is build + solve + the explain report, what `virtpolicy explain` does.
 
-A size whose first run exceeds --budget seconds is reported as such and the larger sizes of that kind
-and command are skipped: they would only take longer, and the table should come back in minutes.
+A size whose first run exceeds --budget seconds is reported as such, and a larger size is skipped when
+this one's time, grown quadratically to it, would exceed the budget: the table should come back in
+minutes, not hours.
 
 Run: .venv/bin/python benchmarks/bench_scale.py [--runs N] [--sizes 100,500,1000] [--budget S]
 """
@@ -89,16 +90,21 @@ def main() -> None:
     for kind in DEVICES:
         for command in ("solve", "explain"):
             skipped = False
-            for count in sizes:
+            for position, count in enumerate(sizes):
                 name = f"{command} {count} {kind}"
                 if skipped:
-                    rows.append([name, "skipped", "-", f"a smaller size exceeded {args.budget:.0f} s"])
+                    rows.append([name, "skipped", "-", f"a smaller size predicts over {args.budget:.0f} s"])
                     results.append({"case": name, "skipped": True})
                     continue
                 figure = measure(scaled_domain(kind, count), name, host, osdb, command, args.runs, args.budget)
-                skipped = bool(figure["over_budget"])
+                grown = figure["median_s"] * (sizes[position + 1] / count) ** 2 if position + 1 < len(sizes) else 0
+                skipped = bool(figure["over_budget"]) or grown > args.budget
                 target = f"<= {TARGET_DEVICES_S:.0f} s" if count <= 1000 else "-"
-                note = f"over the {args.budget:.0f} s budget: one run" if skipped else f"{figure['runs']} runs"
+                note = (
+                    f"over the {args.budget:.0f} s budget: one run"
+                    if figure["over_budget"]
+                    else f"{figure['runs']} runs"
+                )
                 rows.append([name, f"{figure['median_s']:.3f}", target, note])
                 results.append({"case": name, **figure})
     for path in sorted(EXAMPLES.glob("*.xml")):
