@@ -8,6 +8,7 @@ solve idempotent: solving the output again gives the same bytes.
 from __future__ import annotations
 
 import copy
+import itertools
 import string
 from collections.abc import Iterator
 
@@ -114,10 +115,12 @@ def _set_if_unset(el: etree._Element, attr: str, value: str) -> None:
 
 
 def _target_names(prefix: str) -> Iterator[str]:
+    """vda ... vdz, vdaa ... vdzz, vdaaa ...: libvirt's own disk-name order (virDiskNameToIndex), which
+    goes past two letters (a domain may hold up to the device cap, more than the 702 two letters give)."""
     letters = string.ascii_lowercase
-    for first in ("", *letters):
-        for second in letters:
-            yield f"{prefix}{first}{second}"
+    for length in (1, 2, 3):
+        for chars in itertools.product(letters, repeat=length):
+            yield prefix + "".join(chars)
 
 
 class Renderer:
