@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
@@ -18,6 +21,23 @@ from virtpolicy.solver.render import render, to_bytes
 from virtpolicy.solver.solve import Conflict, Solution, Solver
 
 LIBOSINFO = "http://libosinfo.org/xmlns/libvirt/domain/1.0"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(
+    *args: str, stdin: bytes | None = None, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[bytes]:
+    """The real command line, as an operator runs it (PYTHONPATH keeps this checkout when cwd moves)."""
+    environ = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "virtpolicy.cli", *args],
+        capture_output=True,
+        timeout=timeout,
+        cwd=cwd,
+        input=stdin,
+        env=environ,
+        check=False,
+    )
 
 
 def partial_domain(name: str, os_id: str | None, machine: str | None, devices: str, extra: str = "") -> str:

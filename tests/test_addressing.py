@@ -11,14 +11,12 @@ tests/data/fidelity/ (libvirt-produced domains earlier versions broke) and tests
 from __future__ import annotations
 
 import contextlib
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from libvirt_harness import LibvirtError, LibvirtHarness
 from lxml import etree
-from support import partial_domain, run
+from support import cli, partial_domain, run
 
 from virtpolicy.models.domain import VIRTPOLICY_NS, Domain
 from virtpolicy.models.pci import TAKES, addressing, addressing_rows
@@ -69,12 +67,6 @@ def addresses(xml: bytes) -> list[tuple[str, str]]:
 
 def pci_devices(xml: bytes) -> list[etree._Element]:
     return etree.fromstring(xml).xpath("devices/*[address/@type='pci']")
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "virtpolicy.cli", *args], capture_output=True, cwd=REPO, timeout=120, check=False
-    )
 
 
 @pytest.fixture(scope="module")
@@ -174,19 +166,10 @@ def test_a_device_kind_no_row_names_is_unknown() -> None:
 # --- complete domains: the fidelity reproductions ---------------------------------------------------
 
 
-@pytest.mark.parametrize("path", FIDELITY, ids=lambda p: p.stem)
-def test_addressing_reproduction_solves_unchanged(path: Path) -> None:
-    done = cli("solve", str(path), "--os", "linux2022", "-q")
-    assert done.returncode == 0, done.stderr.decode()
-    # the addressing part: no device gained, lost or moved an address (ramfb, usb-net, unassigned get none)
-    assert addresses(done.stdout) == addresses(path.read_bytes())
-    # the whole domain (this also needs the lead's "complete domains come back unchanged" work: no added
-    # <features>, tablet, graphics ...; it holds since that landed)
-    assert canonical(done.stdout) == canonical(path.read_bytes())
-
-
-@pytest.mark.parametrize("path", FALSE_CONFLICTS, ids=lambda p: p.stem)
-def test_placements_libvirt_accepts_are_no_conflict_and_stay(path: Path) -> None:
+@pytest.mark.parametrize("path", FIDELITY + FALSE_CONFLICTS, ids=lambda p: p.stem)
+def test_reproduction_solves_unchanged_with_every_address_where_it_was(path: Path) -> None:
+    """The fidelity reproductions (ramfb, usb-net, unassigned get no address) and placements libvirt accepts
+    (no false conflict): exit 0, no device gained, lost or moved an address, and nothing else changed."""
     done = cli("solve", str(path), "--os", "linux2022", "-q")
     assert done.returncode == 0, done.stderr.decode()
     assert addresses(done.stdout) == addresses(path.read_bytes())

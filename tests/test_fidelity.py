@@ -7,14 +7,12 @@ changed or refused (each file's comment says how). The completeness rule is docs
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from corpus import normalise
 from lxml import etree
-from support import partial_domain, run
+from support import cli, partial_domain, run
 
 from virtpolicy.models.completeness import completeness
 from virtpolicy.models.domain import Domain
@@ -22,12 +20,6 @@ from virtpolicy.models.domain import Domain
 REPO = Path(__file__).resolve().parents[1]
 FIDELITY = Path(__file__).parent / "data" / "fidelity"
 ADDRESSING = {"ramfb.xml", "usbnet.xml", "unassigned.xml", "vserial-no-agent.xml"}  # tests/test_addressing.py
-
-
-def cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "virtpolicy.cli", *args], input=stdin, capture_output=True, cwd=REPO, timeout=120
-    )
 
 
 @pytest.mark.parametrize("path", sorted(FIDELITY.glob("*.xml")), ids=lambda p: p.stem)

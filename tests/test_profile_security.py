@@ -9,13 +9,12 @@ files in real directories: nothing is mocked.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from lxml import etree
+from support import cli
 
 from virtpolicy.rules.profile import ProfileError, check_name, find_profile, load_profile
 
@@ -24,22 +23,6 @@ VP = "http://virtpolicy.org/xmlns/domain/1.0"
 QEMU = "http://libvirt.org/schemas/domain/qemu/1.0"
 SECRET = "PLANTED-PROFILE-CONTENT-7f3a"
 COMMANDLINE = f"<qemu:commandline xmlns:qemu='{QEMU}'><qemu:arg value='-{SECRET}'/></qemu:commandline>"
-
-
-def cli(
-    *args: str, stdin: bytes | None = None, cwd: Path = REPO, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[bytes]:
-    """The real command line, as an operator runs it (PYTHONPATH keeps this checkout when cwd moves)."""
-    environ = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "virtpolicy.cli", *args],
-        capture_output=True,
-        timeout=60,
-        cwd=cwd,
-        input=stdin,
-        env=environ,
-        check=False,
-    )
 
 
 def domain(*names: str) -> bytes:

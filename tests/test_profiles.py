@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from lxml import etree
+from support import cli
 
 from virtpolicy.models.domain import Domain
 from virtpolicy.rules.expr import ExprError, parse
@@ -23,17 +22,6 @@ from virtpolicy.solver.solve import Conflict, Solution, Solver
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
 VP = "http://virtpolicy.org/xmlns/domain/1.0"
-
-
-def cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "virtpolicy.cli", *args],
-        capture_output=True,
-        timeout=60,
-        cwd=REPO,
-        input=stdin,
-        check=False,
-    )
 
 
 def solve_with(xml: bytes, os_key: str, names: list[str], host, osdb, paths=(), priorities=None):  # type: ignore[no-untyped-def]
