@@ -381,7 +381,8 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     if args.profiles_command == "show":
         from virtpolicy.solver.check import profile_summary
 
-        print("\n".join(profile_summary(find_profile(args.name, args.profile_path))))
+        profile = find_profile(args.name, args.profile_path, where="profiles show", allow_path=True)  # operator's
+        print("\n".join(profile_summary(profile)))
         return EXIT_OK
     from virtpolicy.models.host import embedded_host
     from virtpolicy.solver.check import ProfileChecker
