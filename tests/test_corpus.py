@@ -30,7 +30,7 @@ def _require_corpus() -> None:
     if corpus_dir() is None:
         if os.environ.get("CI"):
             pytest.fail("CI is set but the libvirt corpus is missing (scripts/fetch-libvirt-corpus.sh)", pytrace=False)
-        pytest.skip("libvirt corpus not fetched (scripts/fetch-libvirt-corpus.sh)")
+        pytest.skip("libvirt corpus not downloaded yet: bash scripts/setup.sh test fetches it")
 
 
 @pytest.fixture(scope="module")
