@@ -12,7 +12,7 @@ from typing import Any
 
 from virtpolicy.solver.build import Build
 from virtpolicy.solver.explain_report import build_report, to_text
-from virtpolicy.solver.report import _header
+from virtpolicy.solver.report import report_header
 from virtpolicy.solver.solve import Conflict, Solution
 
 
@@ -25,7 +25,7 @@ def check_report(built: Build, result: Solution | Conflict, max_conflicts: int) 
     hard = [c for c in built.problem.constraints if c.is_hard]
     sources = sorted({c.provenance.source.value for c in hard})
     return {
-        **_header(built, "fits"),
+        **report_header(built, "fits"),
         "checked": {"requirements": len(hard), "sources": sources, "guest_drivers": built.guest.described},
         "warnings": built.warnings_for(result),
     }

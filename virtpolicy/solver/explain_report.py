@@ -17,7 +17,7 @@ import networkx as nx
 from virtpolicy.solver.build import Build
 from virtpolicy.solver.explain import ConflictExplainer, Explanation
 from virtpolicy.solver.problem import Constraint, Source
-from virtpolicy.solver.report import _header
+from virtpolicy.solver.report import report_header
 from virtpolicy.solver.solve import Conflict, Solution
 
 SCHEMA = "virtpolicy-explain/1"
@@ -38,7 +38,7 @@ def requirement(c: Constraint) -> dict[str, Any]:
 
 def build_report(built: Build, result: Solution | Conflict, max_conflicts: int) -> dict[str, Any]:
     explainer = ConflictExplainer(built.problem)
-    report: dict[str, Any] = {**_header(built, "conflict" if isinstance(result, Conflict) else "solved")}
+    report: dict[str, Any] = {**report_header(built, "conflict" if isinstance(result, Conflict) else "solved")}
     report["schema"] = SCHEMA
     if isinstance(result, Conflict):
         explanation: Explanation = explainer.explain(max_conflicts)

@@ -44,7 +44,7 @@ def decisions_json(built: Build, solution: Solution) -> list[dict[str, Any]]:
     return rows
 
 
-def _header(built: Build, status: str) -> dict[str, Any]:
+def report_header(built: Build, status: str) -> dict[str, Any]:
     """What every report says first: schema version, outcome, and which domain, OS and host it is about."""
     return {
         "schema": REPORT_SCHEMA_VERSION,
@@ -69,7 +69,7 @@ def _header(built: Build, status: str) -> dict[str, Any]:
 
 def solution_json(built: Build, solution: Solution, xml: str) -> dict[str, Any]:
     return {
-        **_header(built, "solved"),
+        **report_header(built, "solved"),
         "decisions": decisions_json(built, solution),
         "dropped_preferences": [
             {
@@ -86,7 +86,7 @@ def solution_json(built: Build, solution: Solution, xml: str) -> dict[str, Any]:
 
 def conflict_json(built: Build, conflict: Conflict) -> dict[str, Any]:
     return {
-        **_header(built, "conflict"),
+        **report_header(built, "conflict"),
         "warnings": list(built.warnings),
         "conflict": [_constraint_json(c) for c in conflict.members],
         "background": [_constraint_json(c) for c in conflict.background],
