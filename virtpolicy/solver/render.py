@@ -419,8 +419,10 @@ class Renderer:
             )
         for name, decision in self.solution.decisions.items():
             reason = decision.reason.id if decision.reason is not None else "search order"
-            if name in previous and previous[name][0] == decision.value and (
-                reason.startswith("app:") or self.built.complete
+            if (
+                name in previous
+                and previous[name][0] == decision.value
+                and (reason.startswith("app:") or self.built.complete)
             ):
                 reason = previous[name][1]  # decided by an earlier solve: keep its reason (idempotence)
             etree.SubElement(record, f"{{{VIRTPOLICY_NS}}}decision", variable=name, value=decision.value, reason=reason)
