@@ -12,19 +12,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from virtpolicy import __version__
-from virtpolicy.errors import InputError
-from virtpolicy.models.completeness import completeness
-from virtpolicy.models.domain import Domain
-from virtpolicy.models.guestos import DEFAULT_OSINFO_DB, UNKNOWN_OS, GuestOS, OsinfoDB
-from virtpolicy.models.host import EMBEDDED_BUNDLE, Host, load_host_bundle
+from virtpolicy.errors import InputError, OutputRejected
+from virtpolicy.models.guestos import DEFAULT_OSINFO_DB
 from virtpolicy.models.pci import POLICIES
-from virtpolicy.solver.compile import SelectedProfile
 
 if TYPE_CHECKING:
-    from virtpolicy.solver.build import Build
+    from virtpolicy.engine import Engine
 
 EMBEDDED_EXAMPLE = Path(__file__).parent / "data" / "examples" / "rhel6-on-q35.xml"
 EXIT_OK, EXIT_INPUT, EXIT_CONFLICT = 0, 1, 2
@@ -89,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     _input_options(add)
     add.add_argument("device_xml", type=Path, help="the device element (e.g. <interface>, <disk>) to add")
     add.add_argument("--node", type=int, metavar="N", help="the guest NUMA node the device belongs to")
+    add.add_argument("--format", choices=("xml", "json"), default="xml")
     add.add_argument(
         "--policy",
         choices=POLICIES,
@@ -150,17 +147,18 @@ def _input_options(cmd: argparse.ArgumentParser) -> None:
     )
 
 
-def _read_domain(arg: str | None) -> Domain:
+def _domain_bytes(arg: str | None) -> tuple[bytes, str]:
+    """The domain argument as (bytes, name): a file, '-' for stdin, or the embedded example."""
+    from virtpolicy.models.xmlsafe import read_file, read_stream
+
     if arg is None:
         if sys.stdin.isatty():
             print(f"virtpolicy: no domain given; solving the embedded example {EMBEDDED_EXAMPLE.name}", file=sys.stderr)
-            return Domain.from_file(EMBEDDED_EXAMPLE)
+            return read_file(EMBEDDED_EXAMPLE), str(EMBEDDED_EXAMPLE)
         arg = "-"
     if arg == "-":
-        from virtpolicy.models.xmlsafe import read_stream
-
-        return Domain.from_bytes(read_stream(sys.stdin.buffer, "<stdin>"), "<stdin>")
-    return Domain.from_file(Path(arg))
+        return read_stream(sys.stdin.buffer, "<stdin>"), "<stdin>"
+    return read_file(Path(arg)), str(Path(arg))
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -171,191 +169,111 @@ def _write(path: Path, data: bytes) -> None:
         raise InputError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
-def _host(args: argparse.Namespace) -> Host:
-    if args.connect:
-        import tempfile
+def _engine(args: argparse.Namespace) -> Engine:
+    """The one engine this command runs on: its host (a bundle or a live libvirt), osinfo-db and profiles."""
+    from virtpolicy.engine import Engine
 
-        from virtpolicy.models.capture import live_host
-
-        with tempfile.TemporaryDirectory(prefix="virtpolicy-host-") as tmp:
-            return live_host(args.connect, Path(tmp))
-    return load_host_bundle(args.host or EMBEDDED_BUNDLE)
-
-
-def _guest(args: argparse.Namespace, domain: Domain) -> GuestOS:
-    """The named OS; for a complete domain that names none, UNKNOWN_OS (guest-driver checks skipped)."""
-    key = args.os_id or (domain.os_id.value if domain.os_id else None)
-    if key is None and completeness(domain.root, domain.source, getattr(args, "complete", None)).complete:
-        return UNKNOWN_OS
-    if key is None:
-        raise InputError(
-            f"{domain.source}: no guest OS: add <libosinfo:os id='...'/> metadata or pass --os "
-            "(--os generic for an OS osinfo-db does not know)"
-        )
-    return OsinfoDB(args.osinfo_db).lookup(key)
+    options = {"osinfo_db": args.osinfo_db, "profile_path": args.profile_path}
+    if getattr(args, "connect", None):
+        return Engine.from_connection(args.connect, **options)
+    return Engine(getattr(args, "host", None), **options)
 
 
-def _selected_profiles(args: argparse.Namespace, domain: Domain) -> list[SelectedProfile]:
-    """The domain's metadata selections, then --profile ones.
+def _request(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments every domain command passes to the engine."""
+    data, source = _domain_bytes(args.domain)
+    return {
+        "domain": data,
+        "source": source,
+        "profiles": args.profile,
+        "os": args.os_id,
+        "guest_support": args.guest_support,
+    }
 
-    A domain is often written by someone other than the operator, so its selections are names on the
-    search path only; a file is accepted from --profile alone (the operator's own choice).
-    """
-    from virtpolicy.models.domain import xpath_of
-    from virtpolicy.rules.profile import find_profile
 
-    lines: dict[str, int] = {}  # XPath of each selecting element -> its line, for file:line messages
-    metadata = domain.root.find("metadata")
-    for el in metadata.iterfind(".//{*}profile") if metadata is not None else ():
-        lines.setdefault(xpath_of(el), el.sourceline or 0)
-    selected = []
-    for sel in domain.profile_selections():
-        line = lines.get(sel.where)
-        where = f"{domain.source}:{line}: {sel.where}" if line else f"{domain.source}: {sel.where}"
-        profile = find_profile(sel.name, args.profile_path, sel.version, where)
-        selected.append(SelectedProfile(profile, sel.priority, sel.where))
-    for spec in args.profile:
-        name, at, version = spec.rpartition("@")
-        if not at or "/" in version:  # no @VERSION (a path may hold an '@' of its own)
-            name, version = spec, ""
-        profile = find_profile(name, args.profile_path, version or None, f"--profile {spec}", allow_path=True)
-        selected.append(SelectedProfile(profile, 0, "--profile"))
-    names = [s.profile.name for s in selected]
-    return [s for i, s in enumerate(selected) if s.profile.name not in names[:i]]
+CONFLICT_HINT = (
+    "  'virtpolicy explain' with the same arguments lists every minimal conflict and the smallest "
+    "changes that resolve them."
+)
 
 
 def cmd_solve(args: argparse.Namespace) -> int:
-    from virtpolicy.models.schema import validate_output
-    from virtpolicy.solver.build import build
-    from virtpolicy.solver.render import render, to_bytes
-    from virtpolicy.solver.report import conflict_json, conflict_text, solution_json, solution_text
-    from virtpolicy.solver.solve import Conflict, solve
-
-    domain = _read_domain(args.domain)
-    host = _host(args)
-    guest = _guest(args, domain)
-    profiles = _selected_profiles(args, domain)
-    original = domain
-    if args.refresh:
-        from virtpolicy.solver.refresh import forget_engine_decisions
-
-        domain = forget_engine_decisions(domain)
-    start = time.perf_counter()
-    built = build(
-        domain,
-        host,
-        guest,
-        args.guest_support,
-        profiles,
-        OsinfoDB(args.osinfo_db).device_names(),
-        complete=False if args.refresh else args.complete,  # refresh re-decides: the domain is partial again
+    engine = _engine(args)
+    result = engine.solve(
+        **_request(args), refresh=args.refresh, complete=args.complete, output_name=str(args.output or "<stdout>")
     )
-    result = solve(built.problem)
-    if isinstance(result, Conflict):
+    if not result.feasible:
         if args.format == "json":
-            print(json.dumps(conflict_json(built, result), indent=2, sort_keys=True))
-        print(conflict_text(built, result), file=sys.stderr)
-        print(
-            "  'virtpolicy explain' with the same arguments lists every minimal conflict and the smallest "
-            "changes that resolve them.",
-            file=sys.stderr,
-        )
+            print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+        print(result.summary(), file=sys.stderr)
+        print(CONFLICT_HINT, file=sys.stderr)
         return EXIT_CONFLICT
-    xml = to_bytes(render(built, result))
-    validate_output(xml, str(args.output or "<stdout>"))
-    elapsed = (time.perf_counter() - start) * 1000
     if args.refresh:
-        from virtpolicy.solver.refresh import diff
-
-        print(diff(original, xml) or "virtpolicy: --refresh: nothing would change", file=sys.stderr)
+        print(result.diff or "virtpolicy: --refresh: nothing would change", file=sys.stderr)
     if args.format == "json":
-        print(json.dumps(solution_json(built, result, xml.decode()), indent=2, sort_keys=True))
+        print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
     elif args.output:
-        _write(args.output, xml)
+        _write(args.output, result.xml_bytes or b"")
     else:
-        sys.stdout.buffer.write(xml)
+        sys.stdout.buffer.write(result.xml_bytes or b"")
     if not args.quiet:
-        print(solution_text(built, result, elapsed), file=sys.stderr)
-    for warning in built.warnings_for(result):
-        print(f"virtpolicy: warning: {warning}", file=sys.stderr)
+        print(result.summary(), file=sys.stderr)
+    _print_warnings(result.warnings)
     return EXIT_OK
 
 
-def _build(args: argparse.Namespace, complete: bool | None) -> Build:
-    """The problem for a domain on the command line: its host, guest OS and profiles, read once."""
-    from virtpolicy.solver.build import build
-
-    domain = _read_domain(args.domain)
-    host = _host(args)
-    guest = _guest(args, domain)
-    profiles = _selected_profiles(args, domain)
-    names = OsinfoDB(args.osinfo_db).device_names()
-    return build(domain, host, guest, args.guest_support, profiles, names, complete=complete)
+def _print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"virtpolicy: warning: {warning}", file=sys.stderr)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from virtpolicy.solver.explain_report import build_report, to_html, to_text
-    from virtpolicy.solver.solve import Conflict, solve
-
-    built = _build(args, args.complete)
-    result = solve(built.problem)
-    report = build_report(built, result, max(1, args.max_conflicts))
+    engine = _engine(args)
+    report = engine.explain(**_request(args), complete=args.complete, max_conflicts=max(1, args.max_conflicts))
     if args.format == "json":
-        text = json.dumps(report, indent=2, sort_keys=True)
+        text = json.dumps(report.to_dict(), indent=2, sort_keys=True)
     elif args.format == "html":
-        text = to_html(report)
+        text = report.to_html()
     else:
-        text = to_text(report, colour=None if args.output is None else False)
+        text = report.to_text(colour=None if args.output is None else False)
     if args.output:
         _write(args.output, (text + "\n").encode())
     else:
         print(text)
-    return EXIT_CONFLICT if isinstance(result, Conflict) else EXIT_OK
+    return EXIT_OK if report.feasible else EXIT_CONFLICT
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """An existing domain, as it is: 0 when it fits its host and guest, 2 with the minimal conflicts."""
-    from virtpolicy.solver.check_domain import check_report, check_text
-    from virtpolicy.solver.solve import Conflict, solve
-
-    built = _build(args, True)
-    result = solve(built.problem)
-    report = check_report(built, result, max(1, args.max_conflicts))
+    engine = _engine(args)
+    result = engine.check(**_request(args), max_conflicts=max(1, args.max_conflicts))
     if args.format == "json":
-        print(json.dumps(report, indent=2, sort_keys=True))
+        print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
     else:
-        print(check_text(report), file=sys.stdout if report["status"] == "fits" else sys.stderr)
-    return EXIT_CONFLICT if isinstance(result, Conflict) else EXIT_OK
+        print(result.summary(), file=sys.stdout if result.feasible else sys.stderr)
+    return EXIT_OK if result.feasible else EXIT_CONFLICT
 
 
 def cmd_device_add(args: argparse.Namespace) -> int:
     """Only the new device is decided; it takes a free slot the running domain already has."""
-    from lxml import etree
+    from virtpolicy.models.xmlsafe import read_file
 
-    from virtpolicy.models.schema import validate_device
-    from virtpolicy.models.xmlsafe import parse_file
-    from virtpolicy.solver.hotplug import add_device
-    from virtpolicy.solver.report import conflict_text
-
-    domain = _read_domain(args.domain)
-    device = parse_file(args.device_xml).getroot()
-    validate_device(device, str(args.device_xml))
-    result = add_device(
-        domain,
-        device,
-        _host(args),
-        _guest(args, domain),
-        args.guest_support,
-        _selected_profiles(args, domain),
-        OsinfoDB(args.osinfo_db).device_names(),
-        args.node,
-        args.policy,
+    engine = _engine(args)
+    result = engine.add_device(
+        **_request(args),
+        device=read_file(args.device_xml),
+        device_source=str(args.device_xml),
+        node=args.node,
+        policy=args.policy,
     )
-    if isinstance(result, tuple):
-        built, conflict = result
-        print(conflict_text(built, conflict), file=sys.stderr)
+    if args.format == "json":
+        print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+    if not result.feasible:
+        print(result.summary(), file=sys.stderr)
         return EXIT_CONFLICT
-    print(etree.tostring(result.device, encoding="unicode").strip())
+    if args.format != "json":
+        print(result.device_xml)
+    _print_warnings(result.warnings)
     return EXIT_OK
 
 
@@ -368,9 +286,11 @@ def cmd_host(args: argparse.Namespace) -> int:
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
-    from virtpolicy.rules.profile import available, find_profile, load_profile
+    from virtpolicy.rules.profile import load_profile
 
     if args.profiles_command == "list":
+        from virtpolicy.rules.profile import available
+
         for name, path in sorted(available(args.profile_path).items()):
             try:
                 profile = load_profile(path)
@@ -379,31 +299,27 @@ def cmd_profiles(args: argparse.Namespace) -> int:
                 print(f"{name:<24} {'?':<6} unusable: {exc}")
         return EXIT_OK
     if args.profiles_command == "show":
+        from virtpolicy.rules.profile import find_profile
         from virtpolicy.solver.check import profile_summary
 
         profile = find_profile(args.name, args.profile_path, where="profiles show", allow_path=True)  # operator's
         print("\n".join(profile_summary(profile)))
         return EXIT_OK
-    from virtpolicy.models.host import embedded_host
-    from virtpolicy.solver.check import ProfileChecker
-
-    files = args.files or sorted(available(args.profile_path).values())
+    engine = _engine(args)
     start = time.perf_counter()
-    report = ProfileChecker(embedded_host(), OsinfoDB(args.osinfo_db)).check(files)
+    report = engine.check_profiles(args.files or None)
     for finding in report.findings:
         print(finding)
     elapsed = time.perf_counter() - start
     print(
-        f"virtpolicy: checked {len(files)} profile(s), {len(report.incompatible)} incompatible pair(s), "
-        f"{len(report.errors)} error(s) in {elapsed:.2f} s",
+        f"virtpolicy: checked {len(args.files) if args.files else len(engine.profiles())} profile(s), "
+        f"{len(report.incompatible)} incompatible pair(s), {len(report.errors)} error(s) in {elapsed:.2f} s",
         file=sys.stderr,
     )
     return EXIT_INPUT if report.errors else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
-    from virtpolicy.models.schema import OutputRejected
-
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # usage errors (1, one line), --help and --version (0): a code, for in-process callers
@@ -420,10 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "device":
             return cmd_device_add(args)
         return cmd_host(args)
-    except InputError as exc:
-        print(f"virtpolicy: error: {exc}", file=sys.stderr)
-        return EXIT_INPUT
-    except OutputRejected as exc:
+    except (InputError, OutputRejected) as exc:
         print(f"virtpolicy: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:

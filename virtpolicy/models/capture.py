@@ -10,7 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from virtpolicy.errors import InputError
+from virtpolicy.errors import HostError, InputError
 from virtpolicy.models.host import Host, load_host_bundle
 from virtpolicy.models.hostdevices import NODEDEV_FILE
 from virtpolicy.models.machines import families
@@ -20,7 +20,7 @@ VIRSH_TIMEOUT = 60
 
 def _virsh(uri: str, *args: str) -> str:
     if shutil.which("virsh") is None:
-        raise InputError(f"--connect {uri}: virsh is not installed (Debian package libvirt-clients)")
+        raise HostError(f"--connect {uri}: virsh is not installed (Debian package libvirt-clients)")
     try:
         done = subprocess.run(
             ["virsh", "-c", uri, *args],
@@ -30,10 +30,10 @@ def _virsh(uri: str, *args: str) -> str:
             check=False,
         )
     except subprocess.TimeoutExpired:
-        raise InputError(f"--connect {uri}: virsh {' '.join(args)} did not answer in {VIRSH_TIMEOUT} s") from None
+        raise HostError(f"--connect {uri}: virsh {' '.join(args)} did not answer in {VIRSH_TIMEOUT} s") from None
     if done.returncode != 0:
         message = (done.stderr.strip().splitlines() or ["failed"])[-1]
-        raise InputError(f"--connect {uri}: virsh {args[0]}: {message}")
+        raise HostError(f"--connect {uri}: virsh {args[0]}: {message}")
     return done.stdout
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lxml import etree
 
-from virtpolicy.errors import InputError
+from virtpolicy.errors import InputError, UnknownOSError
 from virtpolicy.models.xmlsafe import parse_file, read_file
 
 DEFAULT_OSINFO_DB = Path("/usr/share/osinfo")
@@ -154,6 +154,10 @@ class OsinfoDB:
         self._device_names: dict[str, str] | None = None
         self._load_index()
 
+    @property
+    def cache_dir(self) -> Path:
+        return self._cache_dir
+
     def _signature(self) -> str:
         version_file = self.path / "VERSION"
         version = read_file(version_file).decode(errors="replace").strip() if version_file.exists() else ""
@@ -248,7 +252,7 @@ class OsinfoDB:
         if raw is None:
             close = difflib.get_close_matches(key, [k for k in self._index if "://" not in k], n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise InputError(f"unknown guest OS '{key}' in osinfo-db at {self.path}{hint}")
+            raise UnknownOSError(f"unknown guest OS '{key}' in osinfo-db at {self.path}{hint}")
         guest = self._resolve(raw, ())
         self._resolved[key] = guest
         return guest

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lxml import etree
 
-from virtpolicy.errors import InputError
+from virtpolicy.errors import HostError
 from virtpolicy.models.hostdevices import NODEDEV_FILE, HostPciDevice, read_nodedevs
 from virtpolicy.models.machines import family_of
 from virtpolicy.models.xmlsafe import expect_root, parse_file
@@ -54,7 +54,7 @@ def _int(el: etree._Element, attr: str, default: str, source: str) -> int:
     digits = raw.strip()
     value = int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 10 else None
     if value is None or value > 2**32 - 1:
-        raise InputError(f"{source}:{el.sourceline}: <{el.tag} {attr}='{raw}'> is not a number from 0 to 4294967295")
+        raise HostError(f"{source}:{el.sourceline}: <{el.tag} {attr}='{raw}'> is not a number from 0 to 4294967295")
     return value
 
 
@@ -217,10 +217,10 @@ def load_host_bundle(path: Path) -> Host:
         host.machines[(caps.arch, caps.virt_type)] = [GuestMachine(caps.machine, caps.machine, caps.vcpu_max)]
         return host
     if not path.is_dir():
-        raise InputError(f"{path}: no such host bundle (a directory with capabilities.xml, or a domcaps file)")
+        raise HostError(f"{path}: no such host bundle (a directory with capabilities.xml, or a domcaps file)")
     caps_file = path / "capabilities.xml"
     if not caps_file.exists():
-        raise InputError(f"{path}: host bundle lacks capabilities.xml")
+        raise HostError(f"{path}: host bundle lacks capabilities.xml")
     host = Host(source=str(path), arch="")
     _read_capabilities(caps_file, host)
     if (path / NODEDEV_FILE).exists():
@@ -230,7 +230,7 @@ def load_host_bundle(path: Path) -> Host:
             continue
         host.domcaps.append(_read_domcaps(file))
     if not host.domcaps:
-        raise InputError(f"{path}: host bundle has no domcapabilities files")
+        raise HostError(f"{path}: host bundle has no domcapabilities files")
     return host
 
 

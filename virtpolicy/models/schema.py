@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lxml import etree
 
-from virtpolicy.errors import InputError
+from virtpolicy.errors import InputError, OutputRejected
 
 SCHEMA_DIR = Path("/usr/share/libvirt/schemas")
 SCHEMA_FILE = SCHEMA_DIR / "domain.rng"
@@ -45,14 +45,6 @@ _GENERIC = (
     "Error validating value",
 )
 _LOCALIZE_BUDGET = 400  # validations spent finding the innermost rejected element (error path only)
-
-
-class OutputRejected(Exception):
-    """virtpolicy produced a domain libvirt's schema rejects: a bug of the engine, never printed as XML.
-
-    Not an InputError: the input was accepted, the engine broke its promise. The CLI reports it in one
-    line and exits 1.
-    """
 
 
 @functools.cache

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from lxml import etree
 
-from virtpolicy.errors import InputError
+from virtpolicy.errors import InputError, ProfileError
 from virtpolicy.models.catalog import catalog
 from virtpolicy.models.machines import families
 from virtpolicy.models.pci import pci_variables
@@ -104,10 +104,6 @@ DRIVER_PACKS: dict[str, tuple[str, ...]] = {
     )
     + ("http://pcisig.com/pci/1b36/0100",),
 }
-
-
-class ProfileError(InputError):
-    """A profile that cannot be used; the message starts with file:line."""
 
 
 def global_variables() -> dict[str, tuple[str, ...]]:

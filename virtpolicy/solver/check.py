@@ -12,16 +12,18 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from virtpolicy.models.domain import Domain
-from virtpolicy.models.guestos import GuestOS, OsinfoDB
-from virtpolicy.models.host import Host
+from virtpolicy.models.guestos import GuestOS
+from virtpolicy.results import Finding
 from virtpolicy.rules.expr import ExprError
 from virtpolicy.rules.facts import Facts
 from virtpolicy.rules.profile import Profile, ProfileError, Rule, global_variables, load_profile
-from virtpolicy.solver.build import build
-from virtpolicy.solver.compile import SelectedProfile
 from virtpolicy.solver.solve import Conflict, Solver
+
+if TYPE_CHECKING:
+    from virtpolicy.engine import Engine
 
 SAMPLE_GUESTS = ("fedora37", "win10", "rhel6.10", "winxp", "win11", "freebsd13.1")
 SOLVE_GUESTS = ("fedora37", "win10")
@@ -30,16 +32,6 @@ SAMPLE_DOMAIN = b"""<domain type='kvm'><name>profile-check</name><memory unit='M
 <disk type='file' device='disk'><source file='/var/lib/libvirt/images/check.qcow2'/></disk>
 <interface type='network'><source network='default'/></interface></devices></domain>"""
 MAX_ENUMERATED = 4096
-
-
-@dataclass
-class Finding:
-    where: str
-    level: str  # error | warning
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.where}: {self.level}: {self.message}"
 
 
 @dataclass
@@ -54,12 +46,14 @@ class CheckReport:
 
 
 class ProfileChecker:
-    def __init__(self, host: Host, osdb: OsinfoDB) -> None:
-        self.host = host
-        self.osdb = osdb
+    """Lints through the engine's own pipeline (`Engine._build`), on the engine's default host."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.host = engine.host()
         self.domain = Domain.from_bytes(SAMPLE_DOMAIN, "profile-check sample domain")
-        self.guests = {k: osdb.lookup(k) for k in SAMPLE_GUESTS}
-        self.device_names = osdb.device_names()
+        self.guests = {k: engine.osinfo.lookup(k) for k in SAMPLE_GUESTS}
+        self.device_names = engine.osinfo.device_names()
 
     def check(self, paths: Iterable[Path]) -> CheckReport:
         report = CheckReport()
@@ -110,11 +104,8 @@ class ProfileChecker:
 
     def _conflict(self, profiles: list[Profile], guest_key: str) -> str:
         """'' when the profiles solve for this guest, else the minimal conflict in one line."""
-        selected = [SelectedProfile(p, 0, "profiles check") for p in profiles]
         try:
-            built = build(
-                self.domain, self.host, self.guests[guest_key], profiles=selected, device_names=self.device_names
-            )
+            built = self.engine._build(self.domain, profiles, self.guests[guest_key], "strict", None, complete=None)
         except ProfileError as exc:
             return str(exc)
         result = Solver(built.problem).solve()

@@ -84,6 +84,16 @@ def solution_json(built: Build, solution: Solution, xml: str) -> dict[str, Any]:
     }
 
 
+def device_json(built: Build, solution: Solution, device_xml: str) -> dict[str, Any]:
+    """`device add --format json`: the new device's XML and the decisions about it (only it is decided)."""
+    return {
+        **report_header(built, "solved"),
+        "decisions": decisions_json(built, solution),
+        "warnings": built.warnings_for(solution),
+        "device": device_xml,
+    }
+
+
 def conflict_json(built: Build, conflict: Conflict) -> dict[str, Any]:
     return {
         **report_header(built, "conflict"),
