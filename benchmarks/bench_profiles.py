@@ -15,15 +15,8 @@ import time
 
 from _benchutil import TYPICAL_XML, emit_json, environment, summary_ms, table
 
-from virtpolicy.models.domain import Domain
-from virtpolicy.models.guestos import OsinfoDB
-from virtpolicy.models.host import embedded_host
-from virtpolicy.rules.profile import available, find_profile
-from virtpolicy.solver.build import build
-from virtpolicy.solver.check import ProfileChecker
-from virtpolicy.solver.compile import SelectedProfile
-from virtpolicy.solver.render import render, to_bytes
-from virtpolicy.solver.solve import Solution, solve
+from virtpolicy import Engine
+from virtpolicy.rules.profile import available
 
 FIVE = ("modern-q35", "virtio-everywhere", "desktop-spice", "hotplug-ready", "migration-safe")
 TARGET_SOLVE_MS = 15.0
@@ -34,23 +27,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200)
     args = parser.parse_args()
-    host = embedded_host()
-    osdb = OsinfoDB()
-    guest = osdb.lookup("fedora37")
-    names = osdb.device_names()
-    selected = [SelectedProfile(find_profile(n), 0, "--profile") for n in FIVE]
+    engine = Engine()
     data = TYPICAL_XML.read_bytes()
     times = []
     solves = 0
+    constraints = 0
     for i in range(args.runs + 10):
         start = time.perf_counter()
-        built = build(Domain.from_bytes(data, "typical"), host, guest, profiles=selected, device_names=names)
-        result = solve(built.problem)
-        assert isinstance(result, Solution)
-        to_bytes(render(built, result))
+        result = engine.solve(data, profiles=FIVE, os="fedora37", source="typical")
+        assert result.feasible
         if i >= 10:
             times.append(time.perf_counter() - start)
-        solves = result.solves
+        solves = result.outcome.solves
+        constraints = len(result.problem.constraints)
     solve_stats = summary_ms(times)
 
     files = sorted(available().values())
@@ -58,7 +47,7 @@ def main() -> None:
     incompatible = 0
     for _ in range(3):
         start = time.perf_counter()
-        report = ProfileChecker(embedded_host(), OsinfoDB()).check(files)
+        report = Engine().check_profiles(files)
         checks.append(time.perf_counter() - start)
         incompatible = len(report.incompatible)
     check_s = min(checks)
@@ -72,7 +61,7 @@ def main() -> None:
                     solve_stats["median_ms"],
                     solve_stats["p95_ms"],
                     TARGET_SOLVE_MS,
-                    f"{solves} solver calls, {len(built.problem.constraints)} constraints",
+                    f"{solves} solver calls, {constraints} constraints",
                 ],
                 [
                     f"profiles check, {len(files)} profiles (s)",

@@ -12,12 +12,12 @@ from xml.sax.saxutils import quoteattr
 
 from lxml import etree
 
-from virtpolicy.models.domain import Domain
-from virtpolicy.models.guestos import GuestOS, OsinfoDB
+from virtpolicy.engine import Engine
+from virtpolicy.models.domain import Domain, Explicit
+from virtpolicy.models.guestos import OsinfoDB
 from virtpolicy.models.host import EMBEDDED_BUNDLE, Host, load_host_bundle
-from virtpolicy.solver.build import Build, build
+from virtpolicy.solver.build import Build
 from virtpolicy.solver.problem import Source
-from virtpolicy.solver.render import render, to_bytes
 from virtpolicy.solver.solve import Conflict, Solution, Solver
 
 LIBOSINFO = "http://libosinfo.org/xmlns/libvirt/domain/1.0"
@@ -75,15 +75,23 @@ class Outcome:
         return "solved"
 
 
+_ENGINES: dict[tuple[int, int], Engine] = {}
+
+
+def engine_for(host: Host, osdb: OsinfoDB) -> Engine:
+    """One Engine per (host, osinfo-db) pair, as a service would hold it."""
+    key = (id(host), id(osdb))
+    if key not in _ENGINES:
+        _ENGINES[key] = Engine(host, osinfo_db=osdb)
+    return _ENGINES[key]
+
+
 def run(xml: str | bytes, host: Host, osdb: OsinfoDB, os_key: str | None = None, **kwargs: object) -> Outcome:
+    """A solve through the public Engine (the CLI's pipeline); the OS defaults to the metadata or generic."""
     data = xml.encode() if isinstance(xml, str) else xml
-    domain = Domain.from_bytes(data, "<test>")
-    key = os_key or (domain.os_id.value if domain.os_id else "generic")
-    guest: GuestOS = osdb.lookup(key)
-    built = build(domain, host, guest, **kwargs)
-    result = Solver(built.problem).solve()
-    out = to_bytes(render(built, result)) if isinstance(result, Solution) else None
-    return Outcome(built, result, out)
+    key = os_key or (Domain.from_bytes(data, "<test>").os_id or Explicit("generic", "")).value
+    result = engine_for(host, osdb).solve(data, source="<test>", os=key, **kwargs)  # type: ignore[arg-type]
+    return Outcome(result.build, result.outcome, result.xml_bytes)
 
 
 def assert_minimal(outcome: Outcome, only_conflict: bool = False) -> None:

@@ -15,15 +15,8 @@ from libvirt_harness import LibvirtHarness
 from lxml import etree
 from support import partial_domain
 
-from virtpolicy.models.domain import Domain
-from virtpolicy.models.guestos import OsinfoDB
-from virtpolicy.models.host import embedded_host
-from virtpolicy.rules.profile import available, load_profile
-from virtpolicy.solver.build import build
-from virtpolicy.solver.check import ProfileChecker
-from virtpolicy.solver.compile import SelectedProfile
-from virtpolicy.solver.render import render, to_bytes
-from virtpolicy.solver.solve import Solution, Solver
+from virtpolicy import Engine
+from virtpolicy.rules.profile import available
 
 pytestmark = pytest.mark.libvirt
 
@@ -37,7 +30,7 @@ SHIPPED = sorted(available())
 
 @cache
 def _incompatible() -> frozenset[frozenset[str]]:
-    report = ProfileChecker(embedded_host(), OsinfoDB()).check(sorted(available().values()))
+    report = Engine().check_profiles()
     assert not report.errors, report.errors
     return frozenset(frozenset((a, b)) for a, b, _ in report.incompatible)
 
@@ -54,17 +47,14 @@ def test_profiles_solve_and_run(
         pytest.skip(f"profiles check reports {combo[0]} + {combo[1]} as never combinable")
     guest = osdb.lookup(GUESTS[guest_kind])
     name = "vp-p-" + re.sub(r"[^a-z0-9]+", "-", "-".join(combo) + "-" + guest_kind)[:60]
-    domain = Domain.from_bytes(partial_domain(name, guest.id, None, DEVICES).encode(), name)
-    selected = [SelectedProfile(load_profile(available()[p]), 0, "--profile") for p in combo]
-    built = build(domain, host, guest, profiles=selected, device_names=osdb.device_names())
-    result = Solver(built.problem).solve()
-    assert isinstance(result, Solution), [m.message for m in result.members]
-    xml = to_bytes(render(built, result))
+    result = Engine(host, osinfo_db=osdb).solve(partial_domain(name, guest.id, None, DEVICES), profiles=combo)
+    assert result.feasible, [str(m) for c in result.conflicts for m in c.members]
+    xml = result.xml_bytes
     assert domain_schema.validate(etree.ElementTree(etree.fromstring(xml))), domain_schema.error_log
     started = libvirt.define_and_start(xml.decode(), tmp_path)
     undrivable = [
         d
         for d in virtio_devices_needing_drivers(started.live_xml)
-        if not guest_can_drive(d, set(built.guest.device_ids))
+        if not guest_can_drive(d, set(result.guest.device_ids))
     ]
     assert not undrivable, f"{guest.short_id} cannot drive {undrivable}; adaptations: {started.adaptations}"

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 XmlInput = str | bytes | os.PathLike[str] | etree._Element | etree._ElementTree
 HostInput = Host | str | os.PathLike[str]
-ProfileInput = Union[str, os.PathLike[str], "Profile"]  # noqa: UP007 (Profile is imported for type checking only)
+ProfileInput = Union[str, os.PathLike[str], "Profile", "SelectedProfile"]  # noqa: UP007 (names for type checking)
 GUEST_SUPPORT = ("strict", "lenient")
 _SAME = object()  # _build: the guest is found for the domain as complete as it is built
 
@@ -413,6 +413,9 @@ class Engine:
             profile = self._find_profile(sel.name, sel.version, where, allow_path=False)
             selected.append(SelectedProfile(profile, sel.priority, sel.where))
         for spec in profiles:
+            if isinstance(spec, SelectedProfile):  # a caller that sets priorities itself (what-if)
+                selected.append(spec)
+                continue
             if isinstance(spec, Profile):
                 selected.append(SelectedProfile(spec, 0, "--profile"))
                 continue

@@ -13,6 +13,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
+    from virtpolicy.models.guestos import GuestOS
     from virtpolicy.solver.build import Build
     from virtpolicy.solver.problem import Constraint, Problem
     from virtpolicy.solver.solve import Conflict, Solution
@@ -226,6 +227,21 @@ class Result:
     def problem(self) -> Problem:
         """The constraint problem this result solved (variables and constraints with provenance)."""
         return self._built.problem
+
+    @property
+    def guest(self) -> GuestOS:
+        """The guest OS as the engine saw it: osinfo-db's facts plus the supplement rows."""
+        return self._built.guest
+
+    @property
+    def build(self) -> Build:
+        """The engine's build of this request (for diagnostics and tests; its shape may change)."""
+        return self._built
+
+    @property
+    def outcome(self) -> Solution | Conflict:
+        """The solver's own outcome object (for diagnostics and tests; its shape may change)."""
+        return self._outcome
 
     # --- documents --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
