@@ -242,6 +242,10 @@ class OsinfoDB:
             self._device_names = names
         return self._device_names
 
+    def os_ids(self) -> list[str]:
+        """Every OS URI the database lists, sorted (what-if and planning iterate over them)."""
+        return sorted(k for k in self._index if "://" in k)
+
     def lookup(self, key: str) -> GuestOS:
         """Resolve an OS by URI or short id; InputError with suggestions when unknown."""
         if key == "generic":
