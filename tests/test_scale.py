@@ -25,6 +25,7 @@ import pytest
 from lxml import etree
 from support import partial_domain, run
 
+import virtpolicy.solver.solve as solve_module
 from virtpolicy.errors import InputError
 from virtpolicy.solver.explain import ConflictExplainer
 from virtpolicy.solver.explain_report import build_report
@@ -140,6 +141,22 @@ def test_many_disks_solve_to_valid_xml_with_distinct_targets_and_addresses(host,
     ]
     assert all(d.find("address") is not None for d in disks)
     assert len(set(addresses)) == len(addresses)
+
+
+@pytest.mark.parametrize("kind", ["disks", "interfaces"])
+def test_the_engines_search_finds_the_solution_python_constraint_finds(kind: str, host, osdb, monkeypatch) -> None:
+    """`search.Search` replaced python-constraint's BacktrackingSolver for speed: it must find the very same
+    solution, value for value, on a domain big enough for the root-port budget to bind (230 devices for 216
+    root ports), where the search decides which devices get a PCIe slot. Both runs give the same bytes."""
+    devices = "".join(DISK.format(i=i) for i in range(230)) if kind == "disks" else NIC * 230
+    xml = partial_domain(f"many-{kind}", FEDORA, None, devices)
+    with deadline(600):
+        ours = run(xml, host, osdb)
+        monkeypatch.setattr(solve_module, "PYTHON_CONSTRAINT", True)
+        theirs = run(xml, host, osdb)
+    assert ours.solved and theirs.solved, ours.describe()
+    assert ours.result.assignment == theirs.result.assignment
+    assert ours.xml == theirs.xml
 
 
 def test_explain_on_many_interfaces_ends_without_a_recursion_error(host, osdb) -> None:

@@ -50,6 +50,17 @@ class Affinity:
     where: str
 
 
+# bus kinds a device costs a BusBudget (pair_class)
+NO_COST, PCIE, PCI, OPEN = 0, 1, 2, 3
+BRIDGE_SLOTS = 31  # devices behind one pcie-to-pci-bridge
+
+
+def cheapest(pci: int, free: int) -> int:
+    """Buses the conventional devices and the still undecided ones need at the least: k of the undecided as
+    PCIe endpoints (one bus each), the rest behind bridges (two buses per 31)."""
+    return min(k + 2 * -(-(pci + free - k) // BRIDGE_SLOTS) for k in range(0, min(free, BRIDGE_SLOTS) + 1))
+
+
 class BusBudget(Constraint):
     """Buses a group of devices needs, at most a budget: one per PCIe endpoint (its root port), two per 31
     conventional devices (a root port and a pcie-to-pci-bridge). Prunes on partial assignments."""
@@ -77,22 +88,57 @@ class BusBudget(Constraint):
 
     def holds(self, *values: object) -> bool:
         """Fails as soon as even the cheapest completion of the devices still undecided would not fit."""
-        spare = 0
-        if self.limit_var is not None and values[-1] is not Unassigned:
-            spare = int(str(values[-1]))
-        pcie = pci = free = 0
+        spare = self.spare_given(values[-1]) if self.limit_var is not None else 0
+        counts = [0, 0, 0, 0]
         for i in range(self.npairs):
-            slot, node = values[2 * i], values[2 * i + 1]
-            if self.node is not None and node != self.node:
-                continue  # on another node, or not placed yet: no cost here
-            if slot == "pcie":
-                pcie += 1
-            elif slot == "pci" and self.bridges:
-                pci += 1
-            elif slot is Unassigned and self.bridges:
-                free += 1
-        cheapest = min(k + 2 * -(-(pci + free - k) // 31) for k in range(0, min(free, 31) + 1))
-        return spare + pcie + cheapest <= self.limit
+            counts[self.holds_class(values[2 * i], values[2 * i + 1])] += 1
+        return self.fits(spare, counts[PCIE], counts[PCI], counts[OPEN])
+
+    def holds_class(self, slot: object, node: object) -> int:
+        """What one device costs in `holds`: its value, or Unassigned (open, whatever its domain still holds)."""
+        if self.node is not None and node != self.node:
+            return NO_COST  # on another node, or not placed yet: no cost here
+        if slot == "pcie":
+            return PCIE
+        if slot == "pci" and self.bridges:
+            return PCI
+        if slot is Unassigned and self.bridges:
+            return OPEN
+        return NO_COST
+
+    @staticmethod
+    def spare_given(value: object) -> int:
+        """The spare ports in `holds`: none counted until the limit variable has a value."""
+        return 0 if value is Unassigned else int(str(value))
+
+    def fits(self, spare: int, pcie: int, pci: int, free: int) -> bool:
+        """The bound itself, on counts of each kind (kept apart so that a search can count incrementally)."""
+        return spare + pcie + cheapest(pci, free) <= self.limit
+
+    def pair_class(self, slot: str | Sequence[str], node: str | Sequence[str]) -> int:
+        """What one device costs on current domains: a value (a string) or the values still open (a list).
+
+        A device whose slot can only be PCIe counts before it is decided, one that may still take a PCI slot
+        is open (the cheapest completion decides), one that may still need no slot or sit elsewhere costs
+        nothing yet: a lower bound that only grows as domains narrow, so failing it on some domains proves
+        that no assignment within them fits."""
+        if self.node is not None and node != self.node:
+            return NO_COST  # elsewhere, or may still go elsewhere: no cost here yet
+        if slot == "pcie":
+            return PCIE
+        if slot == "pci" and self.bridges:
+            return PCI
+        if not isinstance(slot, str) and self.bridges:
+            if "pci" in slot:
+                return OPEN
+            if "pcie" in slot and "none" not in slot and "integrated" not in slot:
+                return PCIE
+        return NO_COST
+
+    @staticmethod
+    def spare_of(value: str | Sequence[str]) -> int:
+        """The spare ports a limit variable asks for at the least, on its value or its open values."""
+        return int(value) if isinstance(value, str) else min(int(v) for v in value)
 
     def search_check(self, fixed: dict[str, str]) -> BudgetCheck:
         return BudgetCheck(self, fixed)
@@ -103,14 +149,16 @@ class BudgetCheck(CSPConstraint):
 
     A device whose slot domain is already down to {pcie}, or whose node domain is down to this node,
     counts before it is assigned: the bound fails as early as the facts allow, which keeps a tight
-    capacity from turning chronological backtracking exponential.
+    capacity from turning chronological backtracking exponential. (`search.Search` keeps the same counts
+    incrementally; this rescans, and serves python-constraint, which the engine's own search is checked
+    against.)
     """
 
     def __init__(self, budget: BusBudget, fixed: dict[str, str]) -> None:
         self.budget = budget
         self.fixed = fixed
 
-    def _value(self, var: str, domains: dict[str, list[str]], assignments: dict[str, str]) -> object:
+    def _value(self, var: str, domains: dict[str, list[str]], assignments: dict[str, str]) -> str | list[str]:
         if var in self.fixed:
             return self.fixed[var]
         if var in assignments:
@@ -129,25 +177,13 @@ class BudgetCheck(CSPConstraint):
         names = b.variables
         spare = 0
         if b.limit_var is not None:
-            value = self._value(b.limit_var, domains, assignments)
-            spare = int(str(value)) if isinstance(value, str) else min(int(v) for v in value)  # type: ignore[union-attr]
-        pcie = pci = free = 0
+            spare = b.spare_of(self._value(b.limit_var, domains, assignments))
+        counts = [0, 0, 0, 0]
         for i in range(b.npairs):
             slot = self._value(names[2 * i], domains, assignments)
             node = self._value(names[2 * i + 1], domains, assignments)
-            if b.node is not None and node != b.node:
-                continue  # elsewhere, or may still go elsewhere: no cost here yet
-            if slot == "pcie":
-                pcie += 1
-            elif slot == "pci" and b.bridges:
-                pci += 1
-            elif isinstance(slot, list) and b.bridges:
-                if "pci" in slot:
-                    free += 1
-                elif "pcie" in slot and not ({"none", "integrated"} & set(slot)):
-                    pcie += 1
-        cheapest = min(k + 2 * -(-(pci + free - k) // 31) for k in range(0, min(free, 31) + 1))
-        return spare + pcie + cheapest <= b.limit
+            counts[b.pair_class(slot, node)] += 1
+        return b.fits(spare, counts[PCIE], counts[PCI], counts[OPEN])
 
 
 def cells_in(domain_root: etree._Element) -> int:

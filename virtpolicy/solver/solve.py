@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from constraint import BacktrackingSolver, FunctionConstraint, Unassigned
 from constraint import Problem as CSP
 
+from virtpolicy.solver.pci import BusBudget
 from virtpolicy.solver.problem import AtMost, Constraint, Forbid, Problem, Source
+from virtpolicy.solver.search import Search, Store, Tally
 
 Assignment = dict[str, str]
 
@@ -104,15 +106,7 @@ class Solver:
         solution = {name: vals[0] for name, vals in domains.items() if len(vals) == 1}
         fixed = dict(solution)
         for group, group_constraints in _components(domains, rest):
-            csp = CSP(BacktrackingSolver())
-            for name in group:
-                csp.addVariable(name, list(reversed(domains[name])))  # the solver pops from the end: preferred first
-            for c, free, bind in group_constraints:
-                # capacity counts read the search's current domains and fail early; everything else waits for
-                # all of its values
-                check = c.search_check(fixed) if hasattr(c, "search_check") else FunctionConstraint(bind)
-                csp.addConstraint(check, list(free))
-            result = csp.getSolution()
+            result = _first_solution(group, domains, group_constraints, fixed)
             if not result:
                 return None
             solution.update(result)
@@ -149,28 +143,36 @@ class Solver:
         kept_multi: list[Constraint] = [c for c in hard if len(c.variables) > 1]
         kept: list[Constraint] = []
         dropped: list[Dropped] = []
-        partial_on: dict[str, list[Constraint]] = {}  # capacities that can refute a partial assignment
-        for c in hard:
-            if getattr(c, "partial", False):
-                for v in c.variables:
-                    partial_on.setdefault(v, []).append(c)
+        partial = _Partial(hard, domains)  # capacities that can refute a partial assignment
+        # the kept requirements after propagation: refutes, without a search, a preference no solution meets
+        store = Store(domains, kept_multi)
         for c in soft:
             values = tuple(witness[v] for v in c.variables)
             if c.holds(*values):
                 self._keep(c, domains, kept_multi, kept)
+                partial.kept(c)
+                store.keep(c)
                 continue
-            trial = self._narrowed(c, domains)
-            if trial is None or _refuted(c, trial, partial_on):
+            if self._empties(c, domains) or partial.refutes(c, domains) or store.refutes(c):
                 dropped.append(Dropped(c, len(kept)))
                 continue
+            trial = self._narrowed(c, domains)
+            assert trial is not None
             candidate = self.find(kept_multi + ([c] if len(c.variables) > 1 else []), trial)
             if candidate is None:
                 dropped.append(Dropped(c, len(kept)))
                 continue
             witness = candidate
             self._keep(c, domains, kept_multi, kept)
+            partial.kept(c)
+            store.keep(c)
         decisions = self._decisions(witness, hard, kept, dropped)
         return Solution(witness, decisions, kept, dropped, self, self.solves)
+
+    @staticmethod
+    def _empties(c: Constraint, domains: dict[str, list[str]]) -> bool:
+        """A one-variable constraint that no value left in its variable's domain meets."""
+        return len(c.variables) == 1 and not any(c.holds(v) for v in domains[c.variables[0]])
 
     @staticmethod
     def _narrowed(c: Constraint, domains: dict[str, list[str]]) -> dict[str, list[str]] | None:
@@ -209,9 +211,7 @@ class Solver:
         """The smallest change of the witness that satisfies c (one variable), if any."""
         for name in reversed(c.variables):
             for value in self.problem.variables[name].values:
-                trial = dict(witness)
-                trial[name] = value
-                if c.holds(*(trial[v] for v in c.variables)):
+                if c.holds(*(value if v == name else witness[v] for v in c.variables)):
                     return {name: value}
         return None
 
@@ -228,43 +228,44 @@ class Solver:
         for c in kept:
             for v in c.variables:
                 kept_on.setdefault(v, []).append(c)
+        dropped_in: dict[str, list[Dropped]] = {}  # by group, in the order they were dropped
+        for d in dropped:
+            dropped_in.setdefault(d.constraint.group, []).append(d)
+        wide: dict[int, Tally] = {}  # bus budgets counted once at the witness, not rescanned per value
         decisions: dict[str, Decision] = {}
         for name in self.problem.variables:
             value = witness[name]
             on_var = hard_on.get(name, [])
             app = [c for c in on_var if c.variables == (name,) and c.provenance.source is Source.APP]
             deciding_hard = (
-                c for c in on_var if c.provenance.source is not Source.STRUCTURAL and self._decides(c, name, witness)
+                c
+                for c in on_var
+                if c.provenance.source is not Source.STRUCTURAL and self._decides(c, name, witness, wide)
             )
             reason = app[0] if app else next(deciding_hard, None)
             if reason is None:
-                reason = next((c for c in kept_on.get(name, []) if self._decides(c, name, witness)), None)
+                reason = next((c for c in kept_on.get(name, []) if self._decides(c, name, witness, wide)), None)
             if reason is None:
-                reason = next((c for c in on_var if self._decides(c, name, witness)), None)
+                reason = next((c for c in on_var if self._decides(c, name, witness, wide)), None)
             passed: list[tuple[str, Constraint]] = []
             if reason is not None and reason.group:
-                for d in dropped:
+                for d in dropped_in.get(reason.group, ()):
                     c = d.constraint
-                    if c.group == reason.group and order[id(c)] < order[id(reason)]:
+                    if order[id(c)] < order[id(reason)]:
                         wish = self._wish(c, witness) or {}
                         if wish.get(name, value) != value:
                             passed.append((wish[name], c))
             decisions[name] = Decision(name, value, reason, passed)
         return decisions
 
-    def _decides(self, c: Constraint, name: str, assignment: Assignment) -> bool:
+    def _decides(self, c: Constraint, name: str, assignment: Assignment, wide: dict[int, Tally]) -> bool:
         """Does c, given the other variables, rule out every other value of `name`?"""
         others = [v for v in self.problem.variables[name].values if v != assignment[name]]
         if not others:
             return False  # a one-value variable is decided by its domain, not by any constraint
-        if not c.holds(*(assignment[v] for v in c.variables)):
+        if not _holds_with(c, assignment, name, assignment[name], wide):
             return False
-        for other in others:
-            trial = dict(assignment)
-            trial[name] = other
-            if c.holds(*(trial[v] for v in c.variables)):
-                return False
-        return True
+        return not any(_holds_with(c, assignment, name, other, wide) for other in others)
 
     # --- conflicts ---------------------------------------------------------------------------------
     def explain_conflict(self, hard: list[Constraint]) -> Conflict:
@@ -295,6 +296,27 @@ class Solver:
 
 
 Bound = tuple[Constraint, tuple[str, ...], Callable[..., bool]]
+PYTHON_CONSTRAINT = False  # tests set it to compare the engine's own search with python-constraint's
+
+
+def _first_solution(
+    group: list[str], domains: dict[str, list[str]], members: list[Bound], fixed: dict[str, str]
+) -> Assignment | None:
+    """The preferred solution of one independent group: python-constraint's first, from `search.Search`.
+
+    Both search with forward checking in python-constraint's order; `Search` gives the same solution without
+    python-constraint's per-step scans of every variable, which made a thousand devices quadratic. Capacity
+    counts read the search's current domains and fail early; everything else waits for all of its values."""
+    ordered = {name: list(reversed(domains[name])) for name in group}  # the solver pops from the end: preferred first
+    if not PYTHON_CONSTRAINT and Search.supports(members):
+        return Search(group, ordered, members, fixed).solve()
+    csp = CSP(BacktrackingSolver())
+    for name in group:
+        csp.addVariable(name, ordered[name])
+    for c, free, bind in members:
+        check = c.search_check(fixed) if hasattr(c, "search_check") else FunctionConstraint(bind)
+        csp.addConstraint(check, list(free))
+    return csp.getSolution()
 
 
 def _binder(c: Constraint, fixed: dict[str, str], free: tuple[str, ...]) -> Callable[..., bool]:
@@ -398,20 +420,80 @@ def _propagate(domains: dict[str, list[str]], constraints: list[Constraint]) -> 
     return result
 
 
-def _refuted(c: Constraint, trial: dict[str, list[str]], partial_on: dict[str, list[Constraint]]) -> bool:
-    """A capacity already exceeded by the values the kept requirements fixed, with `c` added: then `find`
-    could only fail, after a search over every device. With a thousand devices competing for 216 root
-    ports, most per-device `slot = pcie` preferences end here instead of in a full solve each."""
-    seen: set[int] = set()
-    for name in c.variables:
-        for p in partial_on.get(name, ()):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            values = [trial[v][0] if len(trial[v]) == 1 else Unassigned for v in p.variables]
-            if not p.holds(*values):
-                return True
-    return False
+def _holds_with(c: Constraint, assignment: Assignment, name: str, value: str, wide: dict[int, Tally]) -> bool:
+    """c on the assignment with `name` set to `value`; a bus budget from counts kept at the assignment, so that
+    asking about each value of each device's slot is not a scan of every device each time."""
+    if isinstance(c, BusBudget):
+        tally = wide.get(id(c))
+        if tally is None:
+            tally = wide[id(c)] = Tally(c, assignment.__getitem__, holds=True)
+        if value == assignment[name]:
+            return tally.fits()
+        return tally.fits_with([name], lambda v: value if v == name else assignment[v])
+    return c.holds(*(value if v == name else assignment[v] for v in c.variables))
+
+
+class _Partial:
+    """The capacities that judge a partial assignment (BusBudget: `partial = True`) on the soft loop's domains.
+
+    A capacity already exceeded by the values the kept requirements fixed, with a soft requirement added:
+    then `find` could only fail, after a search over every device. With a thousand devices competing for 216
+    root ports, most per-device `slot = pcie` preferences end here or in the `Store` instead of in a full
+    solve each. A bus budget keeps counts (`search.Tally`), updated as a kept requirement narrows a domain,
+    instead of rescanning every device for every preference: the same verdicts as `BusBudget.holds` on the
+    same values, a device fixed when its domain is down to one value and Unassigned otherwise."""
+
+    def __init__(self, hard: Sequence[Constraint], domains: dict[str, list[str]]) -> None:
+        self.domains = domains  # the soft loop's: narrowed in place as requirements are kept
+        self.on: dict[str, list[Constraint]] = {}
+        self.tallies: dict[int, Tally] = {}
+        for c in hard:
+            if getattr(c, "partial", False):
+                if isinstance(c, BusBudget):
+                    self.tallies[id(c)] = Tally(c, self._value, holds=True)
+                for v in c.variables:
+                    self.on.setdefault(v, []).append(c)
+
+    def _value(self, name: str) -> object:
+        current = self.domains[name]
+        return current[0] if len(current) == 1 else Unassigned
+
+    def kept(self, c: Constraint) -> None:
+        """`c` was kept (and may have narrowed its variable's domain)."""
+        if len(c.variables) == 1:
+            for p in self.on.get(c.variables[0], ()):
+                tally = self.tallies.get(id(p))
+                if tally is not None:
+                    tally.update(c.variables[0])
+
+    def refutes(self, c: Constraint, domains: dict[str, list[str]]) -> bool:
+        """Whether a capacity on c's variables fails with c's narrowing (one-variable c) added."""
+        narrowed: dict[str, list[str]] = {}
+        if len(c.variables) == 1:
+            name = c.variables[0]
+            narrowed[name] = [v for v in domains[name] if c.holds(v)]
+        seen: set[int] = set()
+        for name in c.variables:
+            for p in self.on.get(name, ()):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                tally = self.tallies.get(id(p))
+                if tally is not None:
+                    changed = list(narrowed)
+                    if not tally.fits_with(
+                        changed, lambda v: _one_or_open(narrowed[v]) if v in narrowed else self._value(v)
+                    ):
+                        return True
+                    continue
+                values = [_one_or_open(narrowed[v] if v in narrowed else domains[v]) for v in p.variables]
+                if not p.holds(*values):
+                    return True
+        return False
+
+
+def _one_or_open(values: list[str]) -> object:
+    return values[0] if len(values) == 1 else Unassigned
 
 
 def _simplify_counts(domains: dict[str, list[str]], bound: list[Bound]) -> list[Bound] | None:
