@@ -141,3 +141,18 @@ def test_input_error_locates_the_xpath(engine: Engine) -> None:
         engine.solve(bad, source="app.xml")
     assert info.value.input == "app.xml"
     assert info.value.location and info.value.location.startswith("/domain/devices/disk"), str(info.value)
+
+
+def test_a_complete_domain_libvirt_would_refuse_is_the_apps_input_error(tmp_path: Path) -> None:
+    """Nothing is filled into a complete domain, so one lacking what libvirt requires (a disk target) is
+    refused as input, naming the element and the way out, by solve and check alike; as partial it solves."""
+    disk = "<disk type='file' device='disk'><source file='/var/lib/libvirt/images/a.qcow2'/></disk>"
+    xml = partial_domain("c", FEDORA, "pc", "<controller type='pci' index='0' model='pci-root'/>" + disk)
+    path = tmp_path / "c.xml"
+    path.write_text(xml)
+    for command in ("solve", "check"):
+        proc = cli(command, str(path))
+        assert proc.returncode == 1, proc.stderr
+        line = proc.stderr.decode().strip()
+        assert "\n" not in line and "/domain/devices/disk[1]" in line and "--partial" in line, line
+    assert cli("solve", "-q", "--partial", str(path)).returncode == 0

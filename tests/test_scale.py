@@ -119,7 +119,8 @@ def test_an_unaddressed_root_and_a_bridge_below_it_still_solve(host, osdb) -> No
         f"<controller type='pci' index='1' model='pci-bridge'>{_address('0x00')}</controller>"
     )
     with deadline(60):
-        outcome = run(partial_domain("bridge", FEDORA, "pc", controllers + DISK.format(i=0)), host, osdb)
+        xml = partial_domain("bridge", FEDORA, "pc", controllers + DISK.format(i=0))
+        outcome = run(xml, host, osdb, complete=False)  # its disk has no target: partial, whatever pci-root says
     assert outcome.solved, outcome.describe()
 
 

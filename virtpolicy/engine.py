@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 from lxml import etree
 
-from virtpolicy.errors import ArgumentError, InputError
+from virtpolicy.errors import ArgumentError, InputError, OutputRejected
 from virtpolicy.models.completeness import completeness
 from virtpolicy.models.domain import Domain
 from virtpolicy.models.guestos import DEFAULT_OSINFO_DB, UNKNOWN_OS, GuestOS, OsinfoDB
@@ -207,13 +207,13 @@ class Engine:
         `complete` overrides docs/completeness.md's rule (True: check and add nothing; False: fill gaps);
         `refresh` re-decides what earlier solves decided and puts the difference in `Result.diff`.
         """
-        from virtpolicy.models.schema import validate_output
+        from virtpolicy.models.schema import validate_complete, validate_output
         from virtpolicy.solver.render import render, to_bytes
         from virtpolicy.solver.solve import Conflict
         from virtpolicy.solver.solve import solve as run_solver
 
         _check_flag("refresh", refresh)
-        parsed = self._domain(domain, source)
+        parsed = self._domain(domain, source, complete)
         original = parsed
         if refresh:
             from virtpolicy.solver.refresh import forget_engine_decisions
@@ -227,7 +227,12 @@ class Engine:
         if isinstance(outcome, Conflict):
             return Result("solve", built, outcome, elapsed_ms=(time.perf_counter() - start) * 1000)
         xml = to_bytes(render(built, outcome))
-        validate_output(xml, output_name)
+        try:
+            validate_output(xml, output_name)
+        except OutputRejected:
+            if built.complete:  # the app's own domain lacks what libvirt requires: its input error, not ours
+                validate_complete(original.tree, original.source, built.completeness.reason)
+            raise
         elapsed = (time.perf_counter() - start) * 1000
         changes = None
         if refresh:
@@ -268,11 +273,15 @@ class Engine:
         source: str | None = None,
     ) -> Result:
         """An existing domain as it stands: fits (status 'fits') or every minimal conflict; never rewritten."""
+        from virtpolicy.models.schema import validate_complete
         from virtpolicy.solver.check_domain import check_report
         from virtpolicy.solver.solve import solve as run_solver
 
         limit = _positive("max_conflicts", max_conflicts)
-        built = self._build(self._domain(domain, source), profiles, os, guest_support, host, complete=True)
+        parsed = self._domain(domain, source, True)
+        built = self._build(parsed, profiles, os, guest_support, host, complete=True)
+        if not parsed.strictly_valid:
+            validate_complete(parsed.tree, parsed.source, built.completeness.reason)
         outcome = run_solver(built.problem)
         report = check_report(built, outcome, limit)
         return Result("check", built, outcome, report=report, max_conflicts=limit)
@@ -333,11 +342,13 @@ class Engine:
         return LintReport(tuple(p.name for p in report.profiles), tuple(report.findings), tuple(report.incompatible))
 
     # --- the pipeline's shared steps --------------------------------------------------------------
-    def _domain(self, domain: XmlInput, source: str | None) -> Domain:
+    def _domain(self, domain: XmlInput, source: str | None, complete: bool | None = None) -> Domain:
         if isinstance(domain, Domain):
-            return Domain(copy.deepcopy(domain.tree), source or domain.source)
+            copied = Domain(copy.deepcopy(domain.tree), source or domain.source)
+            copied.strictly_valid = domain.strictly_valid
+            return copied
         data, name = read_xml(domain, "domain", source)
-        return Domain.from_bytes(data, name)
+        return Domain.from_bytes(data, name, complete)
 
     def _build(
         self,

@@ -41,7 +41,28 @@ class Explicit:
 
 
 def xpath_of(el: etree._Element) -> str:
-    """An XPath that always indexes elements (/domain/devices/disk[1]), stable for reports."""
+    """An XPath that always indexes elements (/domain/devices/disk[1]), stable for reports.
+
+    The engine names an element in almost every constraint it builds, so this is hot: libxml2's own
+    path (`getpath`, in C) already indexes exactly the steps that have same-named siblings, which is this
+    function's rule too, apart from devices (always indexed). Paths through namespaced elements, comments
+    or processing instructions (libxml2 writes `*[n]`, `prefix:name`, `comment()`) take the slow path.
+    """
+    if isinstance(el.tag, str):
+        path: str = el.getroottree().getpath(el)
+        if "*" not in path and ":" not in path and "(" not in path:
+            if "devices" not in path:
+                return path
+            steps = path.split("/")
+            for i in range(2, len(steps)):
+                if "[" not in steps[i] and steps[i - 1].partition("[")[0] == "devices":
+                    steps[i] += "[1]"
+            return "/".join(steps)
+    return _xpath_walk(el)
+
+
+def _xpath_walk(el: etree._Element) -> str:
+    """xpath_of the long way: walking up, with each step's local name."""
     parts = []
     node = el
     while node is not None:
@@ -222,18 +243,28 @@ class Domain:
     def __init__(self, tree: etree._ElementTree, source: str) -> None:
         self.tree = tree
         self.source = source
+        self.strictly_valid: bool | None = None  # libvirt's unrelaxed schema accepts it (None: not tried)
         self.root = expect_root(tree, "domain", source)
 
     @classmethod
-    def from_bytes(cls, data: bytes, source: str) -> Domain:
+    def from_bytes(cls, data: bytes, source: str, complete: bool | None = None) -> Domain:
         """An app's document: libvirt's schema (relaxed for what the engine fills) and the typed values
         are checked here, so every caller (solve, explain, check, device add, the API) gets the same
-        one-line refusal before anything is built from it."""
-        from virtpolicy.models.schema import validate_input
+        one-line refusal before anything is built from it.
+
+        A domain that counts as complete (docs/completeness.md; `complete` is the caller's override) is
+        tried against the strict schema first: it gets nothing filled in, so that is the check it must
+        pass, and passing it makes the relaxed one redundant (`strictly_valid` records the outcome).
+        """
+        from virtpolicy.models.completeness import completeness
+        from virtpolicy.models.schema import accepted_strictly, validate_input
 
         domain = cls(parse_bytes(data, source), source)
         check_size(domain.root, source)
-        validate_input(domain.tree, source)
+        if completeness(domain.root, source, complete).complete:
+            domain.strictly_valid = accepted_strictly(domain.tree)
+        if not domain.strictly_valid:
+            validate_input(domain.tree, source)
         check_values(domain.root, source)
         return domain
 

@@ -229,6 +229,25 @@ def validate_input(tree: etree._ElementTree | etree._Element, source: str) -> No
     raise InputError(_message(schema, doc, source))
 
 
+def accepted_strictly(tree: etree._ElementTree | etree._Element) -> bool:
+    """Whether libvirt's unmodified schema accepts the domain (True when the schema is not installed)."""
+    schema = _strict()
+    return schema is None or bool(schema.validate(_as_tree(tree, "")))
+
+
+def validate_complete(tree: etree._ElementTree | etree._Element, source: str, why_complete: str) -> None:
+    """A domain taken as complete gets nothing filled in, so it must already be one libvirt accepts:
+    InputError naming the rejected element, and the way to have the engine fill it instead."""
+    schema = _strict()
+    doc = _as_tree(tree, source)
+    if schema is None or schema.validate(doc):
+        return
+    raise InputError(
+        f"{_message(schema, doc, source)}; the domain counts as complete ({why_complete}), so nothing is "
+        "filled in: complete it, or treat it as partial (--partial, complete=False)"
+    )
+
+
 def validate_output(doc: etree._ElementTree | etree._Element | bytes, source: str) -> None:
     """Refuse to print a domain the unmodified schema rejects: OutputRejected, one line.
 
