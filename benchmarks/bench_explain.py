@@ -14,12 +14,7 @@ import time
 
 from _benchutil import emit_json, environment, summary_ms, table
 
-from virtpolicy.models.domain import Domain
-from virtpolicy.models.guestos import OsinfoDB
-from virtpolicy.models.host import embedded_host
-from virtpolicy.rules.profile import find_profile
-from virtpolicy.solver.build import build
-from virtpolicy.solver.compile import SelectedProfile
+from virtpolicy import Engine
 from virtpolicy.solver.explain import ConflictExplainer
 from virtpolicy.solver.solve import Conflict, Solver
 
@@ -62,12 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
     args = parser.parse_args()
-    host, osdb = embedded_host(), OsinfoDB()
-    names = osdb.device_names()
-    eight = [SelectedProfile(find_profile(n), 0, "--profile") for n in EIGHT]
-    big = build(
-        Domain.from_bytes(big_domain(), "big"), host, osdb.lookup("fedora37"), profiles=eight, device_names=names
-    )
+    engine = Engine()
+    big = engine.solve(big_domain(), profiles=EIGHT, os="fedora37", source="big")  # the problem, built once
     first_times, members = [], 0
     for _ in range(args.runs):
         start = time.perf_counter()
@@ -75,13 +66,7 @@ def main() -> None:
         first_times.append(time.perf_counter() - start)
         assert isinstance(result, Conflict)
         members = len(result.members)
-    five = build(
-        Domain.from_bytes(five_conflicts(), "five"),
-        host,
-        osdb.lookup("rhel5.11"),
-        profiles=[SelectedProfile(find_profile("migration-safe"), 0, "--profile")],
-        device_names=names,
-    )
+    five = engine.solve(five_conflicts(), profiles=["migration-safe"], os="rhel5.11", source="five")
     all_times, found, corrections = [], 0, 0
     for _ in range(args.runs):
         start = time.perf_counter()

@@ -15,13 +15,7 @@ import time
 from _benchutil import emit_json, environment, summary_ms, table
 from lxml import etree
 
-from virtpolicy.models.domain import Domain
-from virtpolicy.models.guestos import OsinfoDB
-from virtpolicy.models.host import embedded_host
-from virtpolicy.solver.build import build
-from virtpolicy.solver.hotplug import Hotplugged, add_device
-from virtpolicy.solver.render import render, to_bytes
-from virtpolicy.solver.solve import Solution, solve
+from virtpolicy import Engine
 
 VP = "http://virtpolicy.org/xmlns/domain/1.0"
 TARGET_SOLVE_MS = 100.0
@@ -51,16 +45,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
     args = parser.parse_args()
-    host, osdb = embedded_host(), OsinfoDB()
-    guest = osdb.lookup("fedora37")
+    engine = Engine()
     data = sixty_four()
     solve_times, out = [], b""
     for _ in range(args.runs):
         start = time.perf_counter()
-        built = build(Domain.from_bytes(data, "big"), host, guest)
-        result = solve(built.problem)
-        assert isinstance(result, Solution)
-        out = to_bytes(render(built, result))
+        result = engine.solve(data, os="fedora37", source="big")
+        assert result.feasible and result.xml_bytes is not None
+        out = result.xml_bytes
         solve_times.append(time.perf_counter() - start)
     root = etree.fromstring(out)
     placed = len(root.findall("devices/*/address[@type='pci']"))
@@ -68,19 +60,16 @@ def main() -> None:
     add_times, address = [], ""
     for _ in range(args.runs):
         start = time.perf_counter()
-        done = add_device(Domain.from_bytes(out, "big"), etree.fromstring(NEW_NIC), host, guest)
-        assert isinstance(done, Hotplugged)
-        address = etree.tostring(done.device.find("address"), encoding="unicode")
+        done = engine.add_device(out, NEW_NIC, os="fedora37", source="big")
+        assert done.feasible and done.device_xml is not None
+        address = etree.tostring(etree.fromstring(done.device_xml).find("address"), encoding="unicode")
         add_times.append(time.perf_counter() - start)
     root.find("devices").append(etree.fromstring(NEW_NIC))
     grown = etree.tostring(root)
     resolve_times = []
     for _ in range(args.runs):
         start = time.perf_counter()
-        built = build(Domain.from_bytes(grown, "big+1"), host, guest)
-        result = solve(built.problem)
-        assert isinstance(result, Solution)
-        to_bytes(render(built, result))
+        assert engine.solve(grown, os="fedora37", source="big+1").feasible
         resolve_times.append(time.perf_counter() - start)
     solved, added, resolved = summary_ms(solve_times), summary_ms(add_times), summary_ms(resolve_times)
     print(
