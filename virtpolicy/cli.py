@@ -104,6 +104,23 @@ def _parser() -> argparse.ArgumentParser:
         p_.add_argument("--profile-path", action="append", default=[], type=Path, metavar="DIR")
     lint.add_argument("--osinfo-db", type=Path, default=DEFAULT_OSINFO_DB)
 
+    whatif = sub.add_parser("whatif", help="what-if analysis over profile combinations, guest OSes and hosts")
+    whatif_sub = whatif.add_subparsers(dest="whatif_command", required=True)
+    combos = whatif_sub.add_parser(
+        "combinations", help="profile sets that can never be selected together, and what each profile changes"
+    )
+    combos.add_argument("domain", nargs="?", help="domain template (default: a typical partial domain)")
+    combos.add_argument("--profile", action="append", default=[], metavar="NAME", help="an optional profile")
+    combos.add_argument("--library", action="store_true", help="every profile on the search path (the default)")
+    combos.add_argument("--os", dest="oses", action="append", default=[], metavar="ID", help="guest OS (repeatable)")
+    combos.add_argument("--host", dest="hosts", action="append", default=[], type=Path, metavar="DIR")
+    combos.add_argument("--osinfo-db", type=Path, default=DEFAULT_OSINFO_DB)
+    combos.add_argument("--profile-path", action="append", default=[], type=Path, metavar="DIR")
+    combos.add_argument("--guest-support", choices=("strict", "lenient"), default="strict")
+    combos.add_argument("--format", choices=("text", "json", "html"), default="text")
+    combos.add_argument("-o", "--output", type=Path, help="write the report here instead of stdout")
+    combos.add_argument("--workers", type=int, default=0, metavar="N", help="worker processes (default: one per CPU)")
+
     host = sub.add_parser("host", help="host bundles")
     host_sub = host.add_subparsers(dest="host_command", required=True)
     capture = host_sub.add_parser("capture", help="write a host bundle from a live libvirt")
@@ -277,6 +294,43 @@ def cmd_device_add(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+WHATIF_OSES = ("fedora37", "rhel6.10", "win10")  # a modern Linux, an old Linux, a Windows guest
+
+
+def cmd_whatif(args: argparse.Namespace) -> int:
+    from virtpolicy.engine import Engine
+    from virtpolicy.whatif.report import analyse_combinations, to_text
+
+    if args.workers < 0:
+        raise InputError(f"--workers {args.workers}: use 0 (one per CPU) or more")
+    hosts: dict[str, Path] = {}
+    for path in args.hosts:
+        key = path.resolve().name or str(path)
+        while key in hosts:
+            key += "'"
+        hosts[key] = path
+    engine = Engine(hosts or None, osinfo_db=args.osinfo_db, profile_path=args.profile_path)
+    profiles = args.profile or sorted(engine.profiles())
+    domain = _domain_bytes(args.domain)[0] if args.domain else None
+    oses = args.oses or list(WHATIF_OSES)
+    report = analyse_combinations(
+        engine, profiles, oses, domain, list(hosts) or None, args.guest_support, workers=args.workers
+    )
+    if args.format == "json":
+        text = json.dumps(report.to_dict(), indent=2, sort_keys=True)
+    elif args.format == "html":
+        from virtpolicy.whatif.html import to_html
+
+        text = to_html(report.to_dict())
+    else:
+        text = to_text(report)
+    if args.output:
+        _write(args.output, (text + "\n").encode())
+    else:
+        print(text)
+    return EXIT_OK
+
+
 def cmd_host(args: argparse.Namespace) -> int:
     from virtpolicy.models.capture import capture
 
@@ -335,12 +389,17 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_check(args)
         if args.command == "device":
             return cmd_device_add(args)
+        if args.command == "whatif":
+            return cmd_whatif(args)
         return cmd_host(args)
     except (InputError, OutputRejected) as exc:
         print(f"virtpolicy: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `virtpolicy ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as exc:  # a bug: say so in one line unless asked for the traceback
         if os.environ.get("VIRTPOLICY_DEBUG"):
             raise

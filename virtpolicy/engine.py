@@ -333,6 +333,24 @@ class Engine:
         text = etree.tostring(outcome.device, encoding="unicode").strip()
         return Result("add_device", outcome.built, outcome.solution, device_xml=text, elapsed_ms=elapsed)
 
+    def build(
+        self,
+        domain: XmlInput,
+        *,
+        profiles: Iterable[ProfileInput] = (),
+        os: str | GuestOS | None = None,
+        guest_support: str = "strict",
+        complete: bool | None = None,
+        host: str | None = None,
+        source: str | None = None,
+    ) -> Build:
+        """The constraint problem of a request, not solved: what-if and planning vary it and solve parts.
+
+        The returned Build's shape follows the engine's internals; solve, check and explain are the
+        stable entry points.
+        """
+        return self._build(self._domain(domain, source, complete), profiles, os, guest_support, host, complete)
+
     def check_profiles(self, files: Iterable[str | os.PathLike[str]] | None = None) -> LintReport:
         """Lint profiles (default: the whole library) and find pairs that can never be combined."""
         from virtpolicy.solver.check import ProfileChecker

@@ -1,0 +1,112 @@
+"""Spread what-if cells over worker processes, each holding one Engine.
+
+A cell (OS, host) is independent of every other, so cells are the unit of work. The executor is any
+`concurrent.futures.Executor`; the default is a process pool whose workers unpickle the caller's Engine
+once (hosts travel with it, osinfo-db is re-opened from its path), which is also how the cluster planner
+fans out. `workers=1` runs in this process: no pool, same answers.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from virtpolicy.engine import Engine
+
+T = TypeVar("T")
+_WORKER_ENGINE: Engine | None = None
+
+
+def _init_worker(engine: Engine) -> None:
+    global _WORKER_ENGINE
+    _WORKER_ENGINE = engine
+
+
+def _call(task: Callable[..., T], args: tuple[Any, ...]) -> T:
+    assert _WORKER_ENGINE is not None, "worker started without an engine"
+    return task(_WORKER_ENGINE, *args)
+
+
+def run_tasks(
+    engine: Engine,
+    task: Callable[..., T],
+    arguments: Sequence[tuple[Any, ...]],
+    workers: int = 0,
+    executor: Executor | None = None,
+    label: str = "cells",
+) -> list[T]:
+    """`task(engine, *args)` for every args tuple, results in the order given.
+
+    `workers` 0 means one per CPU (at most one per task); a progress bar goes to stderr when it is a
+    terminal. An `executor` passed in is used as it is (it must run `_call` with an initialised engine,
+    e.g. one made by `engine_pool`).
+    """
+    if not arguments:
+        return []
+    progress = _progress(len(arguments), label)
+    try:
+        if executor is None and (workers == 1 or len(arguments) == 1):
+            results = []
+            for args in arguments:
+                results.append(task(engine, *args))
+                progress(1)
+            return results
+        own = executor is None
+        pool = executor or engine_pool(engine, workers or min(len(arguments), _cpus()))
+        try:
+            futures: list[Future[T]] = [pool.submit(_call, task, args) for args in arguments]
+            for future in futures:
+                future.add_done_callback(lambda _f: progress(1))
+            return [f.result() for f in futures]
+        finally:
+            if own:
+                pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        progress(0, done=True)
+
+
+def engine_pool(engine: Engine, workers: int) -> ProcessPoolExecutor:
+    """A process pool whose every worker holds a copy of `engine`."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver" if sys.platform == "linux" else "spawn")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(engine,))
+
+
+def _cpus() -> int:
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _progress(total: int, label: str) -> Callable[..., None]:
+    """A rich progress bar on a terminal's stderr; nothing otherwise (pipes, tests, CI logs)."""
+    if not sys.stderr.isatty() or total < 2:
+        return lambda advance, done=False: None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn(f"virtpolicy: {label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=True,
+        console=Console(stderr=True),
+    )
+    bar.start()
+    task = bar.add_task(label, total=total)
+
+    def advance(step: int, done: bool = False) -> None:
+        if step:
+            bar.advance(task, step)
+        if done:
+            bar.stop()
+
+    return advance
