@@ -56,6 +56,7 @@ class Instance:
     cls: DeviceClass
     index: int
     element: etree._Element | None
+    _explicit: dict[str, Explicit | None] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @cached_property
     def prefix(self) -> str:
@@ -68,9 +69,17 @@ class Instance:
     def xpath(self) -> str:
         return xpath_of(self.element) if self.element is not None else f"/domain/devices ({self.cls.label} absent)"
 
-    @property
+    @cached_property
     def has_address(self) -> bool:
+        """Read once: a build never edits the app's XML (the renderer writes into its own copy's result)."""
         return self.element is not None and self.element.find("address") is not None
+
+    def explicit(self, variable: ClassVariable) -> Explicit | None:
+        """`read_explicit` of this instance's element, once per variable: a build asks for each value two or
+        three times (its domain, the app's pin, the disk's mode), and each answer costs an XPath."""
+        if variable.name not in self._explicit:
+            self._explicit[variable.name] = read_explicit(self.element, variable)
+        return self._explicit[variable.name]
 
 
 @dataclass
@@ -166,6 +175,11 @@ class Builder:
         self._host_lacks: dict[str, dict[str, str]] = {}  # fact -> virt type -> file lacking it
         self._host_per_type: dict[str, list[Constraint]] = {}  # fact -> its per-virt-type constraints so far
         self._superseded: set[int] = set()  # ids of per-virt-type constraints a merged one replaced
+        self._by_class: dict[str, list[Instance]] = {}  # _instances_by_class, rebuilt if instances change
+        self._by_class_of: list[Instance] | None = None
+        self._by_class_count = -1
+        self._lacking: dict[tuple[str, str], list[tuple[str, str, DomainCaps, tuple[str, ...]]]] = {}
+        self._lacking_over: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # the values _lacking is for
         self.guest = self._supplemented(guest)
         self.facts = Facts(domain, self.guest, host, self.arch, device_names or {})
         self.compiler = ProfileCompiler(self, self.facts)
@@ -266,7 +280,7 @@ class Builder:
                 self.instances.append(inst)
                 for var in cls.variables.values():
                     values = list(var.values)
-                    explicit = read_explicit(element, var)
+                    explicit = inst.explicit(var)
                     if explicit and explicit.value not in values:
                         values.append(explicit.value)
                     self.problem.add_variable(inst.var(var.name), values, f"{cls.label} {inst.xpath}")
@@ -385,7 +399,7 @@ class Builder:
     def _app_device_constraints(self, inst: Instance) -> None:
         for var in inst.cls.variables.values():
             name = inst.var(var.name)
-            explicit = read_explicit(inst.element, var)
+            explicit = inst.explicit(var)
             if explicit is not None:
                 allowed = [explicit.value]
                 if explicit.value == "virtio" and set(VIRTIO_MODELS) <= set(var.values) and not inst.has_address:
@@ -410,8 +424,8 @@ class Builder:
                         inst.var("bus"), buses, here, f"{inst.prefix} target '{dev}' implies bus {' or '.join(buses)}"
                     )
         if inst.cls.name == "disk" and inst.element is not None:
-            bus = read_explicit(inst.element, inst.cls.variables["bus"])
-            model = read_explicit(inst.element, inst.cls.variables["model"])
+            bus = inst.explicit(inst.cls.variables["bus"])
+            model = inst.explicit(inst.cls.variables["model"])
             if model is None and bus is not None and bus.value == "virtio" and inst.has_address:
                 # libvirt laid this disk out as plain virtio: its mode is fixed by its address
                 here = Explicit("virtio", xpath_of(inst.element) + "/address")
@@ -425,14 +439,18 @@ class Builder:
         """
         refs = list(refs)
         multi = sorted({r.split(".")[0] for r in refs if self._is_multi(r.split(".")[0])})
+        by_class = self._instances_by_class()
         per_class = [
             [
                 i
-                for i in self.instances
-                if i.cls.name == c and not (lacking and i.element is not None and i.element.find(lacking) is not None)
+                for i in by_class.get(c, ())
+                if not (lacking and i.element is not None and i.element.find(lacking) is not None)
             ]
             for c in multi
         ]
+        if not multi:
+            yield {r: r for r in refs}  # singletons and globals only: one mapping, the names themselves
+            return
         for combo in itertools.product(*per_class):
             chosen = {i.cls.name: i for i in combo}
             mapping = {}
@@ -440,6 +458,15 @@ class Builder:
                 cls, _, var = r.partition(".")
                 mapping[r] = chosen[cls].var(var) if cls in chosen else r
             yield mapping
+
+    def _instances_by_class(self) -> dict[str, list[Instance]]:
+        """The instances of each class, in order: every rule and preference expands over them."""
+        if self._by_class_of is not self.instances or self._by_class_count != len(self.instances):
+            by_class: dict[str, list[Instance]] = {}
+            for i in self.instances:
+                by_class.setdefault(i.cls.name, []).append(i)
+            self._by_class, self._by_class_of, self._by_class_count = by_class, self.instances, len(self.instances)
+        return self._by_class
 
     def _is_multi(self, cls: str) -> bool:
         c = self.catalog.classes.get(cls)
@@ -508,15 +535,20 @@ class Builder:
         cites: tuple[str, ...] = (),
         group: str = "",
     ) -> None:
-        if not conds or any(name not in self.problem.variables for name, _ in conds):
+        variables = self.problem.variables
+        if not conds or any(name not in variables for name, _ in conds):
             return  # a citation-only row, or a rule about variables this domain does not have
         merged: dict[str, frozenset[str]] = {}
         for name, vals in conds:
-            merged[name] = merged[name] & vals if name in merged else vals
-        if any(not vals for vals in merged.values()):
-            return  # can never be violated
-        # a condition covering the whole domain says nothing: leave it out
-        merged = {n: v for n, v in merged.items() if set(self.problem.variables[n].values) - v} or merged
+            if not vals:
+                return  # can never be violated
+            if name in merged:
+                vals = merged[name] & vals
+                if not vals:
+                    return
+            merged[name] = vals
+        # a condition covering the whole domain says nothing: leave it out (issuperset reads the tuple as is)
+        merged = {n: v for n, v in merged.items() if not v.issuperset(variables[n].values)} or merged
         if cid in self._ids:
             cid = f"{cid}#{len(self.problem.constraints)}"
         self._ids.add(cid)
@@ -604,14 +636,28 @@ class Builder:
             Provenance(Source.HOST, f"{self._host_where()}/capabilities.xml", "guest/arch/machine"),
         )
 
+    def _caps_lacking(self, key: str, wanted: str) -> list[tuple[str, str, DomainCaps, tuple[str, ...]]]:
+        """(machine, virt type, domcaps, enum) of every domcaps whose `key` enum lacks `wanted`.
+
+        Every device of a class asks the same question (20 disks: 20 times per value), so the answer is kept
+        for as long as the machine and domain-type values it was computed over stay the same.
+        """
+        over = (self.problem.variables["machine"].values, self.problem.variables["domain.type"].values)
+        if over != self._lacking_over:
+            self._lacking, self._lacking_over = {}, over
+        found = self._lacking.get((key, wanted))
+        if found is None:
+            found = []
+            for fam, vt, caps in self._caps():
+                enum = caps.enum(key) if caps is not None else None
+                if caps is not None and enum is not None and wanted not in enum:
+                    found.append((fam, vt, caps, enum))
+            self._lacking[(key, wanted)] = found
+        return found
+
     def _host_offers(self, name: str, value: str, key: str, wanted: str) -> None:
         """Forbid `name == value` on every (machine, virt type) whose domcaps enum lacks `wanted`."""
-        for fam, vt, caps in self._caps():
-            if caps is None:
-                continue
-            enum = caps.enum(key)
-            if enum is None or wanted in enum:
-                continue
+        for fam, vt, caps, enum in self._caps_lacking(key, wanted):
             listed = ", ".join(enum) or "nothing"
             self._forbid_on_host(
                 f"{name}={value}:{fam}",
@@ -835,25 +881,29 @@ class Builder:
     # --- engine defaults (soft, lowest) -------------------------------------------------------------
     def _engine_preferences(self) -> None:
         prefs, _ = engine_defaults()
+        variables = self.problem.variables
         for pref in prefs:
             if any(getattr(self.guest, k) not in v for k, v in pref.when_guest.items()):
                 continue
+            # one provenance per preference (frozen, so shared): a 40-device domain makes ~600 of these
+            prov = Provenance(Source.ENGINE, pref.id, pref.where, data=(("preference", pref.id),))
             for mapping in self._expand([pref.variable, *pref.when]):
                 name = mapping[pref.variable]
-                if name not in self.problem.variables:
+                if name not in variables:
                     continue
-                domain = self.problem.variables[name].values
+                domain = variables[name].values
                 when = [(mapping[w], self._values(mapping[w], vals)) for w, vals in pref.when.items()]
+                group = f"{pref.id}:{name}"
                 for value in pref.order:
                     if value not in domain:
                         continue
                     self._add_forbid(
-                        f"{pref.id}:{name}={value}",
+                        f"{group}={value}",
                         [*when, (name, frozenset(v for v in domain if v != value))],
                         f"prefer {name} = {value}: {pref.why}",
-                        Provenance(Source.ENGINE, pref.id, pref.where, data=(("preference", pref.id),)),
+                        prov,
                         strength=Strength.SOFT,
-                        group=f"{pref.id}:{name}",
+                        group=group,
                     )
         for feature in self.hyperv:
             name = f"hyperv.{feature.feature}"
@@ -869,11 +919,15 @@ class Builder:
     def _order_domains(self) -> None:
         """Put each variable's preferred values first, so the first search already finds good witnesses."""
         preferred: dict[str, list[str]] = {}
+        variables = self.problem.variables
         for c in self.problem.constraints:
-            if c.is_hard or not isinstance(c, Forbid):
+            if c.strength is Strength.HARD or not isinstance(c, Forbid):
                 continue
             for name, forbidden in zip(c.variables, c.sets, strict=True):
-                allowed = [v for v in self.problem.variables[name].values if v not in forbidden]
+                values = variables[name].values
+                if len(values) - len(forbidden) > 1:
+                    continue  # at least two values stay allowed: not a preference for one value
+                allowed = [v for v in values if v not in forbidden]
                 order = preferred.setdefault(name, [])
                 if len(allowed) == 1 and allowed[0] not in order:
                     order.append(allowed[0])
