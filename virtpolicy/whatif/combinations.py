@@ -300,7 +300,7 @@ def analyse_cell(
     fired = _rules_fired(loaded, slices, alone)
     return CellAnalysis(
         os=os,
-        host=base.build.host.name,
+        host=host or base.build.host.name,
         profiles=tuple(names),
         total=1 << n,
         infeasible_count=infeasible_count,
