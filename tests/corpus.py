@@ -200,8 +200,8 @@ def _derive(
     return root
 
 
-def corpus_host_bundle(tmpdir: Path) -> Path:
-    """Write the QEMU 7.2 test host as a virtpolicy host bundle under `tmpdir`; returns the bundle dir.
+def corpus_host_bundle(tmpdir: Path, version: str = QEMU_VERSION) -> Path:
+    """Write a QEMU test host (default 7.2) as a virtpolicy host bundle under `tmpdir`; returns the bundle dir.
 
     Raises FileNotFoundError without the corpus (call corpus_dir() first to skip). The bundle holds
     capabilities.xml and domcaps-{arch}-{pc,q35}-{kvm,qemu}.xml, the file names of the embedded bundle.
@@ -211,23 +211,23 @@ def corpus_host_bundle(tmpdir: Path) -> Path:
         raise FileNotFoundError("libvirt corpus not fetched: run scripts/fetch-libvirt-corpus.sh")
     data = root / "tests"
     dc = data / "domaincapsdata"
-    bundle = tmpdir / BUNDLE_NAME
+    bundle = tmpdir / f"libvirt-tests-qemu{version}-x86_64"
     if bundle.exists():
         shutil.rmtree(bundle)
     bundle.mkdir(parents=True)
     parser = _safe_parser()
-    pc_kvm = etree.parse(str(dc / f"qemu_{QEMU_VERSION}.x86_64.xml"), parser).getroot()
-    q35_kvm = etree.parse(str(dc / f"qemu_{QEMU_VERSION}-q35.x86_64.xml"), parser).getroot()
-    pc_tcg = etree.parse(str(dc / f"qemu_{QEMU_VERSION}-tcg.x86_64.xml"), parser).getroot()
+    pc_kvm = etree.parse(str(dc / f"qemu_{version}.x86_64.xml"), parser).getroot()
+    q35_kvm = etree.parse(str(dc / f"qemu_{version}-q35.x86_64.xml"), parser).getroot()
+    pc_tcg = etree.parse(str(dc / f"qemu_{version}-tcg.x86_64.xml"), parser).getroot()
     ours = f"libvirt {root.joinpath('VERSION').read_text().strip()} tests/domaincapsdata"
     docs = {
-        "pc-kvm": (pc_kvm, f"{ours}/qemu_{QEMU_VERSION}.x86_64.xml, copied"),
-        "q35-kvm": (q35_kvm, f"{ours}/qemu_{QEMU_VERSION}-q35.x86_64.xml, copied"),
-        "pc-qemu": (pc_tcg, f"{ours}/qemu_{QEMU_VERSION}-tcg.x86_64.xml, copied"),
+        "pc-kvm": (pc_kvm, f"{ours}/qemu_{version}.x86_64.xml, copied"),
+        "q35-kvm": (q35_kvm, f"{ours}/qemu_{version}-q35.x86_64.xml, copied"),
+        "pc-qemu": (pc_tcg, f"{ours}/qemu_{version}-tcg.x86_64.xml, copied"),
         "q35-qemu": (
             _derive(q35_kvm, take_from=pc_tcg),
-            f"derived: {ours}/qemu_{QEMU_VERSION}-q35.x86_64.xml with <domain> and <cpu> of "
-            f"qemu_{QEMU_VERSION}-tcg.x86_64.xml (libvirt ships no q35 TCG domcaps for {QEMU_VERSION})",
+            f"derived: {ours}/qemu_{version}-q35.x86_64.xml with <domain> and <cpu> of "
+            f"qemu_{version}-tcg.x86_64.xml (libvirt ships no q35 TCG domcaps for {version})",
         ),
     }
     for key, (doc, note) in docs.items():
@@ -241,11 +241,11 @@ def corpus_host_bundle(tmpdir: Path) -> Path:
             f"derived: {note.removesuffix(', copied')} with <arch> i686 and the qemu-system-i386 emulator",
         )
     host_cpu = pc_kvm.find("cpu/mode[@name='host-model']")
-    caps = _capabilities(data / "qemucapabilitiesdata" / f"caps_{QEMU_VERSION}.x86_64.xml", host_cpu)
+    caps = _capabilities(data / "qemucapabilitiesdata" / f"caps_{version}.x86_64.xml", host_cpu)
     _write(
         caps,
         bundle / "capabilities.xml",
-        f"assembled by tests/corpus.py from libvirt tests/qemucapabilitiesdata/caps_{QEMU_VERSION}.x86_64.xml "
+        f"assembled by tests/corpus.py from libvirt tests/qemucapabilitiesdata/caps_{version}.x86_64.xml "
         f"(machine list) as tests/testutilsqemu.c builds its virCaps; host NUMA: {HOST_NUMA_NODES} nodes",
     )
     return bundle

@@ -121,6 +121,21 @@ def _parser() -> argparse.ArgumentParser:
     combos.add_argument("-o", "--output", type=Path, help="write the report here instead of stdout")
     combos.add_argument("--workers", type=int, default=0, metavar="N", help="worker processes (default: one per CPU)")
 
+    compare = whatif_sub.add_parser(
+        "compare", help="what existing domains would decide differently after a host, profile or OS change"
+    )
+    compare.add_argument("domains", nargs="+", type=Path, help="domain XML files (templates or complete domains)")
+    for side in ("before", "after"):
+        compare.add_argument(f"--{side}-host", type=Path, metavar="DIR", help=f"the host bundle {side}")
+        compare.add_argument(
+            f"--{side}-profile-path", action="append", default=[], type=Path, metavar="DIR", help=f"profiles {side}"
+        )
+        compare.add_argument(f"--{side}-os", metavar="ID", help=f"the guest OS {side} (default: the metadata)")
+    compare.add_argument("--osinfo-db", type=Path, default=DEFAULT_OSINFO_DB)
+    compare.add_argument("--format", choices=("text", "json"), default="text")
+    compare.add_argument("-o", "--output", type=Path, help="write the report here instead of stdout")
+    compare.add_argument("--workers", type=int, default=0, metavar="N", help="worker processes (default: one per CPU)")
+
     host = sub.add_parser("host", help="host bundles")
     host_sub = host.add_subparsers(dest="host_command", required=True)
     capture = host_sub.add_parser("capture", help="write a host bundle from a live libvirt")
@@ -298,11 +313,13 @@ WHATIF_OSES = ("fedora37", "rhel6.10", "win10")  # a modern Linux, an old Linux,
 
 
 def cmd_whatif(args: argparse.Namespace) -> int:
+    if args.workers < 0:
+        raise InputError(f"--workers {args.workers}: use 0 (one per CPU) or more")
+    if args.whatif_command == "compare":
+        return cmd_whatif_compare(args)
     from virtpolicy.engine import Engine
     from virtpolicy.whatif.report import analyse_combinations, to_text
 
-    if args.workers < 0:
-        raise InputError(f"--workers {args.workers}: use 0 (one per CPU) or more")
     hosts: dict[str, Path] = {}
     for path in args.hosts:
         key = path.resolve().name or str(path)
@@ -324,6 +341,42 @@ def cmd_whatif(args: argparse.Namespace) -> int:
         text = to_html(report.to_dict())
     else:
         text = to_text(report)
+    if args.output:
+        _write(args.output, (text + "\n").encode())
+    else:
+        print(text)
+    return EXIT_OK
+
+
+def cmd_whatif_compare(args: argparse.Namespace) -> int:
+    from virtpolicy.engine import Engine
+    from virtpolicy.models.xmlsafe import read_file
+    from virtpolicy.whatif.compare import Side, compare_domains, to_text
+
+    if not (args.before_host or args.after_host or args.before_profile_path or args.after_profile_path) and not (
+        args.before_os or args.after_os
+    ):
+        raise InputError(
+            "whatif compare: name what changes: --before-host/--after-host, "
+            "--before-profile-path/--after-profile-path or --before-os/--after-os"
+        )
+    engines = tuple(
+        Engine(host, osinfo_db=args.osinfo_db, profile_path=paths)
+        for host, paths in ((args.before_host, args.before_profile_path), (args.after_host, args.after_profile_path))
+    )
+
+    def label(host: Path | None, paths: list[Path], os_id: str | None) -> str:
+        parts = [f"host {host.name}" if host else "", f"profiles {':'.join(map(str, paths))}" if paths else ""]
+        parts.append(f"os {os_id}" if os_id else "")
+        return ", ".join(p for p in parts if p) or "as given"
+
+    sides = (
+        Side(label(args.before_host, args.before_profile_path, args.before_os), args.before_os),
+        Side(label(args.after_host, args.after_profile_path, args.after_os), args.after_os),
+    )
+    domains = [(read_file(path), str(path)) for path in args.domains]
+    report = compare_domains(engines[0], engines[1], domains, sides, workers=args.workers)
+    text = json.dumps(report.to_dict(), indent=2, sort_keys=True) if args.format == "json" else to_text(report)
     if args.output:
         _write(args.output, (text + "\n").encode())
     else:

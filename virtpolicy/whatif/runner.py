@@ -17,21 +17,21 @@ if TYPE_CHECKING:
     from virtpolicy.engine import Engine
 
 T = TypeVar("T")
-_WORKER_ENGINE: Engine | None = None
+_WORKER_CONTEXT: Any = None  # what every task of this worker gets first: an Engine, or a (before, after) pair
 
 
-def _init_worker(engine: Engine) -> None:
-    global _WORKER_ENGINE
-    _WORKER_ENGINE = engine
+def _init_worker(context: Any) -> None:
+    global _WORKER_CONTEXT
+    _WORKER_CONTEXT = context
 
 
 def _call(task: Callable[..., T], args: tuple[Any, ...]) -> T:
-    assert _WORKER_ENGINE is not None, "worker started without an engine"
-    return task(_WORKER_ENGINE, *args)
+    assert _WORKER_CONTEXT is not None, "worker started without an engine"
+    return task(_WORKER_CONTEXT, *args)
 
 
 def run_tasks(
-    engine: Engine,
+    engine: Engine | tuple[Engine, ...],
     task: Callable[..., T],
     arguments: Sequence[tuple[Any, ...]],
     workers: int = 0,
@@ -68,8 +68,8 @@ def run_tasks(
         progress(0, done=True)
 
 
-def engine_pool(engine: Engine, workers: int) -> ProcessPoolExecutor:
-    """A process pool whose every worker holds a copy of `engine`."""
+def engine_pool(engine: Engine | tuple[Engine, ...], workers: int) -> ProcessPoolExecutor:
+    """A process pool whose every worker holds a copy of `engine` (or of each engine of a tuple)."""
     import multiprocessing
 
     context = multiprocessing.get_context("forkserver" if sys.platform == "linux" else "spawn")
