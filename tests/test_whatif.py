@@ -170,3 +170,23 @@ def test_cli_bad_input_is_one_line(args: tuple[str, ...], needle: str) -> None:
     assert proc.returncode == 1, proc.stderr
     line = proc.stderr.decode().strip()
     assert needle in line and "\n" not in line and "internal error" not in line, line
+
+
+def test_golden_report_of_the_shipped_library() -> None:
+    """The default run: every shipped profile, a modern Linux, an old Linux and a Windows guest, the
+    embedded host (regenerate after an intended change with VIRTPOLICY_REGEN_GOLDEN=1)."""
+    import os
+
+    from support import REPO
+
+    proc = cli("whatif", "combinations", "--format", "json", "--workers", "2")
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout.decode().replace(str(REPO), "REPO")
+    golden = REPO / "tests" / "golden" / "whatif" / "combinations-shipped-library.json"
+    if os.environ.get("VIRTPOLICY_REGEN_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text()
+    report = json.loads(text)
+    assert [c["os"] for c in report["cells"]] == ["fedora37", "rhel6.10", "win10"]
+    pairs = {tuple(p["profiles"]) for p in report["summary"]["infeasible_pairs"]}
+    assert ("legacy-pc", "modern-q35") in pairs and ("desktop-spice", "headless-server") in pairs
