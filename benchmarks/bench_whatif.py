@@ -4,6 +4,9 @@
   influence, interactions): <= 5 s on 2 cores.
 - 20 profiles (the shipped library plus generated ones) x 20 OSes x 3 hosts, with the 2^20 selections
   of each cell counted exactly: <= 60 s on 2 cores.
+- `whatif compare` of 1,000 domains (bench_engine's varied templates, half of them laid out by a first
+  solve, so complete) across the QEMU 7.2 -> 8.0 host upgrade of libvirt's test suite: <= 20 s on 2 cores
+  (needs the corpus: scripts/fetch-libvirt-corpus.sh).
 
 The generated profiles (seeded) require, forbid or prefer values of the global variables, so some clash
 with each other and with the shipped ones. Hosts: the embedded bundle, and its pc-only and q35-only
@@ -17,12 +20,13 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _benchutil import emit_json, environment, table
-from bench_engine import OSES
+from _benchutil import REPO, emit_json, environment, table
+from bench_engine import OSES, varied_domain
 
 from virtpolicy import Engine
 from virtpolicy.models.host import EMBEDDED_BUNDLE
@@ -30,6 +34,7 @@ from virtpolicy.whatif.report import analyse_combinations
 
 TARGET_SMALL_S = 5.0
 TARGET_LARGE_S = 60.0
+TARGET_COMPARE_S = 20.0
 TWELVE = (
     "desktop-spice",
     "headless-server",
@@ -91,6 +96,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--quick", action="store_true", help="only the 12-profile run")
+    parser.add_argument("--domains", type=int, default=1000, help="domains for the compare run")
     args = parser.parse_args()
     rows = []
     figures: dict[str, object] = {}
@@ -109,16 +115,55 @@ def main() -> None:
             large_s, large = run(engine, [*TWELVE, *extra], list(hosts), args.workers)
         rows.append(["20 profiles x 20 OSes x 3 hosts (s)", round(large_s, 2), TARGET_LARGE_S, _notes(large)])
         figures["large"] = {"seconds": round(large_s, 3), **large}
+    if not args.quick:
+        compared = run_compare(args.domains, args.workers, args.seed)
+        if compared is None:
+            rows.append([f"compare {args.domains} domains 7.2 -> 8.0 (s)", "-", TARGET_COMPARE_S, "no corpus"])
+        else:
+            seconds, summary = compared
+            notes = ", ".join(f"{v} {k}" for k, v in summary.items())
+            rows.append([f"compare {args.domains} domains 7.2 -> 8.0 (s)", round(seconds, 2), TARGET_COMPARE_S, notes])
+            figures["compare"] = {"seconds": round(seconds, 3), **summary}
     print(table(["measure", "seconds", "target", "notes"], rows))
     emit_json(
         {
             "bench": "whatif",
             "workers": args.workers,
             **figures,
-            "targets": {"small_s": TARGET_SMALL_S, "large_s": TARGET_LARGE_S},
+            "targets": {"small_s": TARGET_SMALL_S, "large_s": TARGET_LARGE_S, "compare_s": TARGET_COMPARE_S},
             **environment(),
         }
     )
+
+
+def run_compare(count: int, workers: int, seed: int) -> tuple[float, dict[str, int]] | None:
+    sys.path.insert(0, str(REPO / "tests"))
+    import corpus  # test-support module: assembles libvirt's QEMU test hosts as bundles
+
+    from virtpolicy.whatif.compare import Side, compare_domains
+
+    if corpus.corpus_dir() is None:
+        return None
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
+        before_host = corpus.corpus_host_bundle(Path(tmp), "7.2.0")
+        after_host = corpus.corpus_host_bundle(Path(tmp), "8.0.0")
+        before, after = Engine(before_host), Engine(after_host)
+        domains: list[tuple[bytes, str]] = []
+        for i in range(count):
+            xml, _ = varied_domain(rng, i)
+            data = xml.replace("<os>", "<metadata><libosinfo:libosinfo xmlns:libosinfo='http://libosinfo.org/"
+                               "xmlns/libvirt/domain/1.0'><libosinfo:os id='http://fedoraproject.org/fedora/37'/>"
+                               "</libosinfo:libosinfo></metadata><os>", 1).encode()  # fmt: skip
+            if i % 2:
+                laid_out = before.solve(data)
+                data = laid_out.xml_bytes if laid_out.feasible and laid_out.xml_bytes else data
+            domains.append((data, f"domain-{i}"))
+        sides = (Side("qemu 7.2"), Side("qemu 8.0"))
+        start = time.perf_counter()
+        report = compare_domains(before, after, domains, sides, workers=workers)
+        seconds = time.perf_counter() - start
+    return seconds, report.to_dict()["summary"]
 
 
 def _notes(figures: dict[str, int]) -> str:
