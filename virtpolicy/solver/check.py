@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from virtpolicy.models.domain import Domain
-from virtpolicy.models.guestos import GuestOS
 from virtpolicy.results import Finding
 from virtpolicy.rules.expr import ExprError
 from virtpolicy.rules.facts import Facts
@@ -152,7 +151,3 @@ def profile_summary(profile: Profile) -> list[str]:
         strength = "hard" if rule.hard else f"soft priority {rule.priority}"
         lines.append(f"  - {rule.id} ({strength}){when}: {'; '.join(effects)}  [{rule.where}]")
     return lines
-
-
-def guest_label(guest: GuestOS) -> str:
-    return guest.short_id
