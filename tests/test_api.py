@@ -156,3 +156,18 @@ def test_a_complete_domain_libvirt_would_refuse_is_the_apps_input_error(tmp_path
         line = proc.stderr.decode().strip()
         assert "\n" not in line and "/domain/devices/disk[1]" in line and "--partial" in line, line
     assert cli("solve", "-q", "--partial", str(path)).returncode == 0
+
+
+def test_reload_profiles_reads_a_changed_library(tmp_path: Path) -> None:
+    library = tmp_path / "lib"
+    library.mkdir()
+    profile = library / "acme.toml"
+    rule = '[[rule]]\nid = "clock"\nrequire = {{ "clock.offset" = ["{0}"] }}\nstrength = "hard"\n'
+    profile.write_text('name = "acme"\nversion = "1.0"\ndescription = "d"\n\n' + rule.format("utc"))
+    engine = Engine(profile_path=[library])
+    xml = partial_domain("r", FEDORA, None, "<interface type='user'/>")
+    assert engine.solve(xml, profiles=["acme"]).assignment["clock.offset"] == "utc"
+    profile.write_text('name = "acme"\nversion = "2.0"\ndescription = "d"\n\n' + rule.format("localtime"))
+    assert engine.solve(xml, profiles=["acme"]).assignment["clock.offset"] == "utc", "loaded once per engine"
+    engine.reload_profiles()
+    assert engine.solve(xml, profiles=["acme"]).assignment["clock.offset"] == "localtime"
