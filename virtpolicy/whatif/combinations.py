@@ -288,7 +288,7 @@ def analyse_cell(
             influence[name] = {
                 v: (base_values.get(v, ""), val) for v, val in sol.assignment.items() if base_values.get(v) != val
             }
-    interactions, redundant = _pairs(names, drivers, slices, alone, base_values, influence)
+    interactions, redundant = _pairs(names, drivers, slices, base_values, influence, minimal)
     overridden = [
         name
         for name in names
@@ -326,9 +326,9 @@ def _pairs(
     names: Sequence[str],
     drivers: Sequence[int],
     slices: dict[int, _Slice],
-    alone: dict[str, Solution | Conflict],
     base: dict[str, str],
     influence: dict[str, dict[str, tuple[str, str]]],
+    infeasible: Sequence[int],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Pairs whose joint decisions differ from the merge of what each decides alone, and pairs where one
     profile adds nothing to the other."""
@@ -340,6 +340,10 @@ def _pairs(
         a, b = names[i], names[j]
         if a not in influence or b not in influence:
             continue
+        pair = 1 << i | 1 << j
+        packs = sum(1 << k for k in drivers) & pair
+        if any(m & pair == m and m & sum(1 << k for k in drivers) == packs for m in infeasible):
+            continue  # known infeasible (same driver packs): a minimal infeasible combination, no solve needed
         joint = _pair_outcome(i, j, drivers, slices)
         if not isinstance(joint, Solution):
             continue  # an infeasible pair is reported as a minimal infeasible combination
