@@ -162,7 +162,14 @@ class _Slice:
         mask |= self.fixed
         keep = set(map(id, self.constraints(mask, hard_only=False)))
         problem = Problem(self.build.problem.variables, [c for c in self.build.problem.constraints if id(c) in keep])
-        return Solver(problem).solve()
+        return _ValuesOnly(problem).solve()
+
+
+class _ValuesOnly(Solver):
+    """What-if compares values; why each value was chosen (the per-decision explanation) is not needed."""
+
+    def _decisions(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {}
 
 
 def _owner(c: Constraint) -> str | None:
