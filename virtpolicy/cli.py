@@ -136,6 +136,21 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("-o", "--output", type=Path, help="write the report here instead of stdout")
     compare.add_argument("--workers", type=int, default=0, metavar="N", help="worker processes (default: one per CPU)")
 
+    plan = sub.add_parser("plan", help="cluster planning over a fleet of hosts")
+    plan_sub = plan.add_subparsers(dest="plan_command", required=True)
+    plan_hosts = plan_sub.add_parser("hosts", help="on which hosts of a fleet a domain runs, and why not elsewhere")
+    plan_hosts.add_argument("domain", help="domain XML file, or - for stdin")
+    plan_hosts.add_argument("--fleet", type=Path, required=True, help="a directory of host bundles or an inventory")
+    plan_hosts.add_argument("--profile", action="append", default=[], metavar="NAME[@VERSION]")
+    plan_hosts.add_argument("--profile-path", action="append", default=[], type=Path, metavar="DIR")
+    plan_hosts.add_argument("--os", dest="os_id", help="guest OS short id or URI (default: the libosinfo metadata)")
+    plan_hosts.add_argument("--osinfo-db", type=Path, default=DEFAULT_OSINFO_DB)
+    plan_hosts.add_argument("--guest-support", choices=("strict", "lenient"), default="strict")
+    plan_hosts.add_argument("--format", choices=("text", "json"), default="text")
+    plan_hosts.add_argument(
+        "--workers", type=int, default=0, metavar="N", help="worker processes (default: one per CPU)"
+    )
+
     host = sub.add_parser("host", help="host bundles")
     host_sub = host.add_subparsers(dest="host_command", required=True)
     capture = host_sub.add_parser("capture", help="write a host bundle from a live libvirt")
@@ -384,6 +399,24 @@ def cmd_whatif_compare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from virtpolicy.plan.fleet import load_fleet
+    from virtpolicy.plan.hosts import engine_for, plan_hosts, to_text
+
+    if args.workers < 0:
+        raise InputError(f"--workers {args.workers}: use 0 (one per CPU) or more")
+    fleet = load_fleet(args.fleet)
+    engine = engine_for(fleet, osinfo_db=args.osinfo_db, profile_path=args.profile_path)
+    data, source = _domain_bytes(args.domain)
+    engine.build(data, profiles=args.profile, os=args.os_id, guest_support=args.guest_support, source=source)
+    plan = plan_hosts(engine, fleet, data, source, args.profile, args.os_id, args.guest_support, args.workers)
+    if args.format == "json":
+        print(json.dumps(plan.to_dict(), indent=2, sort_keys=True))
+    else:
+        print(to_text(plan))
+    return EXIT_OK if plan.runs_anywhere else EXIT_CONFLICT
+
+
 def cmd_host(args: argparse.Namespace) -> int:
     from virtpolicy.models.capture import capture
 
@@ -444,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_device_add(args)
         if args.command == "whatif":
             return cmd_whatif(args)
+        if args.command == "plan":
+            return cmd_plan(args)
         return cmd_host(args)
     except (InputError, OutputRejected) as exc:
         print(f"virtpolicy: error: {exc}", file=sys.stderr)

@@ -36,9 +36,17 @@ class DomainCaps:
     loaders: tuple[str, ...]
     cpu_modes: tuple[str, ...]
     hyperv_features: tuple[str, ...]
+    unsupported: frozenset[str] = frozenset()  # elements reported supported='no' ("devices/tpm")
 
     def enum(self, key: str) -> tuple[str, ...] | None:
-        """Values of an enum, or None when libvirt did not report that element (unknown, not empty)."""
+        """Values of an enum, or None when libvirt did not report that element (unknown, not empty).
+
+        An element libvirt reports as `supported='no'` offers none of its values, whether or not it lists
+        its enums: libvirt writes `<tpm supported='no'/>` bare (src/conf/domain_capabilities.c FORMAT_PROLOGUE
+        returns before any enum for an unsupported element).
+        """
+        if any(key.startswith(element + "/") for element in self.unsupported):
+            return ()
         if key not in self.present:
             return None
         return self.enums.get(key, ())
@@ -74,9 +82,11 @@ def _read_domcaps(path: Path) -> DomainCaps:
         supported = parent.get("supported", "yes") != "no"
         enums[key] = tuple(v.text or "" for v in enum.findall("value")) if supported else ()
         present.add(key)
+    unsupported: set[str] = set()
     for el in root.iter("disk", "graphics", "video", "hostdev", "rng", "tpm", "redirdev", "channel", "hyperv"):
         # an element reported as supported='no' answers "none of its values"
         if el.get("supported") == "no":
+            unsupported.add(_path_of(el, root))
             for key in list(enums):
                 if key.startswith(_path_of(el, root) + "/"):
                     enums[key] = ()
@@ -99,6 +109,7 @@ def _read_domcaps(path: Path) -> DomainCaps:
         loaders=tuple(v.text or "" for v in root.findall("os/loader/value")),
         cpu_modes=cpu_modes,
         hyperv_features=hyperv_features,
+        unsupported=frozenset(unsupported),
     )
 
 
