@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from lxml import etree
@@ -239,6 +240,12 @@ def check_values(root: etree._Element, source: str) -> None:
         int_value(driver, source, "queues", minimum=1, maximum=MAX_VCPUS)
 
 
+@lru_cache(maxsize=256)  # bounded: the catalog's selectors, and the few a profile names
+def _devices_path(tag: str) -> etree.XPath:
+    """`devices/TAG` compiled once: every build selects each catalog class's elements with it."""
+    return etree.XPath(f"devices/{tag}")
+
+
 class Domain:
     def __init__(self, tree: etree._ElementTree, source: str) -> None:
         self.tree = tree
@@ -305,7 +312,7 @@ class Domain:
         return int_value(el, self.source, default=1, minimum=1, maximum=MAX_VCPUS) or 1
 
     def devices(self, tag: str) -> list[etree._Element]:
-        return list(self.root.xpath(f"devices/{tag}"))
+        return list(_devices_path(tag)(self.root))
 
     @property
     def devices_element(self) -> etree._Element:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import tomllib
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 DATA = Path(__file__).parent / "data" / "machines.toml"
@@ -40,15 +40,23 @@ def families() -> tuple[MachineFamily, ...]:
     )
 
 
+@lru_cache(maxsize=512)  # bounded: machine names come from app and host XML
 def family_of(machine: str) -> MachineFamily | None:
+    """The family whose patterns match a machine name (the table is fixed, so the answer is kept: every
+    build and render asks it tens of times, each a scan of regular expressions)."""
     for fam in families():
         if fam.matches(machine):
             return fam
     return None
 
 
+@cache
+def _by_name() -> dict[str, MachineFamily]:
+    return {fam.name: fam for fam in reversed(families())}  # reversed: the first of a name wins, as a scan
+
+
 def family_named(name: str) -> MachineFamily:
-    for fam in families():
-        if fam.name == name:
-            return fam
-    raise KeyError(name)
+    try:
+        return _by_name()[name]
+    except KeyError:
+        raise KeyError(name) from None

@@ -535,11 +535,14 @@ class Builder:
         cites: tuple[str, ...] = (),
         group: str = "",
     ) -> None:
+        # Hot (a 40-device domain adds ~1,200 constraints through here), hence one plain loop per step.
         variables = self.problem.variables
-        if not conds or any(name not in variables for name, _ in conds):
-            return  # a citation-only row, or a rule about variables this domain does not have
+        if not conds:
+            return  # a citation-only row
         merged: dict[str, frozenset[str]] = {}
         for name, vals in conds:
+            if name not in variables:
+                return  # a rule about variables this domain does not have
             if not vals:
                 return  # can never be violated
             if name in merged:
@@ -548,7 +551,12 @@ class Builder:
                     return
             merged[name] = vals
         # a condition covering the whole domain says nothing: leave it out (issuperset reads the tuple as is)
-        merged = {n: v for n, v in merged.items() if not v.issuperset(variables[n].values)} or merged
+        kept = {}
+        for name, vals in merged.items():
+            if not vals.issuperset(variables[name].values):
+                kept[name] = vals
+        if kept:
+            merged = kept
         if cid in self._ids:
             cid = f"{cid}#{len(self.problem.constraints)}"
         self._ids.add(cid)
@@ -882,6 +890,8 @@ class Builder:
     def _engine_preferences(self) -> None:
         prefs, _ = engine_defaults()
         variables = self.problem.variables
+        # (domain, value) -> the rest of the domain: twenty disks share one domain, so one set serves them all
+        others: dict[tuple[tuple[str, ...], str], frozenset[str]] = {}
         for pref in prefs:
             if any(getattr(self.guest, k) not in v for k, v in pref.when_guest.items()):
                 continue
@@ -897,9 +907,12 @@ class Builder:
                 for value in pref.order:
                     if value not in domain:
                         continue
+                    rest = others.get((domain, value))
+                    if rest is None:
+                        rest = others[(domain, value)] = frozenset(v for v in domain if v != value)
                     self._add_forbid(
                         f"{group}={value}",
-                        [*when, (name, frozenset(v for v in domain if v != value))],
+                        [*when, (name, rest)],
                         f"prefer {name} = {value}: {pref.why}",
                         prov,
                         strength=Strength.SOFT,
