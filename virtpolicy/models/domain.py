@@ -89,6 +89,7 @@ MAX_HOST_NODES = 1024  # host NUMA node ids in a nodeset; virtpolicy's cap
 PCI_LIMITS = {"domain": 0xFFFF, "bus": 0xFF, "slot": 0x1F, "function": 0x7}
 _DECIMAL = re.compile(r"(0|[1-9][0-9]*)")
 _HEX = re.compile(r"0[xX][0-9a-fA-F]+")
+_NUMBER = re.compile(r"(0|[1-9][0-9]*)|0[xX][0-9a-fA-F]+")  # _DECIMAL or _HEX
 _NODESET = re.compile(r"\^?[0-9]+(-[0-9]+)?")
 
 
@@ -146,6 +147,21 @@ def int_value(
     if not minimum <= value <= maximum:
         raise InputError(f"{located(source, el, attr)}: {raw} is out of range (libvirt accepts {minimum}-{maximum})")
     return value
+
+
+def _check_int(el: etree._Element, source: str, attr: str, *, maximum: int, base0: bool = False) -> None:
+    """`int_value` for a value that is only checked, with the plain well-formed case decided here.
+
+    A laid-out domain carries hundreds of such values (four per PCI address); the common one, a decimal or
+    0x-hex number in range, needs no error path, so only anything else goes through `int_value` (which then
+    accepts or refuses it exactly as before).
+    """
+    raw = el.get(attr)
+    if raw is None:
+        return
+    if len(raw) <= 24 and (_NUMBER if base0 else _DECIMAL).fullmatch(raw) and int(raw, 0) <= maximum:
+        return  # int(x, 0) reads both forms; the patterns refuse leading-zero octal first
+    int_value(el, source, attr, maximum=maximum, base0=base0)
 
 
 def memory_kib(el: etree._Element, source: str, attr: str | None = None, unit_attr: str = "unit") -> int:
@@ -221,19 +237,19 @@ def check_values(root: etree._Element, source: str) -> None:
             cpuset(el, "nodeset", source, MAX_HOST_NODES, "host node", f"virtpolicy accepts 0-{MAX_HOST_NODES - 1}")
     for addr in root.iterfind(".//address[@type='pci']"):
         for attr, most in PCI_LIMITS.items():
-            int_value(addr, source, attr, maximum=most, base0=True)
+            _check_int(addr, source, attr, maximum=most, base0=True)
     for ctrl in root.iterfind("devices/controller"):
         # a PCI controller's index is the bus number it provides: 8 bits (libvirt's "index" of a PCI controller)
-        int_value(ctrl, source, "index", maximum=255 if ctrl.get("type") == "pci" else 2**32 - 1)
+        _check_int(ctrl, source, "index", maximum=255 if ctrl.get("type") == "pci" else 2**32 - 1)
         for attr in ("ports", "vectors"):
-            int_value(ctrl, source, attr, maximum=2**32 - 1)
+            _check_int(ctrl, source, attr, maximum=2**32 - 1)
         node = ctrl.find("target/node")
         if node is not None:
             int_value(node, source, maximum=MAX_HOST_NODES - 1)
         target = ctrl.find("target")
         if target is not None:
             for attr in ("busNr", "chassis", "port", "index"):
-                int_value(target, source, attr, maximum=255, base0=attr == "port")
+                _check_int(target, source, attr, maximum=255, base0=attr == "port")
     for size in root.iterfind("devices/memory/target/size"):
         memory_kib(size, source)
     for driver in root.iterfind("devices/*/driver[@queues]"):
