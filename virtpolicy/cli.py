@@ -151,6 +151,16 @@ def _parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=0, metavar="N", help="worker processes (default: one per CPU)"
     )
 
+    plan_common = plan_sub.add_parser("common", help="one complete domain that runs on every host of a fleet")
+    plan_common.add_argument("domain", help="domain XML file, or - for stdin")
+    plan_common.add_argument("--fleet", type=Path, required=True, help="a directory of host bundles or an inventory")
+    plan_common.add_argument("--profile", action="append", default=[], metavar="NAME[@VERSION]")
+    plan_common.add_argument("--profile-path", action="append", default=[], type=Path, metavar="DIR")
+    plan_common.add_argument("--os", dest="os_id", help="guest OS short id or URI (default: the libosinfo metadata)")
+    plan_common.add_argument("--osinfo-db", type=Path, default=DEFAULT_OSINFO_DB)
+    plan_common.add_argument("--guest-support", choices=("strict", "lenient"), default="strict")
+    plan_common.add_argument("--format", choices=("xml", "json"), default="xml")
+
     host = sub.add_parser("host", help="host bundles")
     host_sub = host.add_subparsers(dest="host_command", required=True)
     capture = host_sub.add_parser("capture", help="write a host bundle from a live libvirt")
@@ -403,6 +413,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from virtpolicy.plan.fleet import load_fleet
     from virtpolicy.plan.hosts import engine_for, plan_hosts, to_text
 
+    if args.plan_command == "common":
+        return cmd_plan_common(args)
     if args.workers < 0:
         raise InputError(f"--workers {args.workers}: use 0 (one per CPU) or more")
     fleet = load_fleet(args.fleet)
@@ -415,6 +427,38 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         print(to_text(plan))
     return EXIT_OK if plan.runs_anywhere else EXIT_CONFLICT
+
+
+def cmd_plan_common(args: argparse.Namespace) -> int:
+    from virtpolicy.plan.common import plan_common
+    from virtpolicy.plan.fleet import classes_of, load_fleet
+    from virtpolicy.plan.hosts import engine_for
+
+    fleet = load_fleet(args.fleet)
+    engine = engine_for(fleet, osinfo_db=args.osinfo_db, profile_path=args.profile_path)
+    data, source = _domain_bytes(args.domain)
+    classes = classes_of(fleet.hosts)
+    plan = plan_common(engine, classes, data, source, args.profile, args.os_id, args.guest_support)
+    report = plan.to_dict()
+    if args.format == "json":
+        print(json.dumps(report, indent=2, sort_keys=True))
+    elif plan.feasible:
+        sys.stdout.write(report["xml"])
+    names = {c: ", ".join(h.name for h in fleet.members(c)) for c in classes}
+    if not plan.result.feasible:
+        print(plan.result.summary(), file=sys.stderr)
+        return EXIT_CONFLICT
+    cpu = (
+        f"custom CPU {plan.cpu.model} + {len(plan.cpu.features)} feature(s)" if plan.cpu else "CPU as the template says"
+    )
+    print(
+        f"virtpolicy: plan common: one domain for {len(fleet.hosts)} host(s) in {len(classes)} class(es): "
+        f"machine {report['machine']}, {cpu}",
+        file=sys.stderr,
+    )
+    for c, fits in plan.fits.items():
+        print(f"  {'fits' if fits else 'DOES NOT FIT'} class {c}: {names[c]}", file=sys.stderr)
+    return EXIT_OK if plan.feasible else EXIT_CONFLICT
 
 
 def cmd_host(args: argparse.Namespace) -> int:

@@ -37,6 +37,10 @@ class DomainCaps:
     cpu_modes: tuple[str, ...]
     hyperv_features: tuple[str, ...]
     unsupported: frozenset[str] = frozenset()  # elements reported supported='no' ("devices/tpm")
+    host_model: str = ""  # cpu/mode[@name='host-model']/model: what host-model expands to here
+    host_model_features: frozenset[str] = frozenset()  # its policy='require' features
+    host_model_disabled: frozenset[str] = frozenset()  # its policy='disable' features
+    usable_models: tuple[str, ...] = ()  # cpu/mode[@name='custom']/model[@usable='yes']
 
     def enum(self, key: str) -> tuple[str, ...] | None:
         """Values of an enum, or None when libvirt did not report that element (unknown, not empty).
@@ -110,6 +114,18 @@ def _read_domcaps(path: Path) -> DomainCaps:
         cpu_modes=cpu_modes,
         hyperv_features=hyperv_features,
         unsupported=frozenset(unsupported),
+        host_model=(root.findtext("cpu/mode[@name='host-model']/model") or "").strip(),
+        host_model_features=_features(root, "require"),
+        host_model_disabled=_features(root, "disable"),
+        usable_models=tuple(
+            (m.text or "").strip() for m in root.findall("cpu/mode[@name='custom']/model") if m.get("usable") == "yes"
+        ),
+    )
+
+
+def _features(root: etree._Element, policy: str) -> frozenset[str]:
+    return frozenset(
+        f.get("name", "") for f in root.findall(f"cpu/mode[@name='host-model']/feature[@policy='{policy}']")
     )
 
 

@@ -1,0 +1,94 @@
+"""`plan common`: one domain for a whole fleet. On libvirt's own QEMU 6.2/7.2/8.0 test hosts it validates,
+comes back unchanged from a solve on every host's bundle, pins a machine version all of them have and no
+host-passthrough CPU; for the local host it is defined and started by the real libvirtd."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from libvirt_harness import LibvirtHarness
+from lxml import etree
+from support import cli, partial_domain
+
+from virtpolicy import Engine
+from virtpolicy.models.host import load_host_bundle
+from virtpolicy.plan.common import baseline_cpu, common_host
+
+TEMPLATES = ("benchmarks/typical.xml", "examples/rhel6-on-q35.xml", "examples/windows10.xml")
+
+
+@pytest.fixture(scope="module")
+def mixed_fleet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from corpus import corpus_dir, corpus_host_bundle
+
+    if corpus_dir() is None:
+        pytest.skip("libvirt corpus not fetched: run scripts/fetch-libvirt-corpus.sh (scripts/setup.sh test does)")
+    base = tmp_path_factory.mktemp("mixed")
+    fleet = base / "fleet"
+    fleet.mkdir()
+    for version in ("6.2.0", "7.2.0", "8.0.0"):
+        shutil.move(str(corpus_host_bundle(base, version)), fleet / f"qemu-{version}")
+    return fleet
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_common_domain_runs_unchanged_on_every_host(mixed_fleet: Path, template: str, domain_schema) -> None:  # type: ignore[no-untyped-def]
+    proc = cli("plan", "common", template, "--fleet", str(mixed_fleet))
+    assert proc.returncode == 0, proc.stderr
+    xml = proc.stdout
+    tree = etree.ElementTree(etree.fromstring(xml))
+    assert domain_schema.validate(tree), domain_schema.error_log
+    root = tree.getroot()
+    assert root.find("os/type").get("machine") == "pc-q35-6.2", "the newest q35 every host has"
+    cpu = root.find("cpu")
+    assert cpu is not None and cpu.get("mode") == "custom", etree.tostring(cpu)
+    assert cpu.findtext("model"), "a named baseline model"
+    for bundle in sorted(mixed_fleet.iterdir()):
+        again = cli("solve", "-q", "--host", str(bundle), "-", stdin=xml)
+        assert again.returncode == 0, (bundle.name, again.stderr)
+        assert again.stdout == xml, f"{bundle.name} changed the common domain"
+        check = cli("check", "--host", str(bundle), "-", stdin=xml)
+        assert check.returncode == 0, (bundle.name, check.stderr)
+
+
+def test_the_common_host_is_the_intersection(mixed_fleet: Path) -> None:
+    hosts = [load_host_bundle(b) for b in sorted(mixed_fleet.iterdir())]
+    common = common_host(hosts)
+    q35 = next(m for m in common.machines[("x86_64", "kvm")] if m.name == "q35")
+    assert q35.canonical == "pc-q35-6.2"
+    assert "pc-q35-8.0" not in {m.name for m in common.machines[("x86_64", "kvm")]}
+    caps = common.domcaps_for("x86_64", "kvm", "q35")
+    for host in hosts:
+        own = host.domcaps_for("x86_64", "kvm", "q35")
+        assert set(caps.enum("devices/disk/bus") or ()) <= set(own.enum("devices/disk/bus") or ())
+        assert caps.vcpu_max <= own.vcpu_max
+    cpu = baseline_cpu([h.domcaps_for("x86_64", "kvm", "q35") for h in hosts])
+    assert cpu is not None
+    assert all(cpu.model in h.domcaps_for("x86_64", "kvm", "q35").usable_models for h in hosts)
+    assert "invtsc" not in cpu.features, "non-migratable features stay out"
+
+
+@pytest.mark.libvirt
+def test_common_domain_for_the_local_host_starts(libvirt: LibvirtHarness, tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet"
+    fleet.mkdir()
+    captured = cli("host", "capture", "--connect", libvirt.uri, str(fleet / "here"))  # this machine, live
+    assert captured.returncode == 0, captured.stderr
+    template = tmp_path / "template.xml"
+    devices = "<disk type='file' device='disk'><source file='/var/lib/images/c.qcow2'/></disk><interface type='user'/>"
+    template.write_text(partial_domain("vp-plan-common", "http://fedoraproject.org/fedora/37", None, devices))
+    proc = cli("plan", "common", str(template), "--fleet", str(fleet))
+    assert proc.returncode == 0, proc.stderr
+    started = libvirt.define_and_start(proc.stdout.decode(), tmp_path)
+    assert "<cpu" in started.live_xml
+
+
+def test_engine_from_the_fleet_is_reused(mixed_fleet: Path) -> None:
+    from virtpolicy.plan.fleet import classes_of, load_fleet
+    from virtpolicy.plan.hosts import engine_for
+
+    fleet = load_fleet(mixed_fleet)
+    engine = engine_for(fleet)
+    assert isinstance(engine, Engine) and sorted(engine.hosts) == sorted(classes_of(fleet.hosts))
