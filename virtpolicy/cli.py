@@ -161,6 +161,16 @@ def _parser() -> argparse.ArgumentParser:
     plan_common.add_argument("--guest-support", choices=("strict", "lenient"), default="strict")
     plan_common.add_argument("--format", choices=("xml", "json"), default="xml")
 
+    migrate = plan_sub.add_parser("migrate", help="can this running domain live-migrate there, and why not")
+    migrate.add_argument("domain", help="the running domain's XML (virsh dumpxml), or - for stdin")
+    migrate.add_argument("--from", dest="source", type=Path, metavar="HOST", help="the host bundle it runs on")
+    targets = migrate.add_mutually_exclusive_group(required=True)
+    targets.add_argument("--to", type=Path, metavar="HOST", help="one destination host bundle")
+    targets.add_argument("--fleet", type=Path, help="every host of a fleet as a destination")
+    migrate.add_argument("--os", dest="os_id", help="guest OS short id or URI (default: the libosinfo metadata)")
+    migrate.add_argument("--osinfo-db", type=Path, default=DEFAULT_OSINFO_DB)
+    migrate.add_argument("--format", choices=("text", "json"), default="text")
+
     host = sub.add_parser("host", help="host bundles")
     host_sub = host.add_subparsers(dest="host_command", required=True)
     capture = host_sub.add_parser("capture", help="write a host bundle from a live libvirt")
@@ -415,6 +425,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     if args.plan_command == "common":
         return cmd_plan_common(args)
+    if args.plan_command == "migrate":
+        return cmd_plan_migrate(args)
     if args.workers < 0:
         raise InputError(f"--workers {args.workers}: use 0 (one per CPU) or more")
     fleet = load_fleet(args.fleet)
@@ -459,6 +471,43 @@ def cmd_plan_common(args: argparse.Namespace) -> int:
     for c, fits in plan.fits.items():
         print(f"  {'fits' if fits else 'DOES NOT FIT'} class {c}: {names[c]}", file=sys.stderr)
     return EXIT_OK if plan.feasible else EXIT_CONFLICT
+
+
+def cmd_plan_migrate(args: argparse.Namespace) -> int:
+    from virtpolicy.engine import Engine
+    from virtpolicy.models.host import load_host_bundle
+    from virtpolicy.plan.fleet import Fleet, fingerprint, load_fleet
+    from virtpolicy.plan.migrate import plan_migrate, to_dict
+
+    if args.fleet:
+        fleet = load_fleet(args.fleet)
+    else:
+        fleet = Fleet()
+        fleet.add(args.to.name, load_host_bundle(args.to), fingerprint(args.to), {}, str(args.to))
+    destinations = list(fleet.classes)
+    source = None
+    if args.source:
+        source = fingerprint(args.source)
+        if source not in fleet.classes:
+            fleet.classes[source] = load_host_bundle(args.source)
+    names = {c: ", ".join(h.name for h in fleet.members(c)) for c in fleet.classes}
+    if args.source:
+        names.setdefault(source, args.source.name)  # type: ignore[arg-type]
+        names[source] = names[source] or args.source.name  # type: ignore[index]
+    engine = Engine(dict(fleet.classes), osinfo_db=args.osinfo_db)
+    data, name = _domain_bytes(args.domain)
+    verdicts = plan_migrate(engine, data, name, destinations, source, args.os_id)
+    report = to_dict(name, names.get(source or ""), verdicts, names)
+    if args.format == "json":
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(f"virtpolicy plan migrate: '{name}' can migrate to {len(report['can_migrate_to'])} of {len(verdicts)} "
+              "destination class(es)")  # fmt: skip
+        for v in verdicts:
+            print(f"  {'yes' if v.ok else 'no '} {names[v.host_class]} (class {v.host_class})")
+            for reason in v.reasons:
+                print(f"      {reason['check']}: {reason['message']}")
+    return EXIT_OK if report["can_migrate_to"] else EXIT_CONFLICT
 
 
 def cmd_host(args: argparse.Namespace) -> int:

@@ -1,0 +1,94 @@
+"""`plan migrate`: destinations libvirt's ABI check would reject are refused with that reason (machine
+version missing, CPU feature missing, device model missing); a domain planned for the whole fleet can
+go anywhere in it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from lxml import etree
+from support import cli
+
+from virtpolicy.models.host import EMBEDDED_BUNDLE
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from corpus import corpus_dir, corpus_host_bundle
+
+    if corpus_dir() is None:
+        pytest.skip("libvirt corpus not fetched: run scripts/fetch-libvirt-corpus.sh (scripts/setup.sh test does)")
+    base = tmp_path_factory.mktemp("migrate")
+    fleet = base / "fleet"
+    fleet.mkdir()
+    for version in ("6.2.0", "8.0.0"):
+        shutil.move(str(corpus_host_bundle(base, version)), fleet / f"qemu-{version}")
+    return fleet
+
+
+def _laid_out(host: Path, template: str = "examples/windows10.xml") -> bytes:
+    proc = cli("solve", "-q", "--host", str(host), template)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _migrate(domain: bytes, *args: str) -> dict:  # type: ignore[type-arg]
+    proc = cli("plan", "migrate", "-", "--format", "json", *args, stdin=domain)
+    assert proc.returncode in (0, 2), proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_a_machine_version_missing_on_the_destination(fleet: Path) -> None:
+    domain = _laid_out(fleet / "qemu-8.0.0")
+    report = _migrate(domain, "--from", str(fleet / "qemu-8.0.0"), "--to", str(fleet / "qemu-6.2.0"))
+    (dest,) = report["destinations"]
+    assert not dest["can_migrate"]
+    machine = [r["message"] for r in dest["reasons"] if r["check"] == "machine"]
+    assert machine and "pc-q35-8.0 does not exist" in machine[0] and "pc-q35-6.2" in machine[0], dest
+
+
+def test_a_cpu_feature_missing_on_the_destination(fleet: Path) -> None:
+    root = etree.fromstring(_laid_out(fleet / "qemu-6.2.0"))
+    cpu = root.find("cpu")
+    cpu.attrib.clear()
+    cpu.set("mode", "custom")
+    cpu.set("match", "exact")
+    for child in list(cpu):
+        cpu.remove(child)
+    etree.SubElement(cpu, "model", fallback="forbid").text = "qemu64"
+    etree.SubElement(cpu, "feature", policy="require", name="avx512f")  # no EPYC-Rome has it
+    report = _migrate(etree.tostring(root), "--to", str(fleet / "qemu-8.0.0"))
+    reasons = [r["message"] for r in report["destinations"][0]["reasons"] if r["check"] == "cpu"]
+    assert reasons and "avx512f" in reasons[0], report
+
+
+def test_a_device_model_missing_on_the_destination(tmp_path: Path) -> None:
+    no_tpm = tmp_path / "no-tpm"
+    shutil.copytree(EMBEDDED_BUNDLE, no_tpm)
+    for file in no_tpm.glob("domcaps-*.xml"):
+        tree = etree.parse(str(file))
+        tpm = tree.find("devices/tpm")
+        if tpm is not None:
+            for child in list(tpm):
+                tpm.remove(child)
+            tpm.set("supported", "no")
+        tree.write(str(file))
+    laid_out = cli("solve", "-q", "--profile", "windows-11", "examples/windows10.xml")
+    assert laid_out.returncode == 0, laid_out.stderr
+    domain = laid_out.stdout
+    assert b"<tpm" in domain
+    report = _migrate(domain, "--from", str(EMBEDDED_BUNDLE), "--to", str(no_tpm))
+    (dest,) = report["destinations"]
+    devices = [r["message"] for r in dest["reasons"] if r["check"] == "devices"]
+    assert devices and any("tpm" in m.lower() for m in devices), dest
+
+
+def test_a_domain_planned_for_the_fleet_migrates_anywhere_in_it(fleet: Path) -> None:
+    common = cli("plan", "common", "examples/windows10.xml", "--fleet", str(fleet))
+    assert common.returncode == 0, common.stderr
+    report = _migrate(common.stdout, "--from", str(fleet / "qemu-8.0.0"), "--fleet", str(fleet))
+    assert report["can_migrate_to"] == ["qemu-6.2.0"], report
+    assert all(d["can_migrate"] for d in report["destinations"]), report
