@@ -11,9 +11,12 @@ profile requirements comes before changing the app's own XML.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from virtpolicy.solver.pci import BusBudget
 from virtpolicy.solver.problem import Constraint, Problem, Source
+from virtpolicy.solver.search import Tally
 from virtpolicy.solver.solve import Solver
 
 # what changing a requirement of each kind costs the user: profiles are cheap to drop, the app's own XML
@@ -21,6 +24,8 @@ from virtpolicy.solver.solve import Solver
 COST = {Source.PROFILE: 1, Source.GUEST: 3, Source.HOST: 5, Source.APP: 8, Source.ENGINE: 0}
 MAX_HITTING_SETS = 5000
 REPAIR_TRIES = 64  # combinations of one device's other variables tried before asking the solver
+MAX_FOUND = 8  # solutions kept as further bases for repairs
+SEARCH_STEPS = 20000  # values `find` may try to show a value possible before the yes/no search takes over
 
 
 @dataclass
@@ -145,7 +150,12 @@ class ConflictExplainer:
 
         Each other value is first tried as a repair of the witness within its own device (`_repairable`):
         when that works the value is possible, exactly as a search would have found, at the cost of the
-        device's few constraints instead of a solve of the whole domain per value.
+        device's few constraints instead of a solve of the whole domain per value. A value the repair cannot
+        reach is judged on the device's neighbourhood first (`_Local`): what is impossible there is impossible
+        in the whole domain, and its preferred minimal conflict is the whole domain's when a repair of the
+        witness certifies it (`_certified`); a value a repair of two devices reaches is possible (a device
+        takes a root port another one gives up). Only what none of that settles costs a search of the whole
+        domain, which for a thousand devices was one search per device: quadratic.
         """
         hard = self.candidates
         on_var: dict[str, list[Constraint]] = {}
@@ -155,25 +165,45 @@ class ConflictExplainer:
         device_of: dict[str, list[str]] = {}
         for name in self.problem.variables:
             device_of.setdefault(name.split(".")[0], []).append(name)
+        local = _Local(self, on_var, device_of)
+        found: list[dict[str, str]] = []  # solutions the searches below found: bases for later repairs
+        _TALLIES.clear()  # counts per solution: nothing from an earlier call, whose dicts may have changed since
         reasons = []
         for name, var in self.problem.variables.items():
             excluded = []
+            device = device_of[name.split(".")[0]]
             for value in var.values:
                 if value == witness[name]:
                     continue
                 wish = _pin(name, value, self.problem)
-                # the witness with just this value changed often proves the value possible without a search
-                self.solver.hints = [{**witness, name: value}]
-                if self._repairable(witness, name, value, device_of[name.split(".")[0]], on_var) or self._feasible(
-                    [*hard, wish]
-                ):
+                blame = None
+                if self._repairable(witness, name, value, device, on_var):
+                    possible = True
+                else:
+                    possible, blame = local.judge(witness, name, value, wish)
+                if possible is None and any(self._repairable(s, name, value, device, on_var) for s in found):
+                    possible = True  # another solution repairs as well as the witness (disk[1] on IDE as disk[0])
+                if possible is None:
+                    solution = self.solver.search([*self.background, *hard, wish], SEARCH_STEPS)
+                    if solution is not None:
+                        possible = bool(solution)
+                        if solution and len(found) < MAX_FOUND:
+                            found.append(solution)
+                if possible is None:
+                    # the witness with just this value changed often proves the value possible without a search
+                    self.solver.hints = [{**witness, name: value}]
+                    possible = self._feasible([*hard, wish])
+                if possible:
                     by = [decided_by[name]] if decided_by.get(name) is not None else []
                     excluded.append(Excluded(value, by, hard=False))  # type: ignore[list-item]
                 else:
-                    blame = self.solver._quickxplain([*self.background, wish], [], hard)  # noqa: SLF001
+                    if blame is None:
+                        self.solver.hints = [{**witness, name: value}]
+                        blame = self.solver._quickxplain([*self.background, wish], [], hard)  # noqa: SLF001
                     excluded.append(Excluded(value, blame, hard=True))
             reasons.append(DecisionReason(name, witness[name], var.label, decided_by.get(name), excluded))
         self.solver.hints = []
+        _TALLIES.clear()
         del kept
         return reasons
 
@@ -184,22 +214,42 @@ class ConflictExplainer:
         value: str,
         device: list[str],
         on_var: dict[str, list[Constraint]],
+        allowed: Callable[[Constraint], bool] | None = None,
     ) -> bool:
         """Is there a solution with `name = value` that differs from the witness only in this device's
         variables? The witness satisfies every hard constraint, so only the constraints on those variables
         need checking: True is a proof, False only means "ask the solver". Narrow constraints are checked
-        first, so a capacity over every device is evaluated only for a candidate that passes the rest."""
+        first, so a capacity over every device is evaluated only for a candidate that passes the rest.
+        `allowed`: only these constraints count (the others may be broken)."""
+        return self._repair(witness, name, value, device, on_var, allowed) is not None
+
+    def _repair(
+        self,
+        witness: dict[str, str],
+        name: str,
+        value: str,
+        device: list[str],
+        on_var: dict[str, list[Constraint]],
+        allowed: Callable[[Constraint], bool] | None = None,
+        start: int = 0,
+    ) -> tuple[int, dict[str, str]] | None:
+        """`_repairable`'s search: the first repair from the `start`-th combination on (its number and the
+        device's changed values), or None."""
         others = [v for v in device if v != name]
         touched = sorted({id(c): c for v in device for c in on_var.get(v, ())}.values(), key=lambda c: len(c.variables))
+        if allowed is not None:
+            touched = [c for c in touched if allowed(c)]
         choices = [[witness[v], *(x for x in self.problem.variables[v].values if x != witness[v])] for v in others]
         for tried, combo in enumerate(itertools.product(*choices)):
             if tried >= REPAIR_TRIES:
-                return False
+                return None
+            if tried < start:
+                continue
             local = dict(zip(others, combo, strict=True))
             local[name] = value
-            if all(c.holds(*(local[v] if v in local else witness[v] for v in c.variables)) for c in touched):
-                return True
-        return False
+            if all(_holds(c, witness, local) for c in touched):
+                return tried, local
+        return None
 
     def _background_for(self, mus: list[Constraint]) -> list[Constraint]:
         if not self.background or not self.solver.consistent(mus):
@@ -251,3 +301,164 @@ def _minimal_hitting_sets(sets: list[list[Constraint]]) -> list[tuple[Constraint
     result = [tuple(sorted((by_id[i] for i in t), key=lambda c: c.id)) for t in transversals]
     result.sort(key=lambda r: (len(r), [c.id for c in r]))
     return result
+
+
+WIDE = 8  # a constraint over more variables is a capacity over many devices, not part of a neighbourhood
+HUB = 400  # a variable in more constraints than this (machine) has the whole domain as its neighbourhood
+MAX_PARTNERS = 16  # devices tried as the second device of a two-device repair
+
+
+class _Local:
+    """A device's neighbourhood, for judging one value of one of its variables without the whole domain.
+
+    The neighbourhood is the narrow constraints (hard and structural) on the device's variables, and those
+    among the variables they reach (the machine, the NUMA cells): inconsistent there means inconsistent in the
+    whole domain, since adding constraints never makes a set consistent again."""
+
+    def __init__(
+        self, explainer: ConflictExplainer, on_var: dict[str, list[Constraint]], device_of: dict[str, list[str]]
+    ) -> None:
+        self.x = explainer
+        self.on_var = on_var
+        self.device_of = device_of
+        self.position = {id(c): i for i, c in enumerate(explainer.candidates)}
+        self.structural = {id(c) for c in explainer.background}
+        self.hubs: dict[frozenset[str], list[Constraint]] = {}
+        self.cache: dict[str, tuple[list[Constraint], list[Constraint]] | None] = {}
+
+    def _of(self, device: str) -> tuple[list[Constraint], list[Constraint]] | None:
+        """The device's neighbourhood: (structural, candidates in QuickXplain's order); None for a hub."""
+        if device not in self.cache:
+            self.cache[device] = self._build(self.device_of[device])
+        return self.cache[device]
+
+    def _build(self, variables: list[str]) -> tuple[list[Constraint], list[Constraint]] | None:
+        near: dict[int, Constraint] = {}
+        for v in variables:
+            on = self.on_var.get(v, ())
+            if len(on) > HUB:
+                return None
+            for c in on:
+                if len(c.variables) <= WIDE:
+                    near[id(c)] = c
+        reached = frozenset(u for c in near.values() for u in c.variables) - set(variables)
+        if reached not in self.hubs:
+            among: dict[int, Constraint] = {}
+            for u in reached:
+                for c in self.on_var.get(u, ()):
+                    if len(c.variables) <= WIDE and reached.issuperset(c.variables):
+                        among[id(c)] = c
+            self.hubs[reached] = list(among.values())
+        for c in self.hubs[reached]:
+            near[id(c)] = c
+        structural = [c for c in near.values() if id(c) in self.structural]
+        candidates = sorted((c for c in near.values() if id(c) in self.position), key=lambda c: self.position[id(c)])
+        return structural, candidates
+
+    def judge(
+        self, witness: dict[str, str], name: str, value: str, wish: Constraint
+    ) -> tuple[bool | None, list[Constraint] | None]:
+        """(possible, blame) for `name = value`, or (None, None) when only the whole domain can tell.
+
+        Impossible with the structural facts alone: QuickXplain over the whole domain then returns its first
+        candidate (its background is already inconsistent), so that is the blame. Impossible with the
+        neighbourhood's requirements: the neighbourhood's preferred conflict, when `_certified`."""
+        device = name.split(".")[0]
+        near = self._of(device)
+        solver = self.x.solver
+        if near is None:
+            return None, None
+        structural, candidates = near
+        if not solver.consistent([*structural, wish], local=True):
+            return (False, self.x.candidates[:1]) if self.x.candidates else (None, None)
+        if not solver.consistent([*structural, *candidates, wish], local=True):
+            blame = solver._quickxplain([*structural, wish], [], candidates, local=True)  # noqa: SLF001
+            if self._certified(witness, name, value, blame):
+                return False, blame
+            return False, None
+        if self._swap(witness, name, value):
+            return True, None
+        return None, None
+
+    def _certified(self, witness: dict[str, str], name: str, value: str, blame: list[Constraint]) -> bool:
+        """Whether `blame` is what QuickXplain over the whole domain returns: its preferred conflict, built from
+        the last member down (Junker 2004): each member is the first candidate at which, with the structural
+        facts, the wish and the members above it, the candidates so far become inconsistent. The "so far
+        consistent" half of each step is shown by a repair of the witness (which meets every hard constraint)
+        within the device; the "then inconsistent" half holds because blame itself is a conflict."""
+        device = self.device_of[name.split(".")[0]]
+        chosen: set[int] = set()
+        for member in sorted(blame, key=lambda c: self.position[id(c)], reverse=True):
+            limit = self.position[id(member)]
+
+            def allowed(c: Constraint, limit: int = limit) -> bool:
+                return id(c) in self.structural or id(c) in chosen or self.position.get(id(c), limit) < limit
+
+            if not self.x._repairable(witness, name, value, device, self.on_var, allowed):  # noqa: SLF001
+                return False
+            chosen.add(id(member))
+        return True
+
+    def _swap(self, witness: dict[str, str], name: str, value: str) -> bool:
+        """A repair of two devices: this one takes the value, and another gives up what a capacity over both
+        then lacks (a root port). Only the narrow constraints and the capacities on the two devices can break,
+        so checking those proves the value possible."""
+        device = self.device_of[name.split(".")[0]]
+        start = 0
+        while (found := self.x._repair(witness, name, value, device, self.on_var, _narrow, start)) is not None:  # noqa: SLF001
+            tried, local = found
+            start = tried + 1
+            wide = [c for v in device for c in self.on_var.get(v, ()) if not _narrow(c)]
+            broken = [c for c in dict.fromkeys(wide) if not _holds(c, witness, local)]
+            if not broken:
+                return True  # a repair of this device alone (`_repairable` tries the same ones first)
+            partners = dict.fromkeys(u.split(".")[0] for u in broken[0].variables)
+            partners.pop(name.split(".")[0], None)
+            for other in list(partners)[:MAX_PARTNERS]:
+                if self._partner(witness, local, self.device_of[other], device):
+                    return True
+        return False
+
+    def _partner(self, witness: dict[str, str], local: dict[str, str], other: list[str], device: list[str]) -> bool:
+        """Whether `other` can change (all its variables, up to REPAIR_TRIES combinations) so that the
+        constraints on either device hold together with `local`."""
+        touched = sorted(
+            {id(c): c for v in [*other, *device] for c in self.on_var.get(v, ())}.values(),
+            key=lambda c: len(c.variables),
+        )
+        mine = {id(c) for v in device for c in self.on_var.get(v, ()) if _narrow(c)}
+        touched = [c for c in touched if id(c) not in mine or not set(c.variables).isdisjoint(other)]
+        choices = [[witness[v], *(x for x in self.x.problem.variables[v].values if x != witness[v])] for v in other]
+        for tried, combo in enumerate(itertools.product(*choices)):
+            if tried >= REPAIR_TRIES:
+                return False
+            if tried == 0:
+                continue  # the witness's own values: `local` alone already breaks a capacity
+            both = {**local, **dict(zip(other, combo, strict=True))}
+            if all(_holds(c, witness, both) for c in touched):
+                return True
+        return False
+
+
+def _narrow(c: Constraint) -> bool:
+    return len(c.variables) <= WIDE
+
+
+_TALLIES: dict[tuple[int, int], tuple[dict[str, str], Tally]] = {}  # (solution, bus budget): its counts there
+MAX_TALLIES = 64
+
+
+def _holds(c: Constraint, witness: dict[str, str], local: dict[str, str]) -> bool:
+    """c on the witness with the `local` values changed; a bus budget from its counts at the witness, kept
+    per witness, so that a repair costs its few changes and not a scan of every device."""
+    if isinstance(c, BusBudget):
+        key = (id(witness), id(c))
+        entry = _TALLIES.get(key)
+        if entry is None or entry[0] is not witness:
+            if len(_TALLIES) >= MAX_TALLIES:
+                _TALLIES.clear()
+            entry = _TALLIES[key] = (witness, Tally(c, witness.__getitem__, holds=True))
+        if not local:
+            return entry[1].fits()
+        return entry[1].fits_with(list(local), lambda v: local[v] if v in local else witness[v])
+    return c.holds(*(local[v] if v in local else witness[v] for v in c.variables))

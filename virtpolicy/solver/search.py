@@ -33,6 +33,10 @@ State = str | list[str]  # a variable's value, or the values its domain still ho
 WIDE = 8  # constraints over more variables than this are not propagated by the store (capacities)
 
 
+class SearchLimit(Exception):
+    """A search stopped at its step limit, with no answer."""
+
+
 class Tally:
     """Counts of a bus budget's devices per bus kind, updated one variable at a time.
 
@@ -258,8 +262,9 @@ class Search:
         return bool(domain)
 
     # --- search --------------------------------------------------------------------------------------------
-    def solve(self) -> dict[str, str] | None:
-        """The first solution python-constraint's getSolutionIter yields, or None."""
+    def solve(self, steps: int | None = None) -> dict[str, str] | None:
+        """The first solution python-constraint's getSolutionIter yields, or None. `steps`: at most that many
+        values tried, else SearchLimit (a yes/no question that a long search would answer slowly)."""
         queue: list[tuple[int, list[str], bool]] = []
         while True:
             v = self._select()
@@ -280,6 +285,10 @@ class Search:
                     else:
                         return None
                 self._assign(v, values.pop())
+                if steps is not None:
+                    steps -= 1
+                    if steps < 0:
+                        raise SearchLimit
                 if forwardcheck:
                     self.trail.append([])
                 if all(self._call(k, forwardcheck) for k in self.on[v]):

@@ -17,7 +17,7 @@ from constraint import Problem as CSP
 
 from virtpolicy.solver.pci import BusBudget
 from virtpolicy.solver.problem import AtMost, Constraint, Forbid, Problem, Source
-from virtpolicy.solver.search import Search, Store, Tally
+from virtpolicy.solver.search import Search, SearchLimit, Store, Tally
 
 Assignment = dict[str, str]
 
@@ -73,8 +73,14 @@ class Solver:
         self.hints: list[Assignment] = []
 
     # --- consistency -------------------------------------------------------------------------------
-    def _domains(self, constraints: Sequence[Constraint]) -> tuple[dict[str, list[str]], list[Constraint]]:
-        domains = {name: list(var.values) for name, var in self.problem.variables.items()}
+    def _domains(
+        self, constraints: Sequence[Constraint], local: bool = False
+    ) -> tuple[dict[str, list[str]], list[Constraint]]:
+        """Domains narrowed by the one-variable constraints, and the others. `local`: only the constraints'
+        own variables (the rest are unconstrained, so they cannot make the constraints unsatisfiable)."""
+        variables = self.problem.variables
+        names = dict.fromkeys(v for c in constraints for v in c.variables) if local else variables
+        domains = {name: list(variables[name].values) for name in names}
         rest: list[Constraint] = []
         for c in constraints:
             if len(c.variables) == 1:
@@ -84,13 +90,18 @@ class Solver:
                 rest.append(c)
         return domains, rest
 
-    def find(self, constraints: Sequence[Constraint], domains: dict[str, list[str]] | None = None) -> Assignment | None:
+    def find(
+        self,
+        constraints: Sequence[Constraint],
+        domains: dict[str, list[str]] | None = None,
+        steps: int | None = None,
+    ) -> Assignment | None:
         """One solution of `constraints`, preferring earlier domain values; None when infeasible.
 
         Before searching, values fixed to one choice are propagated into the constraints (unit
         propagation) and the rest splits into independent groups of variables, each searched on its own:
         chronological backtracking would otherwise retry every unrelated variable to prove a small,
-        local conflict.
+        local conflict. `steps`: each group's search tries at most that many values, else SearchLimit.
         """
         if domains is None:
             domains, rest = self._domains(constraints)
@@ -106,24 +117,37 @@ class Solver:
         solution = {name: vals[0] for name, vals in domains.items() if len(vals) == 1}
         fixed = dict(solution)
         for group, group_constraints in _components(domains, rest):
-            result = _first_solution(group, domains, group_constraints, fixed)
+            result = _first_solution(group, domains, group_constraints, fixed, steps)
             if not result:
                 return None
             solution.update(result)
         return solution
 
-    def consistent(self, constraints: Sequence[Constraint]) -> bool:
+    def search(self, constraints: Sequence[Constraint], steps: int) -> Assignment | None:
+        """A solution of `constraints` by `find`'s search of at most `steps` values per group, {} when there is
+        none, or None when that was not enough to tell. For a satisfiable problem held together by one capacity
+        over every device, `find` walks straight to a solution, where `consistent` propagates the whole problem
+        again after every decision (quadratic in the devices); for an unsatisfiable one it may take long."""
+        try:
+            return self.find(constraints, steps=steps) or {}
+        except SearchLimit:
+            return None
+
+    def consistent(self, constraints: Sequence[Constraint], local: bool = False) -> bool:
         """Whether `constraints` have a solution, without building one (what QuickXplain asks).
 
         `find` must return the preferred solution, so it keeps python-constraint's chronological search;
         a yes/no answer can use any complete method, and `_satisfiable` splits the problem into
         independent parts after every decision, so a small conflict is not re-proved for every
         combination of unrelated variables (the 70 s `explain examples/windows10.xml` of issue 9).
+
+        `local` sets up only the constraints' own variables: the same answer, at the cost of a few constraints
+        instead of every variable of the domain (explain asks about one device's few constraints).
         """
         for hint in self.hints:
             if all(c.holds(*(hint[v] for v in c.variables)) for c in constraints):
                 return True
-        domains, rest = self._domains(constraints)
+        domains, rest = self._domains(constraints, local)
         if any(not vals for vals in domains.values()):
             return False
         self.solves += 1
@@ -282,16 +306,22 @@ class Solver:
         return Conflict(members=members, background=needed)
 
     def _quickxplain(
-        self, background: list[Constraint], delta: list[Constraint], constraints: list[Constraint]
+        self,
+        background: list[Constraint],
+        delta: list[Constraint],
+        constraints: list[Constraint],
+        local: bool = False,
     ) -> list[Constraint]:
-        if delta and not self.consistent(background):
+        """Junker's QuickXplain: the preferred minimal subset of `constraints` inconsistent with `background`
+        (`local`: consistency checked over the constraints' own variables only, see `consistent`)."""
+        if delta and not self.consistent(background, local):
             return []
         if len(constraints) == 1:
             return list(constraints)
         half = len(constraints) // 2
         first, second = constraints[:half], constraints[half:]
-        d2 = self._quickxplain(background + first, first, second)
-        d1 = self._quickxplain(background + d2, d2, first)
+        d2 = self._quickxplain(background + first, first, second, local)
+        d1 = self._quickxplain(background + d2, d2, first, local)
         return d1 + d2
 
 
@@ -300,7 +330,11 @@ PYTHON_CONSTRAINT = False  # tests set it to compare the engine's own search wit
 
 
 def _first_solution(
-    group: list[str], domains: dict[str, list[str]], members: list[Bound], fixed: dict[str, str]
+    group: list[str],
+    domains: dict[str, list[str]],
+    members: list[Bound],
+    fixed: dict[str, str],
+    steps: int | None = None,
 ) -> Assignment | None:
     """The preferred solution of one independent group: python-constraint's first, from `search.Search`.
 
@@ -309,7 +343,9 @@ def _first_solution(
     counts read the search's current domains and fail early; everything else waits for all of its values."""
     ordered = {name: list(reversed(domains[name])) for name in group}  # the solver pops from the end: preferred first
     if not PYTHON_CONSTRAINT and Search.supports(members):
-        return Search(group, ordered, members, fixed).solve()
+        return Search(group, ordered, members, fixed).solve(steps)
+    if steps is not None:
+        raise SearchLimit  # python-constraint cannot be stopped
     csp = CSP(BacktrackingSolver())
     for name in group:
         csp.addVariable(name, ordered[name])
