@@ -171,6 +171,15 @@ def _parser() -> argparse.ArgumentParser:
     migrate.add_argument("--osinfo-db", type=Path, default=DEFAULT_OSINFO_DB)
     migrate.add_argument("--format", choices=("text", "json"), default="text")
 
+    capacity = plan_sub.add_parser("capacity", help="how many instances of each template fit, per host and fleet")
+    capacity.add_argument("templates", nargs="+", type=Path, help="domain templates")
+    capacity.add_argument("--fleet", type=Path, required=True, help="a directory of host bundles or an inventory")
+    capacity.add_argument("--os", dest="os_id", help="guest OS short id or URI (default: the libosinfo metadata)")
+    capacity.add_argument("--osinfo-db", type=Path, default=DEFAULT_OSINFO_DB)
+    capacity.add_argument("--cpu-ratio", type=float, default=1.0, help="vCPUs per host CPU (Nova's ratio; 1.0)")
+    capacity.add_argument("--ram-ratio", type=float, default=1.0, help="guest memory per host memory (1.0)")
+    capacity.add_argument("--format", choices=("text", "json"), default="text")
+
     host = sub.add_parser("host", help="host bundles")
     host_sub = host.add_subparsers(dest="host_command", required=True)
     capture = host_sub.add_parser("capture", help="write a host bundle from a live libvirt")
@@ -427,6 +436,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return cmd_plan_common(args)
     if args.plan_command == "migrate":
         return cmd_plan_migrate(args)
+    if args.plan_command == "capacity":
+        return cmd_plan_capacity(args)
     if args.workers < 0:
         raise InputError(f"--workers {args.workers}: use 0 (one per CPU) or more")
     fleet = load_fleet(args.fleet)
@@ -508,6 +519,20 @@ def cmd_plan_migrate(args: argparse.Namespace) -> int:
             for reason in v.reasons:
                 print(f"      {reason['check']}: {reason['message']}")
     return EXIT_OK if report["can_migrate_to"] else EXIT_CONFLICT
+
+
+def cmd_plan_capacity(args: argparse.Namespace) -> int:
+    from virtpolicy.models.xmlsafe import read_file
+    from virtpolicy.plan.capacity import plan_capacity, to_text
+    from virtpolicy.plan.fleet import load_fleet
+    from virtpolicy.plan.hosts import engine_for
+
+    fleet = load_fleet(args.fleet)
+    engine = engine_for(fleet, osinfo_db=args.osinfo_db)
+    templates = [(read_file(path), str(path)) for path in args.templates]
+    plan = plan_capacity(engine, fleet, templates, args.os_id, args.cpu_ratio, args.ram_ratio)
+    print(json.dumps(plan.to_dict(), indent=2, sort_keys=True) if args.format == "json" else to_text(plan))
+    return EXIT_OK
 
 
 def cmd_host(args: argparse.Namespace) -> int:

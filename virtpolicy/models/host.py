@@ -15,6 +15,7 @@ from pathlib import Path
 from lxml import etree
 
 from virtpolicy.errors import HostError
+from virtpolicy.models.domain import memory_kib
 from virtpolicy.models.hostdevices import NODEDEV_FILE, HostPciDevice, read_nodedevs
 from virtpolicy.models.machines import family_of
 from virtpolicy.models.xmlsafe import expect_root, parse_file
@@ -139,6 +140,15 @@ def _path_of(el: etree._Element, root: etree._Element) -> str:
 
 
 @dataclass(frozen=True)
+class HostCell:
+    """One host NUMA cell as capabilities report it: what capacity planning places guest cells into."""
+
+    cpus: int
+    memory_kib: int
+    pages: tuple[tuple[int, int], ...] = ()  # (page size KiB, count) of huge pages (size > 4 KiB)
+
+
+@dataclass(frozen=True)
 class GuestMachine:
     name: str
     canonical: str
@@ -156,6 +166,7 @@ class Host:
     domcaps: list[DomainCaps] = field(default_factory=list)
     host_numa_cells: int = 1
     cell_sockets: dict[int, frozenset[int]] = field(default_factory=dict)  # host cell -> its CPUs' socket ids
+    cells: dict[int, HostCell] = field(default_factory=dict)  # host cell -> its CPUs, memory and huge pages
     pci_devices: dict[str, HostPciDevice] = field(default_factory=dict)  # 0000:3b:00.0 -> the device
     caps_source: str = ""
     _index: dict[tuple[str, str, str], DomainCaps] | None = field(default=None, repr=False)
@@ -210,6 +221,16 @@ def _read_capabilities(path: Path, host: Host) -> None:
     if cells is not None:
         host.host_numa_cells = _int(cells, "num", "1", str(path))
         for cell in cells.iterfind("cell"):
+            cell_id = _int(cell, "id", "0", str(path))
+            memory = cell.find("memory")
+            kib = memory_kib(memory, str(path)) if memory is not None else 0
+            pages = tuple(
+                (_int(pg, "size", "4", str(path)), int((pg.text or "0").strip() or 0))
+                for pg in cell.iterfind("pages")
+                if _int(pg, "size", "4", str(path)) > 4 and (pg.text or "0").strip().isdigit()
+            )
+            cpus = cell.find("cpus")
+            host.cells[cell_id] = HostCell(_int(cpus, "num", "0", str(path)) if cpus is not None else 0, kib, pages)
             sockets = {cpu.get("socket_id") for cpu in cell.iterfind("cpus/cpu")}
             if sockets and None not in sockets:
                 host.cell_sockets[_int(cell, "id", "0", str(path))] = frozenset(
