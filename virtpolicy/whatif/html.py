@@ -122,7 +122,6 @@ def _square_title(report: dict[str, Any], a: str, b: str, indices: list[int], la
 
 def _square(x: float, y: float, a: str, b: str, count: int, cells: int, title: str) -> str:
     colour = heat_colour(count, cells)
-    stroke = 'stroke="#000" stroke-width="1.5"' if a == b else 'stroke="#fff" stroke-width="1"'
     text = ""
     if count:
         ink = "#fff" if count * 2 > cells else "#222"
@@ -133,7 +132,7 @@ def _square(x: float, y: float, a: str, b: str, count: int, cells: int, title: s
     return (
         f"<g><title>{e(title)}</title>"
         f'<rect class="pair" data-a="{e(a)}" data-b="{e(b)}" data-cells="{count}" x="{x:.1f}" y="{y:.1f}" '
-        f'width="{SQUARE}" height="{SQUARE}" fill="{colour}" {stroke}/>{text}</g>'
+        f'width="{SQUARE}" height="{SQUARE}" fill="{colour}" stroke="#fff" stroke-width="1"/>{text}</g>'
     )
 
 
@@ -151,10 +150,25 @@ def _axis_labels(profiles: Sequence[str], left: float, top: float) -> list[str]:
     return parts
 
 
+def _legend_offset(cells: int) -> float:
+    """Where the swatches start: after the legend's caption, whose length depends on the cell count."""
+    return len(f"infeasible in how many of {cells} cell(s):") * CHAR_W * 0.95 + 12
+
+
+def _diagonal(count: int, left: float, top: float) -> str:
+    """The profile-alone squares are outlined last, so no neighbouring square paints over the outline."""
+    return "".join(
+        f'<rect class="diagonal" x="{left + i * SQUARE:.1f}" y="{top + i * SQUARE:.1f}" width="{SQUARE}" '
+        f'height="{SQUARE}" fill="none" stroke="#000" stroke-width="1.5" pointer-events="none"/>'
+        for i in range(count)
+    )
+
+
 def _legend(cells: int, x: float, y: float) -> list[str]:
-    parts = [f'<text x="{x:.1f}" y="{y + 13:.1f}" font-size="11">infeasible in how many of {cells} cell(s):</text>']
+    label = f"infeasible in how many of {cells} cell(s):"
+    parts = [f'<text x="{x:.1f}" y="{y + 13:.1f}" font-size="11">{label}</text>']
     step = 44
-    x0 = x + 190
+    x0 = x + _legend_offset(cells)
     for i, count in enumerate(legend_steps(cells)):
         sx = x0 + i * step
         parts.append(
@@ -184,7 +198,7 @@ def heatmap_svg(report: dict[str, Any]) -> str:
     label_w = max(len(p) for p in profiles) * CHAR_W + 8
     left, top = label_w + 10, label_w * 0.72 + 10
     grid = len(profiles) * SQUARE
-    legend_w = 190 + (len(legend_steps(cells)) + 1) * 44 + 230
+    legend_w = _legend_offset(cells) + (len(legend_steps(cells)) + 1) * 44 + 230
     width = round(max(left + grid + label_w * 0.72, legend_w + 10))
     height = round(top + grid + 60)
     infeasible = pair_infeasibility(report)
@@ -199,6 +213,7 @@ def heatmap_svg(report: dict[str, Any]) -> str:
             indices = infeasible[key]
             title = _square_title(report, *key, indices, labels)
             parts.append(_square(left + j * SQUARE, top + i * SQUARE, a, b, len(indices), cells, title))
+    parts.append(_diagonal(len(profiles), left, top))
     parts += _legend(cells, 10, top + grid + 18)
     parts.append("</svg>")
     return "".join(parts)
