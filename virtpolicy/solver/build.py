@@ -933,6 +933,9 @@ class Builder:
         """Put each variable's preferred values first, so the first search already finds good witnesses."""
         preferred: dict[str, list[str]] = {}
         variables = self.problem.variables
+        # (domain, forbidden set) -> the one value left, or None: preferences share their sets (one per
+        # domain and value), so twenty disks' preferences are worked out once
+        only: dict[tuple[tuple[str, ...], frozenset[str]], str | None] = {}
         for c in self.problem.constraints:
             if c.strength is Strength.HARD or not isinstance(c, Forbid):
                 continue
@@ -940,10 +943,17 @@ class Builder:
                 values = variables[name].values
                 if len(values) - len(forbidden) > 1:
                     continue  # at least two values stay allowed: not a preference for one value
-                allowed = [v for v in values if v not in forbidden]
+                key = (values, forbidden) if isinstance(forbidden, frozenset) else None  # a set: not kept
+                if key is not None and key in only:
+                    one = only[key]
+                else:
+                    allowed = [v for v in values if v not in forbidden]
+                    one = allowed[0] if len(allowed) == 1 else None
+                    if key is not None:
+                        only[key] = one
                 order = preferred.setdefault(name, [])
-                if len(allowed) == 1 and allowed[0] not in order:
-                    order.append(allowed[0])
+                if one is not None and one not in order:
+                    order.append(one)
         for name, order in preferred.items():
             var = self.problem.variables[name]
             order += [v for v in var.values if v not in order]
