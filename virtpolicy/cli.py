@@ -150,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     plan_hosts.add_argument(
         "--workers", type=int, default=0, metavar="N", help="worker processes (default: one per CPU)"
     )
+    plan_hosts.add_argument("--scheduler", metavar="ADDRESS", help="run on a Dask cluster (tcp://host:8786)")
 
     plan_common = plan_sub.add_parser("common", help="one complete domain that runs on every host of a fleet")
     plan_common.add_argument("domain", help="domain XML file, or - for stdin")
@@ -444,7 +445,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     engine = engine_for(fleet, osinfo_db=args.osinfo_db, profile_path=args.profile_path)
     data, source = _domain_bytes(args.domain)
     engine.build(data, profiles=args.profile, os=args.os_id, guest_support=args.guest_support, source=source)
-    plan = plan_hosts(engine, fleet, data, source, args.profile, args.os_id, args.guest_support, args.workers)
+    client = None
+    if args.scheduler:
+        from virtpolicy.whatif.runner import dask_client
+
+        client = dask_client(args.scheduler)
+    try:
+        plan = plan_hosts(
+            engine, fleet, data, source, args.profile, args.os_id, args.guest_support, args.workers, client=client
+        )
+    finally:
+        if client is not None:
+            client.close()
     if args.format == "json":
         print(json.dumps(plan.to_dict(), indent=2, sort_keys=True))
     else:

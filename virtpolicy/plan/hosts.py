@@ -134,13 +134,16 @@ def plan_hosts(
     guest_support: str = "strict",
     workers: int = 0,
     executor: Executor | None = None,
+    client: Any = None,
 ) -> HostsPlan:
     """The verdict per host class; `engine` must hold the fleet's classes as hosts (see engine_for)."""
     classes = classes_of(fleet.hosts)
     per_task = max(1, math.ceil(len(classes) / max(1, (workers or 2) * 4)))
     batches = [tuple(classes[i : i + per_task]) for i in range(0, len(classes), per_task)]
     tasks = [(domain, source, batch, tuple(profiles), os, guest_support) for batch in batches]
-    results = run_tasks(engine, _verdicts, tasks, workers=workers, executor=executor, label="host classes")
+    results = run_tasks(
+        engine, _verdicts, tasks, workers=workers, executor=executor, label="host classes", client=client
+    )
     verdicts = {v.host_class: v for batch in results for v in batch}
     return HostsPlan(source, fleet, {c: verdicts[c] for c in classes})
 

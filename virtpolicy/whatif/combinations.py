@@ -46,11 +46,13 @@ class MinimalInfeasible:
     profiles: tuple[str, ...]
     conflict: tuple[Requirement, ...]  # a minimal conflicting set of requirements
     supersets: int  # selections that contain this set (each of them infeasible)
+    background: tuple[Requirement, ...] = ()  # the libvirt/QEMU facts the conflict relies on
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "profiles": list(self.profiles),
             "conflict": [r.to_dict() for r in self.conflict],
+            "background": [r.to_dict() for r in self.background],
             "infeasible_selections": self.supersets,
         }
 
@@ -273,6 +275,7 @@ def analyse_cell(
     for m in minimal:
         outcome = slices[m & driver_bits].solve(m & free)
         members = tuple(Requirement.of(c) for c in outcome.members) if isinstance(outcome, Conflict) else ()
+        background = tuple(Requirement.of(c) for c in outcome.background) if isinstance(outcome, Conflict) else ()
         chosen = tuple(names[i] for i in range(n) if m >> i & 1)
         inside = m & free
         supersets = sum(  # infeasible selections containing m, slice by slice (a driver pack may rescue some)
@@ -280,7 +283,7 @@ def analyse_cell(
             for fixed, found in found_in.items()
             if fixed & m == m & driver_bits
         )
-        results.append(MinimalInfeasible(chosen, members, supersets))
+        results.append(MinimalInfeasible(chosen, members, supersets, background))
 
     alone: dict[str, Solution | Conflict] = {}
     base_outcome = base.solve(0)

@@ -30,6 +30,11 @@ def _call(task: Callable[..., T], args: tuple[Any, ...]) -> T:
     return task(_WORKER_CONTEXT, *args)
 
 
+def _call_with(context: Any, task: Callable[..., T], args: tuple[Any, ...]) -> T:
+    """A Dask task: the engine arrives as a scattered object, deserialised once per worker."""
+    return task(context, *args)
+
+
 def run_tasks(
     engine: Engine | tuple[Engine, ...],
     task: Callable[..., T],
@@ -37,6 +42,7 @@ def run_tasks(
     workers: int = 0,
     executor: Executor | None = None,
     label: str = "cells",
+    client: Any = None,
 ) -> list[T]:
     """`task(engine, *args)` for every args tuple, results in the order given.
 
@@ -48,6 +54,8 @@ def run_tasks(
         return []
     progress = _progress(len(arguments), label)
     try:
+        if client is not None:
+            return _run_on_dask(client, engine, task, arguments, progress)
         if executor is None and (workers == 1 or len(arguments) == 1):
             results = []
             for args in arguments:
@@ -66,6 +74,38 @@ def run_tasks(
                 pool.shutdown(wait=True, cancel_futures=True)
     finally:
         progress(0, done=True)
+
+
+def _run_on_dask(
+    client: Any,
+    context: Any,
+    task: Callable[..., T],
+    arguments: Sequence[tuple[Any, ...]],
+    progress: Callable[..., None],
+) -> list[T]:
+    """Dask distributed: the engine is scattered to every worker once, then the tasks go out as futures."""
+    shared = client.scatter(context, broadcast=True, hash=False)
+    futures = [client.submit(_call_with, shared, task, args, pure=False) for args in arguments]
+    for future in futures:
+        future.add_done_callback(lambda _f: progress(1))
+    return list(client.gather(futures))
+
+
+def dask_client(scheduler: str) -> Any:
+    """A client of a running Dask scheduler ('tcp://host:8786'); InputError when Dask is missing or the
+    scheduler does not answer."""
+    from virtpolicy.errors import InputError
+
+    try:
+        from distributed import Client
+    except ImportError:
+        raise InputError(
+            f"--scheduler {scheduler}: Dask is not installed (pip install 'virtpolicy[distributed]')"
+        ) from None
+    try:
+        return Client(scheduler, timeout=10)
+    except (OSError, TimeoutError) as exc:
+        raise InputError(f"--scheduler {scheduler}: no Dask scheduler answers there ({exc})") from None
 
 
 def engine_pool(engine: Engine | tuple[Engine, ...], workers: int) -> ProcessPoolExecutor:
