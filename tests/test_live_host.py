@@ -31,6 +31,16 @@ def test_capture_writes_a_loadable_bundle(libvirt: LibvirtHarness, tmp_path: Pat
     assert "ide" not in host.domcaps_for("x86_64", "kvm", "q35").enum("devices/disk/bus")
 
 
+def test_capture_of_several_hosts_writes_a_fleet(libvirt: LibvirtHarness, tmp_path: Path):
+    """Repeated --connect: one bundle per host under DIR, named by the URI's host, ready for --fleet."""
+    done = _cli("host", "capture", "--connect", URI, "--connect", URI, str(tmp_path / "fleet"))
+    assert done.returncode == 0, done.stderr.decode()
+    assert sorted(p.name for p in (tmp_path / "fleet").iterdir()) == ["localhost", "localhost-2"]
+    plan = _cli("plan", "hosts", str(REPO / "benchmarks" / "typical.xml"), "--fleet", str(tmp_path / "fleet"))
+    assert plan.returncode == 0, plan.stderr.decode()
+    assert b"runs on 2 of 2 host(s), 1 class(es)" in plan.stdout, plan.stdout
+
+
 def test_solve_against_the_live_host_matches_the_embedded_capture(libvirt: LibvirtHarness):
     """The embedded bundle was captured from this kind of machine: both hosts give the same answer."""
     example = str(REPO / "examples" / "rhel6-on-q35.xml")

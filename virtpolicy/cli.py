@@ -184,7 +184,13 @@ def _parser() -> argparse.ArgumentParser:
     host = sub.add_parser("host", help="host bundles")
     host_sub = host.add_subparsers(dest="host_command", required=True)
     capture = host_sub.add_parser("capture", help="write a host bundle from a live libvirt")
-    capture.add_argument("--connect", metavar="URI", required=True)
+    capture.add_argument(
+        "--connect",
+        metavar="URI",
+        required=True,
+        action="append",
+        help="a libvirt URI (repeatable: one bundle per host, in DIR/<host name>)",
+    )
     capture.add_argument("directory", type=Path)
     return p
 
@@ -548,10 +554,20 @@ def cmd_plan_capacity(args: argparse.Namespace) -> int:
 
 
 def cmd_host(args: argparse.Namespace) -> int:
-    from virtpolicy.models.capture import capture
+    from virtpolicy.models.capture import bundle_name, capture
 
-    for path in capture(args.connect, args.directory):
-        print(path)
+    if len(args.connect) == 1:
+        for path in capture(args.connect[0], args.directory):
+            print(path)
+        return EXIT_OK
+    names: list[str] = []
+    for uri in args.connect:
+        name = bundle_name(uri)
+        while name in names:
+            name += "-2"
+        names.append(name)
+        for path in capture(uri, args.directory / name):
+            print(path)
     return EXIT_OK
 
 

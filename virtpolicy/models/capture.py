@@ -90,6 +90,15 @@ def load_host_bundle_caps_only(caps_file: Path) -> dict[tuple[str, str], list[tu
     return {key: [(m.canonical, m.name) for m in ms] for key, ms in host.machines.items()}
 
 
+def bundle_name(uri: str) -> str:
+    """A directory name for a host's bundle: the URI's host part ('qemu+ssh://h01/system' -> 'h01'),
+    'localhost' for a local URI."""
+    from urllib.parse import urlsplit
+
+    host = urlsplit(uri).hostname or "localhost"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in host)
+
+
 def live_host(uri: str, workdir: Path) -> Host:
     capture(uri, workdir)
     return load_host_bundle(workdir)
