@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from virtpolicy.errors import InputError
 from virtpolicy.plan.fleet import Fleet, classes_of
+from virtpolicy.results import Requirement
 from virtpolicy.whatif.runner import run_tasks
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ class ClassVerdict:
     host_class: str
     runs: bool
     conflict: tuple[dict[str, Any], ...] = ()  # the minimal conflict's members (Requirement JSON)
-    machine: str = ""  # the machine the solve chose, when it runs
     error: str = ""  # bad input on this class (e.g. an OS the class cannot name)
 
     @property
@@ -43,30 +43,34 @@ class ClassVerdict:
 
 
 def _verdicts(
-    engine: Engine, data: bytes, source: str, classes: Sequence[str], profiles: Sequence[str], os: str | None,
-    guest_support: str,
-) -> list[ClassVerdict]:  # fmt: skip
-    verdicts = []
-    for host_class in classes:
-        try:
-            result = engine.solve(data, profiles=profiles, os=os, guest_support=guest_support, host=host_class,
-                                  source=source)  # fmt: skip
-        except InputError as exc:
-            verdicts.append(ClassVerdict(host_class, False, error=str(exc)))
-            continue
-        if result.feasible:
-            verdicts.append(ClassVerdict(host_class, True, machine=_machine_of(result.xml_bytes or b"")))
-        else:
-            members = tuple(m.to_dict() for m in result.conflicts[0].members)
+    engine: Engine, domains: Sequence[tuple[bytes, str]], classes: Sequence[str], profiles: Sequence[str],
+    os: str | None, guest_support: str,
+) -> list[list[ClassVerdict]]:  # fmt: skip
+    """Whether each domain's hard requirements hold on each class: a consistency check, not a solve and
+    render (planning asks "does it run", thousands of times); a conflict is reduced only where it fails."""
+    from virtpolicy.solver.solve import Conflict, Solver
+
+    rows = []
+    for data, source in domains:
+        verdicts = []
+        for host_class in classes:
+            try:
+                build = engine.build(data, profiles=profiles, os=os, guest_support=guest_support, host=host_class,
+                                     source=source)  # fmt: skip
+            except InputError as exc:
+                verdicts.append(ClassVerdict(host_class, False, error=str(exc)))
+                continue
+            solver = Solver(build.problem)
+            if solver.consistent([c for c in build.problem.constraints if c.is_hard]):
+                verdicts.append(ClassVerdict(host_class, True))
+                continue
+            outcome = solver.solve()
+            members = (
+                tuple(Requirement.of(c).to_dict() for c in outcome.members) if isinstance(outcome, Conflict) else ()
+            )
             verdicts.append(ClassVerdict(host_class, False, members))
-    return verdicts
-
-
-def _machine_of(xml: bytes) -> str:
-    from lxml import etree
-
-    os_type = etree.fromstring(xml).find("os/type")
-    return os_type.get("machine", "") if os_type is not None else ""
+        rows.append(verdicts)
+    return rows
 
 
 @dataclass
@@ -114,7 +118,6 @@ class HostsPlan:
                     "hosts": len(self.fleet.members(c)),
                     "example": self.fleet.members(c)[0].name,
                     "runs": v.runs,
-                    "machine": v.machine,
                     "cause": "" if v.runs else v.cause,
                     "conflict": list(v.conflict),
                 }
@@ -137,15 +140,35 @@ def plan_hosts(
     client: Any = None,
 ) -> HostsPlan:
     """The verdict per host class; `engine` must hold the fleet's classes as hosts (see engine_for)."""
+    (plan,) = plan_hosts_many(engine, fleet, [(domain, source)], profiles, os, guest_support, workers, executor, client)
+    return plan
+
+
+def plan_hosts_many(
+    engine: Engine,
+    fleet: Fleet,
+    domains: Sequence[tuple[bytes, str]],
+    profiles: Sequence[str] = (),
+    os: str | None = None,
+    guest_support: str = "strict",
+    workers: int = 0,
+    executor: Executor | None = None,
+    client: Any = None,
+) -> list[HostsPlan]:
+    """Every domain against every class in one fan-out: tasks are batches of classes, each solving all
+    domains, so the per-task overhead is paid once per batch, not once per solve."""
     classes = classes_of(fleet.hosts)
     per_task = max(1, math.ceil(len(classes) / max(1, (workers or 2) * 4)))
     batches = [tuple(classes[i : i + per_task]) for i in range(0, len(classes), per_task)]
-    tasks = [(domain, source, batch, tuple(profiles), os, guest_support) for batch in batches]
+    tasks = [(tuple(domains), batch, tuple(profiles), os, guest_support) for batch in batches]
     results = run_tasks(
         engine, _verdicts, tasks, workers=workers, executor=executor, label="host classes", client=client
     )
-    verdicts = {v.host_class: v for batch in results for v in batch}
-    return HostsPlan(source, fleet, {c: verdicts[c] for c in classes})
+    plans = []
+    for d, (_, source) in enumerate(domains):
+        verdicts = {v.host_class: v for batch in results for v in batch[d]}
+        plans.append(HostsPlan(source, fleet, {c: verdicts[c] for c in classes}))
+    return plans
 
 
 def engine_for(fleet: Fleet, **options: Any) -> Engine:
@@ -160,7 +183,7 @@ def to_text(plan: HostsPlan) -> str:
     lines = [f"virtpolicy plan hosts: '{plan.domain}' runs on {data['runs_on']} of {data['hosts_total']} host(s), "
              f"{len(plan.verdicts)} class(es)"]  # fmt: skip
     for c in data["classes"]:
-        verdict = f"runs ({c['machine']})" if c["runs"] else f"does not run: {c['cause']}"
+        verdict = "runs" if c["runs"] else f"does not run: {c['cause']}"
         lines.append(f"  class {c['class']} ({c['hosts']} host(s), e.g. {c['example']}): {verdict}")
         for m in c["conflict"]:
             lines.append(f"    - {m['provenance']['kind']} {m['provenance']['where']}: {m['message']}")
