@@ -48,15 +48,21 @@ def _verdicts(
 ) -> list[list[ClassVerdict]]:  # fmt: skip
     """Whether each domain's hard requirements hold on each class: a consistency check, not a solve and
     render (planning asks "does it run", thousands of times); a conflict is reduced only where it fails."""
+    from virtpolicy.models.domain import Domain
     from virtpolicy.solver.solve import Conflict, Solver
 
     rows = []
     for data, source in domains:
         verdicts = []
+        try:
+            parsed: Domain | InputError = Domain.from_bytes(data, source)  # parsed and validated once, not per class
+        except InputError as exc:
+            parsed = exc
         for host_class in classes:
             try:
-                build = engine.build(data, profiles=profiles, os=os, guest_support=guest_support, host=host_class,
-                                     source=source)  # fmt: skip
+                if isinstance(parsed, InputError):
+                    raise parsed
+                build = engine.build(parsed, profiles=profiles, os=os, guest_support=guest_support, host=host_class)  # type: ignore[arg-type]
             except InputError as exc:
                 verdicts.append(ClassVerdict(host_class, False, error=str(exc)))
                 continue
