@@ -179,6 +179,7 @@ class Builder:
         self._by_class_of: list[Instance] | None = None
         self._by_class_count = -1
         self._lacking: dict[tuple[str, str], list[tuple[str, str, DomainCaps, tuple[str, ...]]]] = {}
+        self._spec_sets: dict[tuple[tuple[str, ...], tuple[str, ...]], frozenset[str]] = {}  # _values
         self._lacking_over: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # the values _lacking is for
         self.guest = self._supplemented(guest)
         self.facts = Facts(domain, self.guest, host, self.arch, device_names or {})
@@ -473,12 +474,16 @@ class Builder:
         return c is not None and not c.singleton
 
     def _values(self, variable: str, spec: Iterable[str]) -> frozenset[str]:
+        """The values a rule's spec names (`["!none"]`: all but none), as one shared set per (domain, spec):
+        every device of a class asks with the same spec over an equal domain."""
         domain = self.problem.variables[variable].values if variable in self.problem.variables else ()
-        spec = list(spec)
-        negated = [s[1:] for s in spec if s.startswith("!")]
-        if negated:
-            return frozenset(v for v in domain if v not in negated)
-        return frozenset(spec)
+        key = (domain, tuple(spec))
+        found = self._spec_sets.get(key)
+        if found is None:
+            negated = [s[1:] for s in key[1] if s.startswith("!")]
+            found = frozenset(v for v in domain if v not in negated) if negated else frozenset(key[1])
+            self._spec_sets[key] = found
+        return found
 
     def _structural_constraints(self) -> None:
         _, rules = structural()
