@@ -13,7 +13,7 @@ from lxml import etree
 from support import cli, partial_domain
 
 from virtpolicy import Engine
-from virtpolicy.models.host import load_host_bundle
+from virtpolicy.models.host import EMBEDDED_BUNDLE, load_host_bundle
 from virtpolicy.plan.common import baseline_cpu, common_host
 
 TEMPLATES = ("benchmarks/typical.xml", "examples/rhel6-on-q35.xml", "examples/windows10.xml")
@@ -92,3 +92,76 @@ def test_engine_from_the_fleet_is_reused(mixed_fleet: Path) -> None:
     fleet = load_fleet(mixed_fleet)
     engine = engine_for(fleet)
     assert isinstance(engine, Engine) and sorted(engine.hosts) == sorted(classes_of(fleet.hosts))
+
+
+def _ten_host_fleet(base: Path) -> Path:
+    """Ten hosts: seven stock, two without the secure-boot loader, one without Hyper-V enlightenments."""
+    from lxml import etree
+
+    fleet = base / "ten"
+    fleet.mkdir()
+
+    def edit(bundle: Path, change) -> None:  # type: ignore[no-untyped-def]
+        for file in bundle.glob("domcaps-*.xml"):
+            tree = etree.parse(str(file))
+            change(tree.getroot())
+            tree.write(str(file))
+
+    def no_secboot(root: etree._Element) -> None:
+        secure = root.find("os/loader/enum[@name='secure']")
+        for value in secure.findall("value") if secure is not None else ():
+            if value.text == "yes":
+                secure.remove(value)
+
+    def no_hyperv(root: etree._Element) -> None:
+        hyperv = root.find("features/hyperv")
+        if hyperv is not None:
+            for child in list(hyperv):
+                hyperv.remove(child)
+            hyperv.set("supported", "no")
+
+    for i in range(10):
+        bundle = fleet / f"h{i:02d}"
+        shutil.copytree(EMBEDDED_BUNDLE, bundle)
+        if i in (7, 8):
+            edit(bundle, no_secboot)
+        if i == 9:
+            edit(bundle, no_hyperv)
+    return fleet
+
+
+def test_min_hosts_leaves_out_the_odd_host_and_keeps_its_feature(tmp_path: Path) -> None:
+    import json
+
+    fleet = _ten_host_fleet(tmp_path)
+    proc = cli("plan", "common", "examples/windows10.xml", "--fleet", str(fleet), "--min-hosts", "9",
+               "--format", "json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    (left,) = report["left_out"]
+    assert left["hosts"] == "h09", left
+    assert any("hyperv=" in t for t in left["would_lose"]), left
+    assert "<hyperv" in report["xml"], "the Hyper-V enlightenments stay in the plan for the other nine"
+
+
+def test_min_hosts_agrees_with_brute_force(tmp_path: Path) -> None:
+    import itertools
+
+    from virtpolicy.plan.common import capability_tokens, choose_classes
+    from virtpolicy.plan.fleet import load_fleet
+
+    fleet = load_fleet(_ten_host_fleet(tmp_path))
+    weights = {c: len(fleet.members(c)) for c in fleet.classes}
+    tokens = {c: capability_tokens(h) for c, h in fleet.classes.items()}
+    names = list(fleet.classes)
+    for k in range(1, 11):
+        best = max(
+            len(frozenset.intersection(*(tokens[c] for c in subset)))
+            for r in range(1, len(names) + 1)
+            for subset in itertools.combinations(names, r)
+            if sum(weights[c] for c in subset) >= k
+        )
+        choice = choose_classes(fleet.classes, weights, k)
+        assert choice is not None and choice.capability == best, (k, choice, best)
+        assert sum(weights[c] for c in choice.chosen) >= k
+    assert choose_classes(fleet.classes, weights, 11) is None

@@ -161,6 +161,9 @@ def _parser() -> argparse.ArgumentParser:
     plan_common.add_argument("--osinfo-db", type=Path, default=DEFAULT_OSINFO_DB)
     plan_common.add_argument("--guest-support", choices=("strict", "lenient"), default="strict")
     plan_common.add_argument("--format", choices=("xml", "json"), default="xml")
+    plan_common.add_argument(
+        "--min-hosts", type=int, metavar="K", help="plan for the best set of at least K hosts (default: all of them)"
+    )
 
     migrate = plan_sub.add_parser("migrate", help="can this running domain live-migrate there, and why not")
     migrate.add_argument("domain", help="the running domain's XML (virsh dumpxml), or - for stdin")
@@ -479,13 +482,29 @@ def cmd_plan_common(args: argparse.Namespace) -> int:
     engine = engine_for(fleet, osinfo_db=args.osinfo_db, profile_path=args.profile_path)
     data, source = _domain_bytes(args.domain)
     classes = classes_of(fleet.hosts)
+    choice = None
+    if args.min_hosts is not None:
+        from virtpolicy.plan.common import choose_classes
+
+        if args.min_hosts < 1:
+            raise InputError(f"--min-hosts {args.min_hosts}: use 1 or more")
+        choice = choose_classes(fleet.classes, {c: len(fleet.members(c)) for c in classes}, args.min_hosts)
+        if choice is None:
+            print(f"virtpolicy: plan common: the fleet has only {len(fleet.hosts)} host(s), fewer than "
+                  f"--min-hosts {args.min_hosts}", file=sys.stderr)  # fmt: skip
+            return EXIT_CONFLICT
+        classes = list(choice.chosen)
     plan = plan_common(engine, classes, data, source, args.profile, args.os_id, args.guest_support)
     report = plan.to_dict()
+    if choice is not None:
+        report["left_out"] = [
+            {"class": c, "hosts": names_of(fleet, c), "would_lose": list(choice.cost_of[c])} for c in choice.left_out
+        ]
     if args.format == "json":
         print(json.dumps(report, indent=2, sort_keys=True))
     elif plan.feasible:
         sys.stdout.write(report["xml"])
-    names = {c: ", ".join(h.name for h in fleet.members(c)) for c in classes}
+    names = {c: names_of(fleet, c) for c in classes}
     if not plan.result.feasible:
         print(plan.result.summary(), file=sys.stderr)
         return EXIT_CONFLICT
@@ -493,13 +512,21 @@ def cmd_plan_common(args: argparse.Namespace) -> int:
         f"custom CPU {plan.cpu.model} + {len(plan.cpu.features)} feature(s)" if plan.cpu else "CPU as the template says"
     )
     print(
-        f"virtpolicy: plan common: one domain for {len(fleet.hosts)} host(s) in {len(classes)} class(es): "
+        f"virtpolicy: plan common: one domain for {sum(len(fleet.members(c)) for c in classes)} of "
+        f"{len(fleet.hosts)} host(s) in {len(classes)} class(es): "
         f"machine {report['machine']}, {cpu}",
         file=sys.stderr,
     )
     for c, fits in plan.fits.items():
         print(f"  {'fits' if fits else 'DOES NOT FIT'} class {c}: {names[c]}", file=sys.stderr)
+    for row in report.get("left_out", ()):
+        lost = ", ".join(row["would_lose"][:5]) + (" ..." if len(row["would_lose"]) > 5 else "")
+        print(f"  left out class {row['class']} ({row['hosts']}): keeping it would lose {lost}", file=sys.stderr)
     return EXIT_OK if plan.feasible else EXIT_CONFLICT
+
+
+def names_of(fleet: Any, host_class: str) -> str:
+    return ", ".join(h.name for h in fleet.members(host_class))
 
 
 def cmd_plan_migrate(args: argparse.Namespace) -> int:

@@ -218,3 +218,77 @@ def plan_common(
         for c in classes:
             plan.fits[c] = engine.check(result.xml_bytes, profiles=profiles, os=os, host=c, source=source).feasible
     return plan
+
+
+def capability_tokens(host: Host) -> frozenset[str]:
+    """Everything a host offers, one token per fact: machine names, every domcapabilities enum value,
+    loader, CPU mode and model, Hyper-V feature and host-model CPU feature, per machine family. What a
+    set of hosts can share is the intersection of their tokens."""
+    tokens = {f"machine:{arch}:{vt}:{m.name}" for (arch, vt), ms in host.machines.items() for m in ms}
+    for caps in host.domcaps:
+        fam = family_of(caps.machine)
+        where = f"{caps.arch}:{caps.virt_type}:{fam.name if fam else caps.machine}"
+        tokens |= {f"{where}:{key}={value}" for key, values in caps.enums.items() for value in values}
+        tokens |= {f"{where}:loader={v}" for v in caps.loaders}
+        tokens |= {f"{where}:hyperv={v}" for v in caps.hyperv_features}
+        tokens |= {f"{where}:cpu-model={v}" for v in caps.usable_models}
+        tokens |= {f"{where}:cpu-feature={v}" for v in caps.host_model_features}
+    tokens |= {f"numa-cells>={n}" for n in range(1, host.host_numa_cells + 1)}
+    return frozenset(tokens)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The classes to plan for, the ones left out, and what each left-out class would cost if kept."""
+
+    chosen: tuple[str, ...]
+    left_out: tuple[str, ...]
+    capability: int  # tokens the chosen classes share
+    cost_of: dict[str, tuple[str, ...]]  # left-out class -> the shared tokens keeping it would lose
+    exact: bool = True
+
+
+def choose_classes(hosts: dict[str, Host], weights: dict[str, int], min_hosts: int) -> Choice | None:
+    """The classes (with at least `min_hosts` hosts) that share the most capability, exactly.
+
+    Keeping a token means leaving out every class that lacks it, so the problem is a set-union knapsack:
+    pick token groups (tokens lacked by the same classes) to maximise the tokens kept, subject to the
+    hosts of the union of their lacking classes fitting in the budget (total hosts - min_hosts).
+    Solved by depth-first branch and bound over the groups (bound: tokens still pickable); ties keep more
+    hosts, then the earlier classes. None when fewer than `min_hosts` hosts exist.
+    """
+    classes = list(hosts)
+    total = sum(weights[c] for c in classes)
+    if min_hosts > total:
+        return None
+    budget = total - min_hosts
+    tokens = {c: capability_tokens(hosts[c]) for c in classes}
+    every = frozenset.intersection(*tokens.values())
+    groups: dict[frozenset[str], list[str]] = {}
+    for token in sorted(frozenset.union(*tokens.values()) - every):
+        lacking = frozenset(c for c in classes if token not in tokens[c])
+        if sum(weights[c] for c in lacking) <= budget:
+            groups.setdefault(lacking, []).append(token)
+    order = sorted(groups, key=lambda g: (-len(groups[g]), sorted(g)))
+    best: tuple[int, int, frozenset[str]] = (0, 0, frozenset())  # (tokens kept, -hosts left out, left-out set)
+
+    def search(i: int, left: frozenset[str], kept: int, remaining: int) -> None:
+        nonlocal best
+        score = (kept, -sum(weights[c] for c in left))
+        if score > best[:2]:
+            best = (*score, left)
+        if i == len(order) or kept + remaining <= best[0]:
+            return
+        group = order[i]
+        union = left | group
+        size = len(groups[group])
+        if sum(weights[c] for c in union) <= budget:
+            search(i + 1, union, kept + size, remaining - size)
+        search(i + 1, left, kept, remaining - size)
+
+    search(0, frozenset(), 0, sum(len(groups[g]) for g in order))
+    left_out = best[2]
+    chosen = tuple(c for c in classes if c not in left_out)
+    shared = frozenset.intersection(*(tokens[c] for c in chosen))
+    cost = {c: tuple(sorted(shared - tokens[c])) for c in classes if c in left_out}
+    return Choice(chosen, tuple(c for c in classes if c in left_out), len(shared), cost)
