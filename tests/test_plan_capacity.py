@@ -73,3 +73,24 @@ def test_cli_over_a_fleet(tmp_path: Path) -> None:
     (row,) = report["templates"]
     assert row["classes"][0]["per_host"] == 2  # the embedded host: 2 CPUs, 4.8 GiB
     assert row["fleet_total"] == 4
+
+
+def test_current_usage_lowers_what_still_fits(tmp_path: Path) -> None:
+    from virtpolicy.models.host import EMBEDDED_BUNDLE
+
+    fleet = tmp_path / "fleet"
+    fleet.mkdir()
+    shutil.copytree(EMBEDDED_BUNDLE, fleet / "a")
+    shutil.copytree(EMBEDDED_BUNDLE, fleet / "b")
+    template = tmp_path / "small.xml"
+    template.write_text(partial_domain("small", FEDORA, None, DISK))  # 1 vCPU, 512 MiB
+    usage = tmp_path / "usage.toml"
+    usage.write_text('[host."a"]\ncpus = 1\nmemory_mib = 1024\n')
+    proc = cli("plan", "capacity", str(template), "--fleet", str(fleet), "--usage", str(usage), "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(proc.stdout)["templates"]
+    assert row["hosts_in_use"] == [{"host": "a", "more_instances": 1}]
+    assert row["fleet_total"] == 3  # a: one more; b: two
+    usage.write_text('[host."zz"]\ncpus = 1\n')
+    bad = cli("plan", "capacity", str(template), "--fleet", str(fleet), "--usage", str(usage))
+    assert bad.returncode == 1 and b"no such host in the fleet" in bad.stderr

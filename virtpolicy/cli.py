@@ -183,6 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     capacity.add_argument("--cpu-ratio", type=float, default=1.0, help="vCPUs per host CPU (Nova's ratio; 1.0)")
     capacity.add_argument("--ram-ratio", type=float, default=1.0, help="guest memory per host memory (1.0)")
     capacity.add_argument("--format", choices=("text", "json"), default="text")
+    capacity.add_argument("--usage", type=Path, metavar="FILE", help='current use: [host."NAME"] cpus, memory_mib')
 
     host = sub.add_parser("host", help="host bundles")
     host_sub = host.add_subparsers(dest="host_command", required=True)
@@ -575,7 +576,12 @@ def cmd_plan_capacity(args: argparse.Namespace) -> int:
     fleet = load_fleet(args.fleet)
     engine = engine_for(fleet, osinfo_db=args.osinfo_db)
     templates = [(read_file(path), str(path)) for path in args.templates]
-    plan = plan_capacity(engine, fleet, templates, args.os_id, args.cpu_ratio, args.ram_ratio)
+    usage = None
+    if args.usage:
+        from virtpolicy.plan.capacity import read_usage
+
+        usage = read_usage(args.usage, fleet)
+    plan = plan_capacity(engine, fleet, templates, args.os_id, args.cpu_ratio, args.ram_ratio, usage)
     print(json.dumps(plan.to_dict(), indent=2, sort_keys=True) if args.format == "json" else to_text(plan))
     return EXIT_OK
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from virtpolicy.errors import InputError
@@ -130,11 +131,24 @@ def _take_spread(pool: list[Any], amount: float) -> None:
             return
 
 
-def instances_on(host: Host, demand: Demand, cpu_ratio: float = 1.0, ram_ratio: float = 1.0) -> int | None:
-    """How many instances fit on an empty host (None: the host data has no NUMA topology to count on)."""
+@dataclass(frozen=True)
+class Usage:
+    """What a host already gives its running guests (taken from its cells in order, as a first fit would)."""
+
+    cpus: float = 0.0
+    memory_kib: int = 0
+
+
+def instances_on(
+    host: Host, demand: Demand, cpu_ratio: float = 1.0, ram_ratio: float = 1.0, used: Usage | None = None
+) -> int | None:
+    """How many more instances fit (None: the host data has no NUMA topology to count on)."""
     free = _free(host, demand, cpu_ratio, ram_ratio)
     if free is None:
         return None
+    if used is not None:
+        _take_spread(free.cpus, used.cpus)
+        _take_spread(free.memory, used.memory_kib)
     if demand.hostdevs:
         owned = {" ".join(f"{k}={v}" for k, v in sorted(_address(d).items())) for d in host.pci_devices}
         if not set(demand.hostdevs) <= owned:
@@ -153,17 +167,47 @@ def _address(pci: str) -> dict[str, str]:
     return {"domain": f"0x{domain}", "bus": f"0x{bus}", "slot": f"0x{slot}", "function": f"0x{function}"}
 
 
+def read_usage(path: Path, fleet: Fleet) -> dict[str, Usage]:
+    """`--usage FILE`: [host."NAME"] tables with `cpus` (vCPUs allocated) and `memory_mib`, per fleet host."""
+    import tomllib
+
+    from virtpolicy.models.xmlsafe import read_file
+
+    try:
+        data = tomllib.loads(read_file(path).decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise InputError(f"{path}: not a TOML usage file: {exc}") from None
+    hosts = data.get("host", {})
+    if not isinstance(hosts, dict):
+        raise InputError(f'{path}: usage is given as [host."NAME"] tables')
+    names = {h.name for h in fleet.hosts}
+    usage = {}
+    for name, row in hosts.items():
+        where = f'{path}: [host."{name}"]'
+        if name not in names:
+            raise InputError(f"{where}: no such host in the fleet")
+        if not isinstance(row, dict) or set(row) - {"cpus", "memory_mib"}:
+            raise InputError(f"{where}: give cpus and memory_mib only")
+        cpus, mib = row.get("cpus", 0), row.get("memory_mib", 0)
+        if any(isinstance(v, bool) or not isinstance(v, int | float) or v < 0 for v in (cpus, mib)):
+            raise InputError(f"{where}: cpus and memory_mib must be numbers of 0 or more")
+        usage[name] = Usage(float(cpus), int(mib * 1024))
+    return usage
+
+
 @dataclass
 class CapacityPlan:
     templates: list[str]
     fleet: Fleet
     per_class: dict[str, dict[str, int | None]] = field(default_factory=dict)  # template -> class -> count
+    per_host: dict[str, dict[str, int | None]] = field(default_factory=dict)  # template -> used host -> count
 
     def to_dict(self) -> dict[str, Any]:
         rows = []
         for template in self.templates:
             classes = self.per_class[template]
-            total = sum((classes[h.host_class] or 0) for h in self.fleet.hosts)
+            used = self.per_host.get(template, {})
+            total = sum((used[h.name] if h.name in used else classes[h.host_class]) or 0 for h in self.fleet.hosts)
             rows.append(
                 {
                     "template": template,
@@ -177,6 +221,7 @@ class CapacityPlan:
                         }  # fmt: skip
                         for c, n in classes.items()
                     ],
+                    "hosts_in_use": [{"host": name, "more_instances": n} for name, n in sorted(used.items())],
                 }
             )
         return {"schema": SCHEMA, "hosts_total": len(self.fleet.hosts), "templates": rows}
@@ -184,7 +229,7 @@ class CapacityPlan:
 
 def plan_capacity(
     engine: Engine, fleet: Fleet, templates: Sequence[tuple[bytes, str]], os: str | None = None,
-    cpu_ratio: float = 1.0, ram_ratio: float = 1.0,
+    cpu_ratio: float = 1.0, ram_ratio: float = 1.0, usage: dict[str, Usage] | None = None,
 ) -> CapacityPlan:  # fmt: skip
     """Instances per host for each template and class; 0 where the template does not run at all."""
     if cpu_ratio <= 0 or ram_ratio <= 0:
@@ -197,6 +242,12 @@ def plan_capacity(
             runs = engine.solve(data, os=os, host=host_class, source=name).feasible
             counts[host_class] = instances_on(host, demand, cpu_ratio, ram_ratio) if runs else 0
         plan.per_class[name] = counts
+        plan.per_host[name] = {
+            h.name: (instances_on(fleet.classes[h.host_class], demand, cpu_ratio, ram_ratio, usage[h.name])
+                     if counts[h.host_class] else counts[h.host_class])
+            for h in fleet.hosts
+            if usage and h.name in usage
+        }  # fmt: skip
     return plan
 
 
