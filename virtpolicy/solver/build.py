@@ -562,20 +562,35 @@ class Builder:
                 kept[name] = vals
         if kept:
             merged = kept
+        self._new_forbid(cid, tuple(merged), tuple(merged.values()), message, prov, strength, priority, cites, group)
+
+    def _new_forbid(
+        self,
+        cid: str,
+        variables: tuple[str, ...],
+        sets: tuple[frozenset[str], ...],
+        message: str,
+        prov: Provenance,
+        strength: Strength,
+        priority: int,
+        cites: tuple[str, ...],
+        group: str,
+    ) -> None:
+        """The Forbid `_add_forbid` settled on, under an id of its own."""
         if cid in self._ids:
             cid = f"{cid}#{len(self.problem.constraints)}"
         self._ids.add(cid)
         self.problem.add(
             Forbid(
                 id=cid,
-                variables=tuple(merged),
+                variables=variables,
                 message=message,
                 provenance=prov,
                 strength=strength,
                 priority=priority,
                 cites=cites,
                 group=group,
-                sets=tuple(merged.values()),
+                sets=sets,
             )
         )
 
@@ -909,20 +924,29 @@ class Builder:
                 domain = variables[name].values
                 when = [(mapping[w], self._values(mapping[w], vals)) for w, vals in pref.when.items()]
                 group = f"{pref.id}:{name}"
+                # what _add_forbid would make of the `when` part, worked out once for all values (it is the
+                # same for each); a shape it does not cover (a missing or repeated variable) goes through it
+                names = [w for w, _ in when]
+                plain = name not in names and len(set(names)) == len(names) and all(w in variables for w in names)
+                if plain and any(not vals for _, vals in when):
+                    continue  # can never be violated, whatever the value
+                kept = [(w, vals) for w, vals in when if not vals.issuperset(variables[w].values)]
+                kept_names = (*(w for w, _ in kept), name)
+                kept_sets = tuple(vals for _, vals in kept)
                 for value in pref.order:
                     if value not in domain:
                         continue
                     rest = others.get((domain, value))
                     if rest is None:
                         rest = others[(domain, value)] = frozenset(v for v in domain if v != value)
-                    self._add_forbid(
-                        f"{group}={value}",
-                        [*when, (name, rest)],
-                        f"prefer {name} = {value}: {pref.why}",
-                        prov,
-                        strength=Strength.SOFT,
-                        group=group,
-                    )
+                    cid, message = f"{group}={value}", f"prefer {name} = {value}: {pref.why}"
+                    if not plain:
+                        self._add_forbid(cid, [*when, (name, rest)], message, prov, strength=Strength.SOFT, group=group)
+                    elif rest:  # else the domain is this value alone: never violated
+                        # `rest` never covers the domain (it lacks `value`), so it always stays
+                        self._new_forbid(
+                            cid, kept_names, (*kept_sets, rest), message, prov, Strength.SOFT, 0, (), group
+                        )
         for feature in self.hyperv:
             name = f"hyperv.{feature.feature}"
             self._add_forbid(
