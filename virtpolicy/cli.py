@@ -146,7 +146,8 @@ def _parser() -> argparse.ArgumentParser:
     plan_hosts.add_argument("--os", dest="os_id", help="guest OS short id or URI (default: the libosinfo metadata)")
     plan_hosts.add_argument("--osinfo-db", type=Path, default=DEFAULT_OSINFO_DB)
     plan_hosts.add_argument("--guest-support", choices=("strict", "lenient"), default="strict")
-    plan_hosts.add_argument("--format", choices=("text", "json"), default="text")
+    plan_hosts.add_argument("--format", choices=("text", "json", "html"), default="text")
+    plan_hosts.add_argument("-o", "--output", type=Path, help="write the report here instead of stdout")
     plan_hosts.add_argument(
         "--workers", type=int, default=0, metavar="N", help="worker processes (default: one per CPU)"
     )
@@ -468,9 +469,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if client is not None:
             client.close()
     if args.format == "json":
-        print(json.dumps(plan.to_dict(), indent=2, sort_keys=True))
+        text = json.dumps(plan.to_dict(), indent=2, sort_keys=True)
+    elif args.format == "html":
+        from virtpolicy.plan.html import to_html
+
+        text = to_html(plan.to_dict())
     else:
-        print(to_text(plan))
+        text = to_text(plan)
+    if args.output:
+        _write(args.output, (text + "\n").encode())
+    else:
+        print(text)
     return EXIT_OK if plan.runs_anywhere else EXIT_CONFLICT
 
 

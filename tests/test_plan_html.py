@@ -1,0 +1,248 @@
+"""`virtpolicy plan hosts --format html`: the page's structure (funnel, classes with their conflicts, hosts),
+its determinism, that it fetches nothing and escapes what it shows, and that a real browser draws the funnel.
+
+The fleet is the one tests/test_plan_hosts.py builds: the embedded QEMU 7.2 host twice, a copy without the
+secure-boot loader and a copy without a TPM, so the page is checked against what the planner really says.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import lxml.html
+import pytest
+from lxml import etree
+from support import cli
+
+from virtpolicy.models.host import EMBEDDED_BUNDLE
+from virtpolicy.plan.html import HOSTS_OPEN, RUNS, cause_colour, to_html
+from virtpolicy.solver.explain_report import KIND_COLOURS
+
+NEEDS_TPM = (
+    'name = "needs-tpm"\nversion = "1.0"\ndescription = "a TPM 2.0 device"\n\n[[rule]]\n'
+    'id = "tpm"\nrequire = { "tpm.model" = ["tpm-crb", "tpm-tis"] }\nstrength = "hard"\n'
+)
+
+
+def _variant(base: Path, name: str, edit) -> Path:  # type: ignore[no-untyped-def]
+    """A copy of the embedded bundle with every domcapabilities file edited."""
+    bundle = base / name
+    shutil.copytree(EMBEDDED_BUNDLE, bundle)
+    for file in sorted(bundle.glob("domcaps-*.xml")):
+        tree = etree.parse(str(file))
+        edit(tree.getroot())
+        tree.write(str(file))
+    return bundle
+
+
+def _no_secure_boot(root: etree._Element) -> None:
+    loader = root.find("os/loader")
+    if loader is None or loader.find("enum[@name='secure']") is None:
+        return
+    for value in loader.findall("value"):
+        if "secboot" in (value.text or "") or ".ms." in (value.text or ""):
+            loader.remove(value)
+    secure = loader.find("enum[@name='secure']")
+    for value in secure.findall("value"):
+        if value.text == "yes":
+            secure.remove(value)
+
+
+def _no_tpm(root: etree._Element) -> None:
+    tpm = root.find("devices/tpm")
+    if tpm is None:
+        return
+    for child in list(tpm):
+        tpm.remove(child)
+    tpm.set("supported", "no")
+
+
+@pytest.fixture(scope="module")
+def fleet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("fleet")
+    shutil.copytree(EMBEDDED_BUNDLE, base / "h01")
+    shutil.copytree(EMBEDDED_BUNDLE, base / "h02")  # a twin: the same class
+    _variant(base, "old-firmware", _no_secure_boot)
+    _variant(base, "no-tpm", _no_tpm)
+    return base
+
+
+def _plan(fleet_dir: Path, out: Path, *extra: str, fmt: str = "html") -> bytes:
+    proc = cli("plan", "hosts", "examples/windows10.xml", "--fleet", str(fleet_dir), "--profile", "secure-boot",
+               *extra, "--format", fmt, "-o", str(out), "--workers", "1")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"", "with -o the report goes to the file only"
+    return out.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def page(fleet_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _plan(fleet_dir, tmp_path_factory.mktemp("out") / "report.html").decode()
+
+
+@pytest.fixture(scope="module")
+def report(fleet_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return json.loads(_plan(fleet_dir, tmp_path_factory.mktemp("out") / "report.json", fmt="json"))
+
+
+@pytest.fixture(scope="module")
+def two_causes(fleet_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """secure-boot and a TPM: old-firmware and no-tpm are refused for different host facts."""
+    out = tmp_path_factory.mktemp("out")
+    (out / "needs-tpm.toml").write_text(NEEDS_TPM)
+    return json.loads(_plan(fleet_dir, out / "report.json", "--profile", str(out / "needs-tpm.toml"), fmt="json"))
+
+
+def _bars(doc: Any) -> list[Any]:
+    (svg,) = doc.xpath("//svg[@id='funnel']")
+    return svg.xpath(".//rect[@class='bar']")
+
+
+def test_funnel_has_the_runs_bar_then_one_bar_per_cause(report: dict[str, Any], page: str) -> None:
+    doc = lxml.html.document_fromstring(page)
+    bars = _bars(doc)
+    assert len(bars) == 1 + len(report["funnel"]) == 2
+    assert [b.get("data-hosts") for b in bars] == ["3", "1"]  # h01, h02, no-tpm run it; old-firmware does not
+    assert bars[0].get("fill") == RUNS and bars[0].get("data-kind") == "runs"
+    assert bars[1].get("fill") == KIND_COLOURS["host"] and bars[1].get("data-kind") == "host"  # a host fact
+    assert float(bars[0].get("width")) == 3 * float(bars[1].get("width"))  # one scale: hosts out of the fleet
+    titles = [b.getparent().find("title").text for b in bars]
+    assert titles[0] == "runs on 3 of 4 host(s)"
+    assert titles[1] == f"1 host(s), 1 class(es): {report['funnel'][0]['cause']}"
+    assert "os/loader/secure" in report["funnel"][0]["cause"]
+    assert doc.xpath("string(//h1)") == "examples/windows10.xml: runs on 3 of 4 host(s)"
+    assert "in 3 class(es)" in doc.xpath("string(//p[@id='summary'])")
+
+
+def test_two_causes_two_bars_most_hosts_first(two_causes: dict[str, Any]) -> None:
+    doc = lxml.html.document_fromstring(to_html(two_causes))
+    bars = _bars(doc)
+    assert [b.get("data-hosts") for b in bars] == ["2", "1", "1"]  # runs; then a host each, by cause
+    labels = [b.getparent().xpath("string(text[1])") for b in bars[1:]]
+    assert [f["cause"][:40] for f in two_causes["funnel"]] == [label[:40] for label in labels]
+    assert "devices/tpm/model" in labels[0] and "os/loader/secure" in labels[1], labels
+    assert [b.get("fill") for b in bars[1:]] == [cause_colour("host")] * 2
+
+
+def test_class_table_and_conflict_members(report: dict[str, Any], page: str) -> None:
+    doc = lxml.html.document_fromstring(page)
+    rows = doc.xpath("//table[@id='classes']//tr[@class='class']")
+    assert [r.get("data-class") for r in rows] == [c["class"] for c in report["classes"]]
+    cells = {r.xpath("string(td[3])"): [td.text_content() for td in r.xpath("td")] for r in rows}
+    assert set(cells) == {"h01", "no-tpm", "old-firmware"}
+    assert cells["h01"][1:4] == ["2", "h01", "yes"] and cells["h01"][4] == ""
+    refused = next(c for c in report["classes"] if not c["runs"])
+    assert cells["old-firmware"][1:] == ["1", "old-firmware", "no", refused["cause"]]
+    (conflict,) = doc.xpath("//table[@id='classes']//tr[@class='conflict']")  # only under the refused class
+    assert conflict.get("data-class") == refused["class"]
+    assert conflict.getprevious().get("data-class") == refused["class"]  # right under its class row
+    members = conflict.xpath(".//li[@class='member']")
+    assert len(members) == len(refused["conflict"])
+    badges = {m.xpath("string(span[@class='kind'])"): m for m in members}
+    assert set(badges) == {"profile", "host"}
+    assert badges["host"].xpath("span")[0].get("style") == f"background:{KIND_COLOURS['host']}"
+    assert "old-firmware/domcaps-" in badges["host"].xpath("string(small)")
+    assert "secure-boot.toml:" in badges["profile"].xpath("string(small)")
+    assert "profile secure-boot requires firmware = efi-secure" in badges["profile"].text_content()
+
+
+def test_host_table_and_details_for_large_fleets(report: dict[str, Any], page: str) -> None:
+    doc = lxml.html.document_fromstring(page)
+    assert not doc.xpath("//details")
+    rows = doc.xpath("//table[@id='hosts']//tr[@class='host']")
+    assert [[td.text_content() for td in r.xpath("td")] for r in rows] == [
+        [h["name"], "", h["class"], "yes" if h["runs"] else "no"] for h in report["hosts"]
+    ]
+    big = copy.deepcopy(report)
+    template = big["hosts"][0]
+    big["hosts"] = [{**template, "name": f"r{i:03d}", "labels": {"zone": "b", "rack": f"r{i % 3}"}}
+                    for i in range(HOSTS_OPEN + 1)]  # fmt: skip
+    big["hosts_total"] = big["runs_on"] = HOSTS_OPEN + 1
+    doc = lxml.html.document_fromstring(to_html(big))
+    (details,) = doc.xpath("//details")
+    assert details.xpath("string(summary)") == f"{HOSTS_OPEN + 1} hosts ({HOSTS_OPEN + 1} run it)"
+    rows = details.xpath(".//table[@id='hosts']//tr[@class='host']")
+    assert len(rows) == HOSTS_OPEN + 1
+    assert rows[4].xpath("string(td[2])") == "rack=r1, zone=b"  # labels sorted by key
+
+
+def test_same_plan_same_bytes(fleet_dir: Path, report: dict[str, Any], page: str, tmp_path: Path) -> None:
+    assert _plan(fleet_dir, tmp_path / "again.html").decode() == page
+    assert to_html(report) + "\n" == page  # -o FILE adds the one newline print would
+    assert to_html(json.loads(json.dumps(report, sort_keys=True))) == to_html(report)
+
+
+def test_page_fetches_nothing_runs_nothing_and_escapes_text(report: dict[str, Any], page: str) -> None:
+    doc = lxml.html.document_fromstring(page)
+    assert not doc.xpath("//script | //iframe | //link | //img | //object | //embed")
+    assert "<script" not in page and "src=" not in page and "url(" not in page and "@import" not in page
+    for element in doc.iter():
+        for name, value in element.attrib.items():
+            if name != "xmlns":
+                assert "http://" not in value and "https://" not in value, (element.tag, name, value)
+    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "").split("<body>")[0]
+    hostile = copy.deepcopy(report)
+    hostile["domain"] = "<b>dom&ain</b>"
+    hostile["hosts"][0]["labels"] = {"<i>k</i>": "<script>v</script>"}
+    refused = next(c for c in hostile["classes"] if not c["runs"])
+    refused["conflict"][0]["message"] = "<img src=x onerror=alert(1)>"
+    refused["example"] = '"><svg onload=alert(1)>'
+    hostile["funnel"][0]["cause"] = "</text><script>alert(1)</script>"
+    text = to_html(hostile)
+    parsed = lxml.html.document_fromstring(text)
+    assert not parsed.xpath("//img | //script | //body//b[contains(., 'dom')] | //i | //svg[@onload]")
+    assert "&lt;img src=x onerror=alert(1)&gt;" in text and "&lt;b&gt;dom&amp;ain&lt;/b&gt;" in text
+    assert "&lt;/text&gt;&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert len(_bars(parsed)) == 2
+
+
+CHROMIUM = shutil.which("chromium")
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("CI"),
+    reason="Debian chromium not installed (scripts/setup.sh test installs it)",
+)
+def test_html_report_renders_the_funnel_in_a_real_browser(page: str, tmp_path: Path) -> None:
+    from PIL import Image
+
+    assert CHROMIUM, "CI must have chromium (scripts/setup.sh test)"
+    html_file = tmp_path / "report.html"
+    html_file.write_text(page)
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1100,900",
+            f"--screenshot={shot}",
+            html_file.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    image = Image.open(shot).convert("RGB")
+    colours = image.getcolors(maxcolors=1 << 20) or []
+    counts = {rgb: n for n, rgb in colours}
+
+    def pixels(hex_colour: str) -> int:
+        rgb = tuple(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
+        return counts.get(rgb, 0)
+
+    # the runs bar is 3/4 of 560 px by 18 px; the old-firmware bar 1/4 of it; both in the first screen
+    assert pixels(RUNS) > 5000, "no runs bar drawn"
+    assert pixels(KIND_COLOURS["host"]) > 1500, "no host-fact cause bar drawn"
