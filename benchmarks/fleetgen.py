@@ -22,41 +22,11 @@ from pathlib import Path
 from lxml import etree
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+import corpus  # noqa: E402  (test-support modules: libvirt's QEMU test hosts, and their real-world variants)
+import hostvariants  # noqa: E402
+
 VERSIONS = ("4.2.0", "5.2.0", "6.0.0", "6.2.0", "7.0.0", "7.1.0", "7.2.0", "8.0.0")
-
-
-def _edit_domcaps(bundle: Path, edit: Callable[[etree._Element], None]) -> None:
-    for file in sorted(bundle.glob("domcaps-*.xml")):
-        tree = etree.parse(str(file))
-        edit(tree.getroot())
-        tree.write(str(file))
-
-
-def _no_secure_boot(root: etree._Element) -> None:
-    loader = root.find("os/loader")
-    if loader is None:
-        return
-    for value in loader.findall("value"):
-        if "secboot" in (value.text or "") or ".ms." in (value.text or ""):
-            loader.remove(value)
-    secure = loader.find("enum[@name='secure']")
-    for value in secure.findall("value") if secure is not None else ():
-        if value.text == "yes":
-            secure.remove(value)
-
-
-def _no_tpm(root: etree._Element) -> None:
-    tpm = root.find("devices/tpm")
-    if tpm is not None:
-        for child in list(tpm):
-            tpm.remove(child)
-        tpm.set("supported", "no")
-
-
-def _fewer_hyperv(root: etree._Element) -> None:
-    features = root.find("features/hyperv/enum[@name='features']")
-    for value in features.findall("value")[len(features) // 2 :] if features is not None else ():
-        features.remove(value)
 
 
 def _numa(cells: int) -> Callable[[Path], None]:
@@ -80,20 +50,17 @@ def _numa(cells: int) -> Callable[[Path], None]:
     return regroup
 
 
-VARIANTS: dict[str, Callable[[Path], None]] = {
+VARIANTS: dict[str, Callable[[Path], object]] = {
     "stock": lambda b: None,
-    "no-secboot": lambda b: _edit_domcaps(b, _no_secure_boot),
-    "no-tpm": lambda b: _edit_domcaps(b, _no_tpm),
-    "few-hyperv": lambda b: _edit_domcaps(b, _fewer_hyperv),
+    "no-secboot": lambda b: hostvariants.edit_domcaps(b, hostvariants.no_secure_boot),
+    "no-tpm": lambda b: hostvariants.edit_domcaps(b, hostvariants.no_tpm),
+    "few-hyperv": lambda b: hostvariants.edit_domcaps(b, hostvariants.fewer_hyperv),
 }
 LAYOUTS = {"numa1": _numa(1), "numa2": _numa(2), "numa4": _numa(4)}
 
 
 def generate(directory: Path, hosts: int, seed: int = 7) -> Path:
     """Write bundles (one per class) and DIR/fleet.toml naming `hosts` hosts; returns the inventory."""
-    sys.path.insert(0, str(REPO / "tests"))
-    import corpus
-
     if corpus.corpus_dir() is None:
         raise SystemExit("fleetgen: the libvirt corpus is needed: bash scripts/fetch-libvirt-corpus.sh")
     directory.mkdir(parents=True, exist_ok=True)

@@ -6,10 +6,12 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
+import pytest
 from lxml import etree
 
 from virtpolicy.engine import Engine
@@ -129,3 +131,48 @@ def four_node_host(tmp: Path) -> Host:
     old.getparent().replace(old, etree.parse(str(fixture / "topology.xml")).getroot())
     caps.write(str(bundle / "capabilities.xml"))
     return load_host_bundle(bundle)
+
+
+CHROMIUM = shutil.which("chromium")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("CI"),
+    reason="Debian chromium not installed (scripts/setup.sh test installs it)",
+)
+
+
+def screenshot_colours(page: str, workdir: Path, size: str = "1100,900") -> Callable[[str], int]:
+    """Render a self-contained page in headless Chromium; returns pixels('#rrggbb') -> how many there are.
+
+    CI must have Chromium (the test set-up installs it): there a missing browser fails instead of skipping.
+    """
+    from PIL import Image
+
+    assert CHROMIUM, "CI must have chromium (scripts/setup.sh test)"
+    html_file = workdir / "report.html"
+    html_file.write_text(page)
+    shot = workdir / "shot.png"
+    subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={workdir / 'profile'}",
+            f"--window-size={size}",
+            f"--screenshot={shot}",
+            html_file.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    counts = {rgb: n for n, rgb in (Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20) or [])}
+
+    def pixels(hex_colour: str) -> int:
+        return counts.get(tuple(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)), 0)
+
+    return pixels

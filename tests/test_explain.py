@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from support import four_node_host, partial_domain
+from support import four_node_host, needs_chromium, partial_domain, screenshot_colours
 
 from virtpolicy.models.domain import Domain
 from virtpolicy.models.host import Host, load_host_bundle
@@ -280,50 +280,13 @@ def test_cli_explain_exit_codes_and_solve_points_at_it(tmp_path: Path) -> None:
     assert solved.returncode == 2 and b"'virtpolicy explain'" in solved.stderr
 
 
-CHROMIUM = shutil.which("chromium")
-
-
-@pytest.mark.skipif(
-    CHROMIUM is None and not os.environ.get("CI"),
-    reason="Debian chromium not installed (scripts/setup.sh test installs it)",
-)
+@needs_chromium
 def test_html_report_renders_the_conflict_graph_in_a_real_browser(host, osdb, tmp_path: Path) -> None:
-    from PIL import Image
-
-    assert CHROMIUM, "CI must have chromium (scripts/setup.sh test)"
     built = _built("three-independent-conflicts", host, osdb, tmp_path)
     page = to_html(build_report(built, Solver(built.problem).solve(), 10))
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "").split("<body>")[0]  # no fetches
     assert "<script" not in page and "src=" not in page
-    html_file = tmp_path / "report.html"
-    html_file.write_text(page)
-    shot = tmp_path / "shot.png"
-    subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--window-size=1100,900",
-            f"--screenshot={shot}",
-            html_file.as_uri(),
-        ],
-        capture_output=True,
-        timeout=120,
-        check=True,
-    )
-    image = Image.open(shot).convert("RGB")
-    colours = image.getcolors(maxcolors=1 << 20) or []
-    counts = {rgb: n for n, rgb in colours}
-
-    def pixels(hex_colour: str) -> int:
-        rgb = tuple(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
-        return counts.get(rgb, 0)
+    pixels = screenshot_colours(page, tmp_path)
 
     # the graph's nodes: the app's requirements in red, osinfo's in green, the host's in orange, big circles
     assert pixels("#d62728") > 3000, "no app nodes drawn"

@@ -58,7 +58,8 @@ def test_huge_pages_need_free_pages(numa_host) -> None:  # type: ignore[no-untyp
     assert instances_on(numa_host, demand) == 0, "the host reports no 2 MiB pages"
 
 
-def test_cli_over_a_fleet(tmp_path: Path) -> None:
+def _two_hosts_and_a_small_template(tmp_path: Path) -> tuple[Path, Path]:
+    """Two copies of the embedded host (2 CPUs, 4.8 GiB each) and a 1-vCPU, 512 MiB template."""
     from virtpolicy.models.host import EMBEDDED_BUNDLE
 
     fleet = tmp_path / "fleet"
@@ -66,7 +67,12 @@ def test_cli_over_a_fleet(tmp_path: Path) -> None:
     shutil.copytree(EMBEDDED_BUNDLE, fleet / "a")
     shutil.copytree(EMBEDDED_BUNDLE, fleet / "b")
     template = tmp_path / "small.xml"
-    template.write_text(partial_domain("small", FEDORA, None, DISK))  # 1 vCPU, 512 MiB
+    template.write_text(partial_domain("small", FEDORA, None, DISK))
+    return fleet, template
+
+
+def test_cli_over_a_fleet(tmp_path: Path) -> None:
+    fleet, template = _two_hosts_and_a_small_template(tmp_path)
     proc = cli("plan", "capacity", str(template), "--fleet", str(fleet), "--format", "json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
@@ -76,14 +82,7 @@ def test_cli_over_a_fleet(tmp_path: Path) -> None:
 
 
 def test_current_usage_lowers_what_still_fits(tmp_path: Path) -> None:
-    from virtpolicy.models.host import EMBEDDED_BUNDLE
-
-    fleet = tmp_path / "fleet"
-    fleet.mkdir()
-    shutil.copytree(EMBEDDED_BUNDLE, fleet / "a")
-    shutil.copytree(EMBEDDED_BUNDLE, fleet / "b")
-    template = tmp_path / "small.xml"
-    template.write_text(partial_domain("small", FEDORA, None, DISK))  # 1 vCPU, 512 MiB
+    fleet, template = _two_hosts_and_a_small_template(tmp_path)
     usage = tmp_path / "usage.toml"
     usage.write_text('[host."a"]\ncpus = 1\nmemory_mib = 1024\n')
     proc = cli("plan", "capacity", str(template), "--fleet", str(fleet), "--usage", str(usage), "--format", "json")

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hostvariants import no_hyperv, no_secure_boot, variant
 from libvirt_harness import LibvirtHarness
 from lxml import etree
 from support import cli, partial_domain
@@ -96,37 +97,11 @@ def test_engine_from_the_fleet_is_reused(mixed_fleet: Path) -> None:
 
 def _ten_host_fleet(base: Path) -> Path:
     """Ten hosts: seven stock, two without the secure-boot loader, one without Hyper-V enlightenments."""
-    from lxml import etree
-
     fleet = base / "ten"
     fleet.mkdir()
-
-    def edit(bundle: Path, change) -> None:  # type: ignore[no-untyped-def]
-        for file in bundle.glob("domcaps-*.xml"):
-            tree = etree.parse(str(file))
-            change(tree.getroot())
-            tree.write(str(file))
-
-    def no_secboot(root: etree._Element) -> None:
-        secure = root.find("os/loader/enum[@name='secure']")
-        for value in secure.findall("value") if secure is not None else ():
-            if value.text == "yes":
-                secure.remove(value)
-
-    def no_hyperv(root: etree._Element) -> None:
-        hyperv = root.find("features/hyperv")
-        if hyperv is not None:
-            for child in list(hyperv):
-                hyperv.remove(child)
-            hyperv.set("supported", "no")
-
     for i in range(10):
-        bundle = fleet / f"h{i:02d}"
-        shutil.copytree(EMBEDDED_BUNDLE, bundle)
-        if i in (7, 8):
-            edit(bundle, no_secboot)
-        if i == 9:
-            edit(bundle, no_hyperv)
+        edits = (no_secure_boot,) if i in (7, 8) else (no_hyperv,) if i == 9 else ()
+        variant(EMBEDDED_BUNDLE, fleet / f"h{i:02d}", *edits)
     return fleet
 
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hostvariants import no_tpm, variant
 from support import cli
 
 from virtpolicy.models.host import EMBEDDED_BUNDLE
@@ -23,19 +24,10 @@ def cluster() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lxml import etree
-
     base = tmp_path_factory.mktemp("dask-fleet")
-    for name in ("a", "b", "c"):
+    for name in ("a", "b"):
         shutil.copytree(EMBEDDED_BUNDLE, base / name)
-    for file in (base / "c").glob("domcaps-*.xml"):  # a host without a TPM: another class, another answer
-        tree = etree.parse(str(file))
-        tpm = tree.find("devices/tpm")
-        if tpm is not None:
-            for child in list(tpm):
-                tpm.remove(child)
-            tpm.set("supported", "no")
-        tree.write(str(file))
+    variant(EMBEDDED_BUNDLE, base / "c", no_tpm)  # a host without a TPM: another class, another answer
     return base
 
 

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from lxml import etree
+from hostvariants import no_secure_boot, no_tpm, variant
 from support import cli
 
 from virtpolicy.errors import InputError
@@ -17,47 +17,13 @@ from virtpolicy.models.host import EMBEDDED_BUNDLE
 from virtpolicy.plan.fleet import fingerprint, load_fleet
 
 
-def _variant(base: Path, name: str, edit) -> Path:  # type: ignore[no-untyped-def]
-    """A copy of the embedded bundle with every domcapabilities file edited."""
-    bundle = base / name
-    shutil.copytree(EMBEDDED_BUNDLE, bundle)
-    for file in sorted(bundle.glob("domcaps-*.xml")):
-        tree = etree.parse(str(file))
-        edit(tree.getroot())
-        tree.write(str(file))
-    return bundle
-
-
-def _no_secure_boot(root: etree._Element) -> None:
-    loader = root.find("os/loader")
-    if loader is None or loader.find("enum[@name='secure']") is None:
-        return
-    for value in loader.findall("value"):
-        if "secboot" in (value.text or "") or ".ms." in (value.text or ""):
-            loader.remove(value)
-    secure = loader.find("enum[@name='secure']")
-    for value in secure.findall("value"):
-        if value.text == "yes":
-            secure.remove(value)
-
-
-def _no_tpm(root: etree._Element) -> None:
-    """What libvirt reports without swtpm: `<tpm supported='no'/>`, no enums."""
-    tpm = root.find("devices/tpm")
-    if tpm is None:
-        return
-    for child in list(tpm):
-        tpm.remove(child)
-    tpm.set("supported", "no")
-
-
 @pytest.fixture(scope="module")
 def fleet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("fleet")
     shutil.copytree(EMBEDDED_BUNDLE, base / "h01")
     shutil.copytree(EMBEDDED_BUNDLE, base / "h02")  # a twin: the same class
-    _variant(base, "old-firmware", _no_secure_boot)
-    _variant(base, "no-tpm", _no_tpm)
+    variant(EMBEDDED_BUNDLE, base / "old-firmware", no_secure_boot)
+    variant(EMBEDDED_BUNDLE, base / "no-tpm", no_tpm)
     return base
 
 

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hostvariants import no_tpm, variant
 from lxml import etree
 from support import cli
 
@@ -66,21 +67,12 @@ def test_a_cpu_feature_missing_on_the_destination(fleet: Path) -> None:
 
 
 def test_a_device_model_missing_on_the_destination(tmp_path: Path) -> None:
-    no_tpm = tmp_path / "no-tpm"
-    shutil.copytree(EMBEDDED_BUNDLE, no_tpm)
-    for file in no_tpm.glob("domcaps-*.xml"):
-        tree = etree.parse(str(file))
-        tpm = tree.find("devices/tpm")
-        if tpm is not None:
-            for child in list(tpm):
-                tpm.remove(child)
-            tpm.set("supported", "no")
-        tree.write(str(file))
+    tpm_less = variant(EMBEDDED_BUNDLE, tmp_path / "no-tpm", no_tpm)
     laid_out = cli("solve", "-q", "--profile", "windows-11", "examples/windows10.xml")
     assert laid_out.returncode == 0, laid_out.stderr
     domain = laid_out.stdout
     assert b"<tpm" in domain
-    report = _migrate(domain, "--from", str(EMBEDDED_BUNDLE), "--to", str(no_tpm))
+    report = _migrate(domain, "--from", str(EMBEDDED_BUNDLE), "--to", str(tpm_less))
     (dest,) = report["destinations"]
     devices = [r["message"] for r in dest["reasons"] if r["check"] == "devices"]
     assert devices and any("tpm" in m.lower() for m in devices), dest

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import lxml.html
 import pytest
+from support import needs_chromium, screenshot_colours
 
 from virtpolicy import Engine
 from virtpolicy.whatif.html import FEASIBLE, INFEASIBLE, PARTIAL, heat_colour, to_html
@@ -139,46 +137,9 @@ def test_page_fetches_nothing_runs_nothing_and_escapes_text(report: dict[str, An
     assert "&lt;img src=x onerror=alert(1)&gt;" in text and "&lt;b&gt;dom&amp;ain&lt;/b&gt;" in text
 
 
-CHROMIUM = shutil.which("chromium")
-
-
-@pytest.mark.skipif(
-    CHROMIUM is None and not os.environ.get("CI"),
-    reason="Debian chromium not installed (scripts/setup.sh test installs it)",
-)
+@needs_chromium
 def test_html_report_renders_the_heatmap_in_a_real_browser(page: str, tmp_path: Path) -> None:
-    from PIL import Image
-
-    assert CHROMIUM, "CI must have chromium (scripts/setup.sh test)"
-    html_file = tmp_path / "report.html"
-    html_file.write_text(page)
-    shot = tmp_path / "shot.png"
-    subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--window-size=1100,900",
-            f"--screenshot={shot}",
-            html_file.as_uri(),
-        ],
-        capture_output=True,
-        timeout=120,
-        check=True,
-    )
-    image = Image.open(shot).convert("RGB")
-    colours = image.getcolors(maxcolors=1 << 20) or []
-    counts = {rgb: n for n, rgb in colours}
-
-    def pixels(hex_colour: str) -> int:
-        rgb = tuple(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
-        return counts.get(rgb, 0)
+    pixels = screenshot_colours(page, tmp_path)
 
     # six infeasible squares (three pairs, both halves) of 26x26 less their labels, in the first screen
     assert pixels(INFEASIBLE) > 2000, "no infeasible squares drawn"
