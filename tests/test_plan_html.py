@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import lxml.html
 import pytest
-from lxml import etree
-from support import cli
+from hostvariants import no_secure_boot, no_tpm, variant
+from support import cli, needs_chromium, screenshot_colours
 
 from virtpolicy.models.host import EMBEDDED_BUNDLE
 from virtpolicy.plan.html import HOSTS_OPEN, RUNS, cause_colour, to_html
@@ -30,46 +28,13 @@ NEEDS_TPM = (
 )
 
 
-def _variant(base: Path, name: str, edit) -> Path:  # type: ignore[no-untyped-def]
-    """A copy of the embedded bundle with every domcapabilities file edited."""
-    bundle = base / name
-    shutil.copytree(EMBEDDED_BUNDLE, bundle)
-    for file in sorted(bundle.glob("domcaps-*.xml")):
-        tree = etree.parse(str(file))
-        edit(tree.getroot())
-        tree.write(str(file))
-    return bundle
-
-
-def _no_secure_boot(root: etree._Element) -> None:
-    loader = root.find("os/loader")
-    if loader is None or loader.find("enum[@name='secure']") is None:
-        return
-    for value in loader.findall("value"):
-        if "secboot" in (value.text or "") or ".ms." in (value.text or ""):
-            loader.remove(value)
-    secure = loader.find("enum[@name='secure']")
-    for value in secure.findall("value"):
-        if value.text == "yes":
-            secure.remove(value)
-
-
-def _no_tpm(root: etree._Element) -> None:
-    tpm = root.find("devices/tpm")
-    if tpm is None:
-        return
-    for child in list(tpm):
-        tpm.remove(child)
-    tpm.set("supported", "no")
-
-
 @pytest.fixture(scope="module")
 def fleet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("fleet")
     shutil.copytree(EMBEDDED_BUNDLE, base / "h01")
     shutil.copytree(EMBEDDED_BUNDLE, base / "h02")  # a twin: the same class
-    _variant(base, "old-firmware", _no_secure_boot)
-    _variant(base, "no-tpm", _no_tpm)
+    variant(EMBEDDED_BUNDLE, base / "old-firmware", no_secure_boot)
+    variant(EMBEDDED_BUNDLE, base / "no-tpm", no_tpm)
     return base
 
 
@@ -202,46 +167,9 @@ def test_page_fetches_nothing_runs_nothing_and_escapes_text(report: dict[str, An
     assert len(_bars(parsed)) == 2
 
 
-CHROMIUM = shutil.which("chromium")
-
-
-@pytest.mark.skipif(
-    CHROMIUM is None and not os.environ.get("CI"),
-    reason="Debian chromium not installed (scripts/setup.sh test installs it)",
-)
+@needs_chromium
 def test_html_report_renders_the_funnel_in_a_real_browser(page: str, tmp_path: Path) -> None:
-    from PIL import Image
-
-    assert CHROMIUM, "CI must have chromium (scripts/setup.sh test)"
-    html_file = tmp_path / "report.html"
-    html_file.write_text(page)
-    shot = tmp_path / "shot.png"
-    subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--window-size=1100,900",
-            f"--screenshot={shot}",
-            html_file.as_uri(),
-        ],
-        capture_output=True,
-        timeout=120,
-        check=True,
-    )
-    image = Image.open(shot).convert("RGB")
-    colours = image.getcolors(maxcolors=1 << 20) or []
-    counts = {rgb: n for n, rgb in colours}
-
-    def pixels(hex_colour: str) -> int:
-        rgb = tuple(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
-        return counts.get(rgb, 0)
+    pixels = screenshot_colours(page, tmp_path)
 
     # the runs bar is 3/4 of 560 px by 18 px; the old-firmware bar 1/4 of it; both in the first screen
     assert pixels(RUNS) > 5000, "no runs bar drawn"
