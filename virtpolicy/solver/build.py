@@ -11,7 +11,6 @@ import itertools
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 from typing import TYPE_CHECKING
 
 from lxml import etree
@@ -56,29 +55,45 @@ class Instance:
     cls: DeviceClass
     index: int
     element: etree._Element | None
+    # what a build reads of the instance again and again, kept here (functools.cached_property takes a lock
+    # on every first read in Python 3.11, and a build makes ~150 such reads)
+    prefix: str = field(init=False, repr=False, compare=False)
+    _xpath: str | None = field(default=None, init=False, repr=False, compare=False)
+    _has_address: bool | None = field(default=None, init=False, repr=False, compare=False)
     _explicit: dict[str, Explicit | None] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    @cached_property
-    def prefix(self) -> str:
-        return self.cls.name if self.cls.singleton else f"{self.cls.name}[{self.index}]"
+    def __post_init__(self) -> None:
+        self.prefix = self.cls.name if self.cls.singleton else f"{self.cls.name}[{self.index}]"
 
     def var(self, name: str) -> str:
         return f"{self.prefix}.{name}"
 
-    @cached_property
+    @property
     def xpath(self) -> str:
-        return xpath_of(self.element) if self.element is not None else f"/domain/devices ({self.cls.label} absent)"
+        if self._xpath is None:
+            el = self.element
+            self._xpath = xpath_of(el) if el is not None else f"/domain/devices ({self.cls.label} absent)"
+        return self._xpath
 
-    @cached_property
+    @property
     def has_address(self) -> bool:
         """Read once: a build never edits the app's XML (the renderer writes into its own copy's result)."""
-        return self.element is not None and self.element.find("address") is not None
+        if self._has_address is None:
+            self._has_address = self.element is not None and self.element.find("address") is not None
+        return self._has_address
 
     def explicit(self, variable: ClassVariable) -> Explicit | None:
         """`read_explicit` of this instance's element, once per variable: a build asks for each value two or
-        three times (its domain, the app's pin, the disk's mode), and each answer costs an XPath."""
+        three times (its domain, the app's pin, the disk's mode), and each answer costs an XPath. A value on
+        the element itself is named by the element's own (kept) XPath."""
         if variable.name not in self._explicit:
-            self._explicit[variable.name] = read_explicit(self.element, variable)
+            found = None
+            if self.element is not None and variable.xml:
+                target, attr = _bind(self.element, variable.xml)
+                if target is not None and target.get(attr) is not None:
+                    where = self.xpath if target is self.element else xpath_of(target)
+                    found = Explicit(target.get(attr, ""), f"{where}/@{attr}")
+            self._explicit[variable.name] = found
         return self._explicit[variable.name]
 
 
