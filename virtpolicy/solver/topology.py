@@ -1,4 +1,4 @@
-"""The PCI topology: controllers and an explicit address for every PCI device, built on a networkx graph.
+"""The PCI topology: controllers and an explicit address for every PCI device, built on a small bus graph.
 
 q35: endpoints each get a pcie-root-port (packed 8 per slot as multifunction, as libvirt does);
 conventional devices go behind a pcie-to-pci-bridge; with guest NUMA cells, each cell's devices hang off
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
-import networkx as nx
 from lxml import etree
 
 from virtpolicy.errors import InputError
@@ -143,6 +143,42 @@ HOTPLUG_BUSES = {  # libvirt domain_addr.c: buses whose slots carry VIR_PCI_CONN
 }
 
 
+class _BusGraph:
+    """Buses and what plugs into them: the few graph operations the builder needs (networkx's DiGraph API
+    for them, without importing networkx on every solve: it was a sixth of a CLI run's start-up)."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[Any, dict[str, Any]] = {}
+        self._children: dict[Any, list[Any]] = {}
+        self._parents: dict[Any, list[Any]] = {}
+
+    def __contains__(self, node: object) -> bool:
+        return node in self.nodes
+
+    def add_node(self, node: Any, **attrs: Any) -> None:
+        self.nodes.setdefault(node, {}).update(attrs)
+
+    def add_edge(self, parent: Any, child: Any, **_attrs: Any) -> None:
+        self.add_node(parent)
+        self.add_node(child)
+        if child not in self._children.setdefault(parent, []):
+            self._children[parent].append(child)
+            self._parents.setdefault(child, []).append(parent)
+
+    def predecessors(self, node: Any) -> list[Any]:
+        return list(self._parents.get(node, ()))
+
+    def descendants(self, node: Any) -> set[Any]:
+        seen: set[Any] = set()
+        stack = list(self._children.get(node, ()))
+        while stack:
+            current = stack.pop()
+            if current not in seen:
+                seen.add(current)
+                stack.extend(self._children.get(current, ()))
+        return seen
+
+
 class TopologyBuilder:
     def __init__(
         self, devices_el: etree._Element, family: str, cells: int, hotplug_ports: int, source: str = ""
@@ -153,7 +189,7 @@ class TopologyBuilder:
         self.root_kind = family_named(family).root if family in ("q35", "pc") else "other"
         self.cells = cells
         self.hotplug_ports = hotplug_ports
-        self.graph = nx.DiGraph()
+        self.graph = _BusGraph()
         self.buses: dict[int, Bus] = {}
         # indexes over the graph, kept as edges are added, so that placing each of thousands of devices does
         # not rescan every bus: what hangs off each (bus, slot), and the empty root ports under each parent
@@ -503,7 +539,7 @@ class TopologyBuilder:
             self._bridge("pci", host)
 
     def _buses_below(self, index: int) -> int:
-        return sum(1 for n in nx.descendants(self.graph, ("bus", index)) if n[0] == "bus")
+        return sum(1 for n in self.graph.descendants(("bus", index)) if n[0] == "bus")
 
     def _bus_numbers(self, expanders: dict[int, int]) -> None:
         """Give each expander a busNr range sized for the buses under it, counting down from 255."""
@@ -521,7 +557,7 @@ class TopologyBuilder:
             upper = bus_nr
         below_expanders: set[tuple[str, int]] = set()  # one walk per expander, not one path search per bus
         for e in expanders.values():
-            below_expanders |= nx.descendants(self.graph, ("bus", e))
+            below_expanders |= self.graph.descendants(("bus", e))
         root_buses = 1 + sum(1 for i in self.buses if i not in expanders.values() and ("bus", i) not in below_expanders)
         if expanders and root_buses >= upper:
             raise TopologyError(f"the root complex needs {root_buses} bus numbers but the expanders start at {upper}")
