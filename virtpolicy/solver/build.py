@@ -945,7 +945,7 @@ class Builder:
                 plain = name not in names and len(set(names)) == len(names) and all(w in variables for w in names)
                 if plain and any(not vals for _, vals in when):
                     continue  # can never be violated, whatever the value
-                kept = [(w, vals) for w, vals in when if not vals.issuperset(variables[w].values)]
+                kept = [(w, vals) for w, vals in when if not vals.issuperset(variables[w].values)] if plain else []
                 kept_names = (*(w for w, _ in kept), name)
                 kept_sets = tuple(vals for _, vals in kept)
                 for value in pref.order:
