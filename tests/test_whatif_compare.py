@@ -110,3 +110,15 @@ def test_compare_needs_a_change_to_compare() -> None:
     proc = cli("whatif", "compare", "benchmarks/typical.xml")
     assert proc.returncode == 1
     assert "name what changes" in proc.stderr.decode()
+
+
+def test_a_bad_domain_is_reported_and_exits_1(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.xml"
+    broken.write_text("<domain")
+    proc = cli("whatif", "compare", "--before-os", "fedora37", "--after-os", "rhel9.0", "benchmarks/typical.xml",
+               str(broken))  # fmt: skip
+    assert proc.returncode == 1
+    assert f"{broken}:1: malformed XML" in proc.stderr.decode()
+    assert "benchmarks/typical.xml" in proc.stdout.decode(), "the good domain is still compared"
+    combos = cli("whatif", "combinations", str(broken), "--profile", "legacy-pc")
+    assert combos.returncode == 1 and str(broken) in combos.stderr.decode()

@@ -384,7 +384,7 @@ def cmd_whatif(args: argparse.Namespace) -> int:
         hosts[key] = path
     engine = Engine(hosts or None, osinfo_db=args.osinfo_db, profile_path=args.profile_path)
     profiles = args.profile or sorted(engine.profiles())
-    domain = _domain_bytes(args.domain)[0] if args.domain else None
+    domain = (Path(args.domain) if args.domain != "-" else _domain_bytes("-")[0]) if args.domain else None
     oses = args.oses or list(WHATIF_OSES)
     report = analyse_combinations(
         engine, profiles, oses, domain, list(hosts) or None, args.guest_support, workers=args.workers
@@ -437,7 +437,10 @@ def cmd_whatif_compare(args: argparse.Namespace) -> int:
         _write(args.output, (text + "\n").encode())
     else:
         print(text)
-    return EXIT_OK
+    bad = [c for c in report.changes if c.error]  # reported with the rest; still bad input: exit 1
+    for change in bad:
+        print(f"virtpolicy: error: {change.error}", file=sys.stderr)
+    return EXIT_INPUT if bad else EXIT_OK
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

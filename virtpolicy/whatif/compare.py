@@ -54,7 +54,7 @@ class DomainChange:
 
     @property
     def changed(self) -> bool:
-        return bool(self.decisions or self.abi) or self.before != self.after or self.still_fits is False
+        return bool(self.decisions or self.abi or self.error) or self.before != self.after or self.still_fits is False
 
     def to_dict(self) -> dict[str, Any]:
         return {
