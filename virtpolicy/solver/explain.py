@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from virtpolicy.solver.pci import BusBudget
-from virtpolicy.solver.problem import Constraint, Problem, Source
+from virtpolicy.solver.problem import AtMost, Constraint, Problem, Source
 from virtpolicy.solver.search import Tally
-from virtpolicy.solver.solve import Solver
+from virtpolicy.solver.solve import Solver, without_gc
 
 # what changing a requirement of each kind costs the user: profiles are cheap to drop, the app's own XML
 # is its intent, and libvirt/QEMU facts cannot be changed at all
@@ -67,6 +67,9 @@ class ConflictExplainer:
     def __init__(self, problem: Problem) -> None:
         self.problem = problem
         self.solver = Solver(problem)
+        # the constraints on a device's variables, narrow first, for the on_var index they came from
+        self._touched: dict[tuple[str, ...], list[Constraint]] = {}
+        self._touched_on: object = None
         hard = [c for c in problem.constraints if c.is_hard]
         self.background = [c for c in hard if c.provenance.source is Source.STRUCTURAL]
         self.candidates = sorted(
@@ -80,6 +83,11 @@ class ConflictExplainer:
         return self.solver._quickxplain(self.background, [], constraints)  # noqa: SLF001
 
     def explain(self, max_conflicts: int = 10) -> Explanation:
+        """Every minimal conflict (up to `max_conflicts`) and the corrections; see the module docstring."""
+        with without_gc():
+            return self._explain(max_conflicts)
+
+    def _explain(self, max_conflicts: int = 10) -> Explanation:
         if self._feasible(self.candidates):
             return Explanation([], [], True, [])
         conflicts: list[list[Constraint]] = [self._mus(self.candidates)]
@@ -146,6 +154,13 @@ class ConflictExplainer:
     def decisions(
         self, witness: dict[str, str], decided_by: dict[str, Constraint | None], kept: list[Constraint]
     ) -> list[DecisionReason]:
+        """See `_decisions`; without the cyclic garbage collector, as for a solve (`solve.without_gc`)."""
+        with without_gc():
+            return self._decisions(witness, decided_by, kept)
+
+    def _decisions(
+        self, witness: dict[str, str], decided_by: dict[str, Constraint | None], kept: list[Constraint]
+    ) -> list[DecisionReason]:
         """For a feasible problem: why each variable has its value, and what excluded each other value.
 
         Each other value is first tried as a repair of the witness within its own device (`_repairable`):
@@ -193,6 +208,7 @@ class ConflictExplainer:
                     # the witness with just this value changed often proves the value possible without a search
                     self.solver.hints = [{**witness, name: value}]
                     possible = self._feasible([*hard, wish])
+                    self.solver.hints = []
                 if possible:
                     by = [decided_by[name]] if decided_by.get(name) is not None else []
                     excluded.append(Excluded(value, by, hard=False))  # type: ignore[list-item]
@@ -200,6 +216,7 @@ class ConflictExplainer:
                     if blame is None:
                         self.solver.hints = [{**witness, name: value}]
                         blame = self.solver._quickxplain([*self.background, wish], [], hard)  # noqa: SLF001
+                        self.solver.hints = []
                     excluded.append(Excluded(value, blame, hard=True))
             reasons.append(DecisionReason(name, witness[name], var.label, decided_by.get(name), excluded))
         self.solver.hints = []
@@ -236,7 +253,15 @@ class ConflictExplainer:
         """`_repairable`'s search: the first repair from the `start`-th combination on (its number and the
         device's changed values), or None."""
         others = [v for v in device if v != name]
-        touched = sorted({id(c): c for v in device for c in on_var.get(v, ())}.values(), key=lambda c: len(c.variables))
+        if self._touched_on is not on_var:
+            self._touched, self._touched_on = {}, on_var
+        key = tuple(device)
+        touched = self._touched.get(key)
+        if touched is None:
+            touched = sorted(
+                {id(c): c for v in device for c in on_var.get(v, ())}.values(), key=lambda c: len(c.variables)
+            )
+            self._touched[key] = touched
         if allowed is not None:
             touched = [c for c in touched if allowed(c)]
         choices = [[witness[v], *(x for x in self.problem.variables[v].values if x != witness[v])] for v in others]
@@ -325,6 +350,7 @@ class _Local:
         self.structural = {id(c) for c in explainer.background}
         self.hubs: dict[frozenset[str], list[Constraint]] = {}
         self.cache: dict[str, tuple[list[Constraint], list[Constraint]] | None] = {}
+        self.partners: dict[int, list[str]] = {}
 
     def _of(self, device: str) -> tuple[list[Constraint], list[Constraint]] | None:
         """The device's neighbourhood: (structural, candidates in QuickXplain's order); None for a hub."""
@@ -412,12 +438,16 @@ class _Local:
             broken = [c for c in dict.fromkeys(wide) if not _holds(c, witness, local)]
             if not broken:
                 return True  # a repair of this device alone (`_repairable` tries the same ones first)
-            partners = dict.fromkeys(u.split(".")[0] for u in broken[0].variables)
-            partners.pop(name.split(".")[0], None)
-            for other in list(partners)[:MAX_PARTNERS]:
+            for other in self._partners(broken[0], name.split(".")[0]):
                 if self._partner(witness, local, self.device_of[other], device):
                     return True
         return False
+
+    def _partners(self, capacity: Constraint, device: str) -> list[str]:
+        """The first MAX_PARTNERS devices other than `device` that `capacity` counts, in variable order."""
+        if id(capacity) not in self.partners:
+            self.partners[id(capacity)] = list(dict.fromkeys(u.split(".")[0] for u in capacity.variables))
+        return [d for d in self.partners[id(capacity)] if d != device][:MAX_PARTNERS]
 
     def _partner(self, witness: dict[str, str], local: dict[str, str], other: list[str], device: list[str]) -> bool:
         """Whether `other` can change (all its variables, up to REPAIR_TRIES combinations) so that the
@@ -444,21 +474,36 @@ def _narrow(c: Constraint) -> bool:
     return len(c.variables) <= WIDE
 
 
-_TALLIES: dict[tuple[int, int], tuple[dict[str, str], Tally]] = {}  # (solution, bus budget): its counts there
+_TALLIES: dict[tuple[int, int], tuple[dict[str, str], Tally | tuple[frozenset[str], int]]] = {}
 MAX_TALLIES = 64
 
 
 def _holds(c: Constraint, witness: dict[str, str], local: dict[str, str]) -> bool:
-    """c on the witness with the `local` values changed; a bus budget from its counts at the witness, kept
-    per witness, so that a repair costs its few changes and not a scan of every device."""
-    if isinstance(c, BusBudget):
+    """c on the witness with the `local` values changed. A capacity over many devices (a bus budget, an
+    AtMost count) from its counts at the witness, kept per witness (`_TALLIES`, keyed by the witness and the
+    constraint): a repair costs its few changes, not a scan of every device."""
+    if len(c.variables) > WIDE and isinstance(c, BusBudget | AtMost):
         key = (id(witness), id(c))
         entry = _TALLIES.get(key)
         if entry is None or entry[0] is not witness:
             if len(_TALLIES) >= MAX_TALLIES:
                 _TALLIES.clear()
-            entry = _TALLIES[key] = (witness, Tally(c, witness.__getitem__, holds=True))
-        if not local:
-            return entry[1].fits()
-        return entry[1].fits_with(list(local), lambda v: local[v] if v in local else witness[v])
+            if isinstance(c, BusBudget):
+                counts: Tally | tuple[frozenset[str], int] = Tally(c, witness.__getitem__, holds=True)
+            else:
+                counts = (frozenset(c.variables), sum(1 for v in c.variables if witness[v] == c.value))
+            entry = _TALLIES[key] = (witness, counts)
+        counts = entry[1]
+        if isinstance(counts, Tally):
+            if not local:
+                return counts.fits()
+            return counts.fits_with(list(local), lambda v: local[v] if v in local else witness[v])
+        members, hits = counts
+        assert isinstance(c, AtMost)
+        if len(members) != len(c.variables):
+            return c.holds(*(local[v] if v in local else witness[v] for v in c.variables))  # a repeated variable
+        for v, value in local.items():
+            if v in members:
+                hits += (value == c.value) - (witness[v] == c.value)
+        return hits <= c.limit
     return c.holds(*(local[v] if v in local else witness[v] for v in c.variables))

@@ -72,19 +72,19 @@ def build_report(built: Build, result: Solution | Conflict, max_conflicts: int) 
         }
         for r in reasons
     ]
+    passed_over = {id(wish) for d in result.decisions.values() for _, wish in d.passed_over}  # once, not per drop
     report["overridden_preferences"] = [
         {"preference": requirement(d.constraint), "by": [requirement(c) for c in result.why_dropped(d)]}
         for d in result.dropped
-        if _overridden(d.constraint, result)
+        if _overridden(d.constraint, passed_over)
     ]
     return report
 
 
-def _overridden(c: Constraint, result: Solution) -> bool:
-    """A preference that lost to something else, not merely the later options of a chain that was decided."""
-    if c.provenance.source is Source.PROFILE:
-        return True
-    return any(wish is c for d in result.decisions.values() for _, wish in d.passed_over)
+def _overridden(c: Constraint, passed_over: set[int]) -> bool:
+    """A preference that lost to something else, not merely the later options of a chain that was decided
+    (`passed_over`: the ids of the wishes some decision passed over)."""
+    return c.provenance.source is Source.PROFILE or id(c) in passed_over
 
 
 # --- text ----------------------------------------------------------------------------------------------

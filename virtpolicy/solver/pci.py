@@ -8,6 +8,7 @@ so running out is a conflict that names the numbers rather than a libvirt define
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -55,9 +56,11 @@ NO_COST, PCIE, PCI, OPEN = 0, 1, 2, 3
 BRIDGE_SLOTS = 31  # devices behind one pcie-to-pci-bridge
 
 
+@functools.lru_cache(maxsize=65536)
 def cheapest(pci: int, free: int) -> int:
     """Buses the conventional devices and the still undecided ones need at the least: k of the undecided as
-    PCIe endpoints (one bus each), the rest behind bridges (two buses per 31)."""
+    PCIe endpoints (one bus each), the rest behind bridges (two buses per 31). Cached: a search asks for the
+    same few counts thousands of times."""
     return min(k + 2 * -(-(pci + free - k) // BRIDGE_SLOTS) for k in range(0, min(free, BRIDGE_SLOTS) + 1))
 
 

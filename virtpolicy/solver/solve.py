@@ -9,7 +9,9 @@ decided on the current domains. Infeasible hard sets are reduced to a minimal co
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import gc
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from constraint import BacktrackingSolver, FunctionConstraint, Unassigned
@@ -155,6 +157,10 @@ class Solver:
 
     # --- solving -----------------------------------------------------------------------------------
     def solve(self) -> Solution | Conflict:
+        with without_gc():
+            return self._solve()
+
+    def _solve(self) -> Solution | Conflict:
         hard = [c for c in self.problem.constraints if c.is_hard]
         soft = sorted(
             (c for c in self.problem.constraints if not c.is_hard),
@@ -170,28 +176,53 @@ class Solver:
         partial = _Partial(hard, domains)  # capacities that can refute a partial assignment
         # the kept requirements after propagation: refutes, without a search, a preference no solution meets
         store = Store(domains, kept_multi)
+        # and as `find` propagates them: each find starts from there instead of propagating everything again
+        fixpoint = _Fixpoint({k: list(v) for k, v in domains.items()}, kept_multi)
         for c in soft:
             values = tuple(witness[v] for v in c.variables)
             if c.holds(*values):
                 self._keep(c, domains, kept_multi, kept)
                 partial.kept(c)
                 store.keep(c)
+                fixpoint.keep(c)
                 continue
             if self._empties(c, domains) or partial.refutes(c, domains) or store.refutes(c):
                 dropped.append(Dropped(c, len(kept)))
                 continue
-            trial = self._narrowed(c, domains)
-            assert trial is not None
-            candidate = self.find(kept_multi + ([c] if len(c.variables) > 1 else []), trial)
+            if fixpoint.ok:
+                candidate = self._find_from(fixpoint, c)
+            else:  # cannot happen (the kept requirements have a solution); the plain find is the same search
+                trial = self._narrowed(c, domains)
+                assert trial is not None
+                candidate = self.find(kept_multi + ([c] if len(c.variables) > 1 else []), trial)
             if candidate is None:
+                fixpoint.rollback()
                 dropped.append(Dropped(c, len(kept)))
                 continue
+            fixpoint.commit()
             witness = candidate
             self._keep(c, domains, kept_multi, kept)
             partial.kept(c)
             store.keep(c)
         decisions = self._decisions(witness, hard, kept, dropped)
         return Solution(witness, decisions, kept, dropped, self, self.solves)
+
+    def _find_from(self, fixpoint: _Fixpoint, c: Constraint) -> Assignment | None:
+        """`find` of the kept requirements with c added, from their kept fixpoint (the same search on the same
+        domains; see `_Fixpoint`). The fixpoint is left in trial: the caller commits or rolls back."""
+        self.solves += 1
+        bound = fixpoint.trial(c)
+        if bound is None:
+            return None
+        domains = fixpoint.domains
+        solution = {name: vals[0] for name, vals in domains.items() if len(vals) == 1}
+        fixed = dict(solution)
+        for group, group_constraints in _components(domains, bound):
+            result = _first_solution(group, domains, group_constraints, fixed)
+            if not result:
+                return None
+            solution.update(result)
+        return solution
 
     @staticmethod
     def _empties(c: Constraint, domains: dict[str, list[str]]) -> bool:
@@ -325,6 +356,20 @@ class Solver:
         return d1 + d2
 
 
+@contextmanager
+def without_gc() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block: a solve allocates many short-lived lists and tuples
+    but no cycles, and each collection scans every live object (the problem's tens of thousands of constraints
+    for a thousand devices): 15-20% of a large solve. Nested blocks leave it to the outermost one."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 Bound = tuple[Constraint, tuple[str, ...], Callable[..., bool]]
 PYTHON_CONSTRAINT = False  # tests set it to compare the engine's own search with python-constraint's
 
@@ -385,75 +430,175 @@ def _propagate(domains: dict[str, list[str]], constraints: list[Constraint]) -> 
     reads the fixed values, so only constraints on a variable that just became fixed are looked at again,
     and a wide one (a capacity over every device) only once at most one of its variables is left free: a
     count of its free variables is kept, instead of scanning them all each time one more is fixed, which
-    was quadratic in the number of devices.
+    was quadratic in the number of devices. `domains` is narrowed in place.
     """
-    watching: dict[str, list[int]] = {}
-    fixed = {name: vals[0] for name, vals in domains.items() if len(vals) == 1}
-    free_count: list[int] = []
-    for i, c in enumerate(constraints):
+    fixpoint = _Fixpoint(domains, constraints)
+    return fixpoint.bound() if fixpoint.ok else None
+
+
+class _Fixpoint:
+    """`_propagate`'s state, kept: the soft loop's domains at the fixpoint of the kept requirements, narrowed
+    as requirements are kept, and tried with one more (`trial`) and then kept (`commit`) or not (`rollback`).
+
+    A find for a soft requirement used to propagate every constraint of the domain again from the start; the
+    fixpoint of the kept ones plus one more is the fixpoint of their fixpoint plus that one (propagation
+    only removes values no solution of the constraints takes: it reaches the greatest fixpoint below its
+    start, whatever the order), so starting from the kept fixpoint gives the same domains and the same
+    constraints left, at the cost of what the one requirement changes."""
+
+    def __init__(self, domains: dict[str, list[str]], constraints: Sequence[Constraint]) -> None:
+        self.domains = domains
+        self.constraints: list[Constraint] = []
+        self.watching: dict[str, list[int]] = {}
+        self.fixed = {name: vals[0] for name, vals in domains.items() if len(vals) == 1}
+        self.free_count: list[int] = []
+        self.done: set[int] = set()  # satisfied for good, or already applied to its one free variable
+        self.trail: list[tuple[str, object, object]] | None = None  # what a trial changed, to undo it
+        for c in constraints:
+            self._append(c)
+        self.ok = self._drain(list(range(len(self.constraints))))
+
+    def _append(self, c: Constraint) -> int:
+        i = len(self.constraints)
+        self.constraints.append(c)
         open_vars = 0
         for v in c.variables:
-            watching.setdefault(v, []).append(i)
-            if v not in fixed:
+            self.watching.setdefault(v, []).append(i)
+            if v not in self.fixed:
                 open_vars += 1
-        free_count.append(open_vars)
-    done: set[int] = set()  # satisfied for good
-    queue = list(range(len(constraints)))
-    queued = set(queue)
-    while queue:
-        i = queue.pop()
-        queued.discard(i)
-        if i in done:
-            continue
-        c = constraints[i]
-        if isinstance(c, Forbid):
-            free = _forbid_state(c, fixed)
-            if free is None:
-                done.add(i)
+        self.free_count.append(open_vars)
+        return i
+
+    def _drain(self, queue: list[int]) -> bool:
+        """Propagate from the queued constraints to the fixpoint; False when a domain runs empty."""
+        domains, fixed, free_count, done = self.domains, self.fixed, self.free_count, self.done
+        constraints, trail = self.constraints, self.trail
+        queued = set(queue)
+        while queue:
+            i = queue.pop()
+            queued.discard(i)
+            if i in done:
                 continue
-            if not free:
+            c = constraints[i]
+            if isinstance(c, Forbid):
+                free = _forbid_state(c, fixed)
+                if free is None:
+                    done.add(i)
+                    if trail is not None:
+                        trail.append(("done", i, None))
+                    continue
+                if not free:
+                    return False
+                if len(free) > 1:
+                    continue
+                var, forbidden = free[0]
+                kept = [value for value in domains[var] if value not in forbidden]
+            else:
+                if free_count[i] > 1:
+                    continue
+                free_vars = tuple(v for v in c.variables if v not in fixed)
+                if not free_vars:
+                    if not c.holds(*(fixed[v] for v in c.variables)):
+                        return False
+                    done.add(i)
+                    if trail is not None:
+                        trail.append(("done", i, None))
+                    continue
+                if len(free_vars) > 1:
+                    continue
+                var = free_vars[0]
+                bind = _binder(c, fixed, free_vars)
+                kept = [value for value in domains[var] if bind(value)]
+            done.add(i)
+            if trail is not None:
+                trail.append(("done", i, None))
+            if not kept:
+                return False
+            if len(kept) < len(domains[var]) and not self._narrow(var, kept, queue, queued):
+                return False
+        return True
+
+    def _narrow(self, var: str, kept: list[str], queue: list[int], queued: set[int]) -> bool:
+        """Narrow var's domain to `kept` (a non-empty subset); once it is fixed, its constraints are due."""
+        if self.trail is not None:
+            self.trail.append(("domain", var, self.domains[var]))
+        self.domains[var] = kept
+        if len(kept) == 1:
+            self.fixed[var] = kept[0]
+            if self.trail is not None:
+                self.trail.append(("fixed", var, None))
+            for j in self.watching.get(var, ()):
+                self.free_count[j] -= 1
+                if self.trail is not None:
+                    self.trail.append(("count", j, None))
+                if j not in queued and j not in self.done:
+                    queue.append(j)
+                    queued.add(j)
+        return True
+
+    def bound(self) -> list[Bound] | None:
+        """The constraints left with two or more free variables, in order; None when one left with none fails."""
+        fixed = self.fixed
+        result: list[Bound] = []
+        for i, c in enumerate(self.constraints):
+            if i in self.done:
+                continue
+            free = tuple(v for v in c.variables if v not in fixed)
+            if len(free) >= 2:
+                own = {v: fixed[v] for v in c.variables if v in fixed}  # fixed's values now: a trial may undo them
+                result.append((c, free, _binder(c, own, free)))
+            elif not free and not c.holds(*(fixed[v] for v in c.variables)):
                 return None
-            if len(free) > 1:
-                continue
-            var, forbidden = free[0]
-            kept = [value for value in domains[var] if value not in forbidden]
-            done.add(i)
-        else:
-            if free_count[i] > 1:
-                continue
-            free_vars = tuple(v for v in c.variables if v not in fixed)
-            if not free_vars:
-                if not c.holds(*(fixed[v] for v in c.variables)):
-                    return None
-                done.add(i)
-                continue
-            if len(free_vars) > 1:
-                continue
-            var = free_vars[0]
-            bind = _binder(c, fixed, free_vars)
-            kept = [value for value in domains[var] if bind(value)]
-            done.add(i)
-        if not kept:
+        return result
+
+    def _add(self, c: Constraint) -> bool:
+        """c joins the constraints (a one-variable one narrows its variable instead)."""
+        if len(c.variables) == 1:
+            name = c.variables[0]
+            kept = [v for v in self.domains[name] if c.holds(v)]
+            if not kept:
+                return False
+            if len(kept) == len(self.domains[name]):
+                return True
+            queue: list[int] = []
+            return self._narrow(name, kept, queue, set()) and self._drain(queue)
+        i = self._append(c)
+        if self.trail is not None:
+            self.trail.append(("append", c, None))
+        return self._drain([i])
+
+    def trial(self, c: Constraint) -> list[Bound] | None:
+        """The fixpoint with c added, for a search (then `commit` or `rollback`); None when it fails."""
+        self.trail = []
+        if not self._add(c):
             return None
-        if len(kept) < len(domains[var]):
-            domains[var] = kept
-            if len(kept) == 1:
-                fixed[var] = kept[0]
-                for j in watching.get(var, ()):
-                    free_count[j] -= 1
-                    if j not in queued and j not in done:
-                        queue.append(j)
-                        queued.add(j)
-    result: list[Bound] = []
-    for i, c in enumerate(constraints):
-        if i in done:
-            continue
-        free = tuple(v for v in c.variables if v not in fixed)
-        if len(free) >= 2:
-            result.append((c, free, _binder(c, fixed, free)))
-        elif not free and not c.holds(*(fixed[v] for v in c.variables)):
-            return None
-    return result
+        return self.bound()
+
+    def commit(self) -> None:
+        self.trail = None
+
+    def rollback(self) -> None:
+        """Undo the trial: back to the fixpoint of the kept requirements."""
+        trail, self.trail = self.trail or [], None
+        for kind, key, old in reversed(trail):
+            if kind == "done":
+                self.done.discard(key)  # type: ignore[arg-type]
+            elif kind == "domain":
+                self.domains[key] = old  # type: ignore[index,assignment]
+            elif kind == "fixed":
+                del self.fixed[key]  # type: ignore[arg-type]
+            elif kind == "count":
+                self.free_count[key] += 1  # type: ignore[index]
+            elif kind == "append":
+                c = self.constraints.pop()
+                self.free_count.pop()
+                for v in reversed(c.variables):
+                    self.watching[v].pop()
+
+    def keep(self, c: Constraint) -> None:
+        """c is kept without a search (the witness meets it): the fixpoint narrows for good."""
+        self.trail = None
+        self.ok = self.ok and self._add(c)
 
 
 def _holds_with(c: Constraint, assignment: Assignment, name: str, value: str, wide: dict[int, Tally]) -> bool:
