@@ -116,9 +116,10 @@ def test_a_bad_domain_is_reported_and_exits_1(tmp_path: Path) -> None:
     broken = tmp_path / "broken.xml"
     broken.write_text("<domain")
     proc = cli("whatif", "compare", "--before-os", "fedora37", "--after-os", "rhel9.0", "benchmarks/typical.xml",
-               str(broken))  # fmt: skip
+               str(broken), "--format", "json")  # fmt: skip
     assert proc.returncode == 1
     assert f"{broken}:1: malformed XML" in proc.stderr.decode()
-    assert "benchmarks/typical.xml" in proc.stdout.decode(), "the good domain is still compared"
+    statuses = {d["source"]: d["after"] for d in json.loads(proc.stdout)["domains"]}
+    assert statuses == {"benchmarks/typical.xml": "solved", str(broken): "input error"}, statuses
     combos = cli("whatif", "combinations", str(broken), "--profile", "legacy-pc")
     assert combos.returncode == 1 and str(broken) in combos.stderr.decode()
