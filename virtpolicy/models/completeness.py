@@ -45,6 +45,13 @@ def signals() -> tuple[Signal, ...]:
     return tuple(Signal(r["id"], r["xpath"], r["why"], r["citation"]) for r in rows)
 
 
+@cache
+def _compiled(xpath: str) -> etree.XPath:
+    """A signal's XPath compiled once (only the table's rows reach here): every solve asks, partial ones
+    through every signal."""
+    return etree.XPath(xpath)
+
+
 def _metadata_flag(root: etree._Element, source: str) -> Completeness | None:
     flags = root.findall(f"metadata/{COMPLETE_TAG}")
     if not flags:
@@ -65,7 +72,7 @@ def completeness(root: etree._Element, source: str, override: bool | None = None
     if said is not None:
         return said
     for signal in signals():
-        found = root.xpath(signal.xpath)
+        found = _compiled(signal.xpath)(root)
         if found:
             return Completeness(True, f"{signal.why} ({xpath_of(found[0])})", signal.id)
     return Completeness(False, "no device address, root PCI controller or emulator: a partial domain")
