@@ -195,6 +195,7 @@ class Builder:
         self._by_class_count = -1
         self._lacking: dict[tuple[str, str], list[tuple[str, str, DomainCaps, tuple[str, ...]]]] = {}
         self._spec_sets: dict[tuple[tuple[str, ...], tuple[str, ...]], frozenset[str]] = {}  # _values
+        self._modes_of: dict[tuple[str, tuple[str, ...]], tuple[dict[str, list[str]], dict[str, str]]] = {}
         self._lacking_over: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # the values _lacking is for
         self.guest = self._supplemented(guest)
         self.facts = Facts(domain, self.guest, host, self.arch, device_names or {})
@@ -871,7 +872,6 @@ class Builder:
             models = (value,)  # the value is itself the virtio model
         else:
             models = self.problem.variables[mode_var].values
-        modes, _ = structural()
         if not supported["transitional"]:
             # no driver in any mode: one plain statement instead of one per model and machine
             needs = " or ".join(filter(None, (family.legacy, family.modern)))
@@ -891,15 +891,7 @@ class Builder:
         for model in models:
             if model not in VIRTIO_MODELS:
                 continue
-            by_mode: dict[str, list[str]] = {}
-            rule_of: dict[str, str] = {}
-            for fam in self.problem.variables["machine"].values:
-                root = _root_of(fam)
-                for row in modes:
-                    if row.model == model and row.root in (root, "*"):
-                        by_mode.setdefault(row.mode, []).append(fam)
-                        rule_of[row.mode] = row.rule
-                        break
+            by_mode, rule_of = self._virtio_modes(model)
             for mode, fams in by_mode.items():
                 if supported[mode]:
                     continue
@@ -920,6 +912,27 @@ class Builder:
                     inst=inst,
                     value=value,
                 )
+
+    def _virtio_modes(self, model: str) -> tuple[dict[str, list[str]], dict[str, str]]:
+        """For a virtio model: the machines (of the machine variable) on which it runs in each mode, and the
+        structural rule saying so. The same for every device of that model, so worked out once per build
+        (and again only if the machine values change); callers only read the lists."""
+        machines = self.problem.variables["machine"].values
+        key = (model, machines)
+        found = self._modes_of.get(key)
+        if found is None:
+            modes, _ = structural()
+            by_mode: dict[str, list[str]] = {}
+            rule_of: dict[str, str] = {}
+            for fam in machines:
+                root = _root_of(fam)
+                for row in modes:
+                    if row.model == model and row.root in (root, "*"):
+                        by_mode.setdefault(row.mode, []).append(fam)
+                        rule_of[row.mode] = row.rule
+                        break
+            found = self._modes_of[key] = (by_mode, rule_of)
+        return found
 
     # --- engine defaults (soft, lowest) -------------------------------------------------------------
     def _engine_preferences(self) -> None:
