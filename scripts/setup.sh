@@ -64,7 +64,7 @@ fi
 
 # The stamp ties the editable install to the dependency list and the mode that installed it.
 EXTRA=""
-[[ "$MODE" == test ]] && EXTRA="[test,distributed]"  # the tests run Dask on a LocalCluster
+[[ "$MODE" == test ]] && EXTRA="[test,distributed,server]"  # the tests run Dask on a LocalCluster and the REST service
 STAMP="$VENV/.virtpolicy-setup-$MODE"
 WANT="$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] && "$VENV/bin/python" -m pip show -q virtpolicy 2>/dev/null; then

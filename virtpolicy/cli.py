@@ -197,6 +197,15 @@ def _parser() -> argparse.ArgumentParser:
         help="a libvirt URI (repeatable: one bundle per host, in DIR/<host name>)",
     )
     capture.add_argument("directory", type=Path)
+
+    serve = sub.add_parser("serve", help="the REST service (docs/rest.md; pip install 'virtpolicy[server]')")
+    serve.add_argument("--host", dest="bind", default="127.0.0.1", help="address to bind (%(default)s: loopback)")
+    serve.add_argument("--port", type=int, default=8007, help="TCP port (%(default)s)")
+    serve.add_argument("--workers", type=int, default=2, help="solver worker processes (%(default)s)")
+    serve.add_argument("--token-file", type=Path, metavar="F", help="every request needs Authorization: Bearer <F>")
+    serve.add_argument("--timeout", type=float, default=30.0, help="seconds a request may run (%(default)s)")
+    serve.add_argument("--osinfo-db", type=Path, default=DEFAULT_OSINFO_DB, help="osinfo-db path (%(default)s)")
+    serve.add_argument("--profile-path", action="append", default=[], type=Path, metavar="DIR")
     return p
 
 
@@ -650,6 +659,28 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     return EXIT_INPUT if report.errors else EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The REST service on uvicorn; FastAPI is an optional extra, imported only here."""
+    try:
+        import uvicorn
+
+        from virtpolicy.server.app import Settings, create_app
+    except ImportError as exc:
+        missing = exc.name or "fastapi"
+        raise InputError(f"serve: {missing} is not installed (pip install 'virtpolicy[server]')") from None
+    if not 0 < args.port < 65536 or args.workers < 1 or args.timeout <= 0:
+        raise InputError("serve: --port is 1-65535, --workers at least 1, --timeout above 0")
+    settings = Settings(
+        workers=args.workers,
+        token_file=args.token_file,
+        timeout=args.timeout,
+        osinfo_db=args.osinfo_db,
+        profile_path=tuple(args.profile_path),
+    )
+    uvicorn.run(create_app(settings), host=args.bind, port=args.port, log_level="warning")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
@@ -670,6 +701,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_whatif(args)
         if args.command == "plan":
             return cmd_plan(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         return cmd_host(args)
     except (InputError, OutputRejected) as exc:
         print(f"virtpolicy: error: {exc}", file=sys.stderr)

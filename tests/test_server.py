@@ -1,0 +1,429 @@
+"""The REST service (issue 13): a real `virtpolicy serve` on loopback, and the in-process ASGI app.
+
+End to end: a server process on a free port answers the CLI's documents as JSON, problem details for
+bad input (400 with a location), unknown hosts and profiles (404), over-size bodies (413), conflicts
+(422 with `conflicts` and `corrections`) and missing tokens (401). In process: a request that runs past
+its time bound or loses its worker answers 503 and the next one succeeds; schemathesis checks every
+endpoint against the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+BUNDLE = REPO / "virtpolicy" / "models" / "data" / "hosts" / "x86_64-kvm-qemu7.2"
+PROBLEM_JSON = "application/problem+json"
+HOSTILE = (
+    '<?xml version="1.0"?>\n<!DOCTYPE lolz [<!ENTITY lol "lol">'
+    '<!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">'
+    '<!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">]>\n'
+    "<domain type='kvm'><name>&lol3;</name><memory>1</memory></domain>"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *extra: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "virtpolicy.cli", "serve", "--port", str(self.port), *extra]
+        self.process = subprocess.Popen(
+            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"virtpolicy serve exited: {self.process.stdout.read().decode()}")  # type: ignore[union-attr]
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "virtpolicy serve did not answer /healthz within 60 s"
+            time.sleep(0.1)
+        self.client = httpx.Client(base_url=self.url, timeout=60)
+
+    def stop(self) -> str:
+        self.client.close()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            out, _ = self.process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            out, _ = self.process.communicate()
+        return out.decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    running = Server("--workers", "2")
+    try:
+        yield running
+    finally:
+        log = running.stop()
+        assert "Traceback" not in log, log
+
+
+@pytest.fixture(scope="module")
+def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, str]]:
+    token = "s3cret-token-for-the-test"
+    path = tmp_path_factory.mktemp("token") / "token"
+    path.write_text(token + "\n")
+    running = Server("--workers", "1", "--token-file", str(path))
+    try:
+        yield running, token
+    finally:
+        running.stop()
+
+
+def _example(name: str) -> str:
+    return (EXAMPLES / name).read_text()
+
+
+def _problem(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM_JSON
+    body = response.json()
+    assert body["status"] == status and body["title"] and body["type"]
+    assert "Traceback" not in response.text
+    return body
+
+
+# --- end to end ---------------------------------------------------------------------------------
+def test_rhel6_on_q35_is_virtio_transitional(server: Server) -> None:
+    response = server.client.post("/v1/solve", json={"domain": _example("rhel6-on-q35.xml")})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    document = response.json()
+    decided = {d["variable"]: d["value"] for d in document["decisions"]}
+    assert decided["disk[0].model"] == "virtio-transitional"
+    assert decided["interface[0].model"] == "virtio-transitional"
+    assert document["status"] == "solved" and document["xml"].startswith("<")
+
+
+def test_solve_answers_the_cli_json(server: Server) -> None:
+    """The answer is exactly `virtpolicy solve --format json`."""
+    cli = subprocess.run(
+        [sys.executable, "-m", "virtpolicy.cli", "solve", "--format", "json", "examples/rhel6-on-q35.xml"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    )
+    expected = json.loads(cli.stdout)
+    answer = server.client.post("/v1/solve", json={"domain": _example("rhel6-on-q35.xml")}).json()
+    for document in (expected, answer):
+        document.pop("elapsed_ms", None)
+    assert answer == expected
+
+
+def test_rhel5_on_q35_is_a_conflict(server: Server) -> None:
+    response = server.client.post("/v1/solve", json={"domain": _example("rhel5-on-q35-conflict.xml")})
+    body = _problem(response, 422)
+    [conflict] = body["conflicts"]
+    kinds = sorted((m["provenance"]["kind"], m["provenance"]["where"]) for m in conflict["members"])
+    assert kinds == [("app", "/domain/os/type/@machine"), ("guest", "rhel5.11 (http://redhat.com/rhel/5.11)")]
+    assert [k["drop"] for k in body["corrections"]] == [["guest:machine:q35"], ["app:/domain/os/type/@machine"]]
+    assert body["result"]["status"] == "conflict"
+    assert body["result"]["conflict"] == conflict["members"]  # the same Requirement objects as the CLI's JSON
+
+
+def test_explain_and_check(server: Server) -> None:
+    why = server.client.post("/v1/explain", json={"domain": _example("rhel5-on-q35-conflict.xml")})
+    assert why.status_code == 200, why.text
+    assert why.json()["schema"] == "virtpolicy-explain/1" and why.json()["conflicts"]
+    laid_out = server.client.post("/v1/solve", json={"domain": _example("windows10.xml")}).json()["xml"]
+    verdict = server.client.post("/v1/check", json={"domain": laid_out})
+    assert verdict.status_code == 200, verdict.text
+    assert verdict.json()["status"] == "fits"
+    nic = "<interface type='network'><source network='default'/></interface>"
+    added = server.client.post("/v1/devices/add", json={"domain": laid_out, "device": nic})
+    assert added.status_code == 200, added.text
+    assert '<address type="pci"' in added.json()["device"]
+
+
+@pytest.mark.parametrize(
+    ("domain", "needle"),
+    [
+        ("<domain type='kvm'>\n<name>x</name\n", "malformed"),
+        (HOSTILE, "entit"),
+        ("not xml at all", None),
+    ],
+    ids=["malformed", "entity-expansion", "not-xml"],
+)
+def test_bad_xml_is_400_with_a_location(server: Server, domain: str, needle: str | None) -> None:
+    body = _problem(server.client.post("/v1/solve", json={"domain": domain}), 400)
+    assert body["location"], body
+    assert body["input"] == "domain"
+    if needle:
+        assert needle in body["detail"].lower()
+
+
+def test_bad_members_are_400(server: Server) -> None:
+    body = _problem(server.client.post("/v1/solve", json={"domain": "<domain/>", "colour": "red"}), 400)
+    assert body["location"] == "body.colour"
+    body = _problem(
+        server.client.post("/v1/solve", content=b"{not json", headers={"content-type": "application/json"}), 400
+    )
+    assert body["location"]
+    path = _problem(server.client.post("/v1/solve", json={"domain": "<domain/>", "profiles": ["/etc/passwd"]}), 400)
+    assert path["location"] == "profiles[0]"
+    unknown_os = {"domain": _example("rhel6-on-q35.xml"), "os": "no-such-os-1.0"}
+    assert _problem(server.client.post("/v1/solve", json=unknown_os), 400)["location"] == "os"
+
+
+def test_unknown_host_and_profile_are_404(server: Server) -> None:
+    domain = _example("rhel6-on-q35.xml")
+    assert (
+        _problem(server.client.post("/v1/solve", json={"domain": domain, "host": "nowhere"}), 404)["location"] == "host"
+    )
+    body = _problem(server.client.post("/v1/solve", json={"domain": domain, "profiles": ["no-such-profile"]}), 404)
+    assert body["location"] == "profiles[0]"
+    _problem(server.client.get("/v1/profiles/no-such-profile"), 404)
+    _problem(server.client.delete("/v1/hosts/nowhere"), 404)
+    _problem(server.client.get("/v1/no-such-endpoint"), 404)
+
+
+def test_over_size_body_is_413(server: Server) -> None:
+    big = b'{"domain": "' + b"x" * (16 * 1024 * 1024) + b'"}'
+    _problem(server.client.post("/v1/solve", content=big, headers={"content-type": "application/json"}), 413)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield b'{"domain": "'
+        for _ in range(17):
+            yield b"x" * (1024 * 1024)
+        yield b'"}'
+
+    _problem(server.client.post("/v1/solve", content=chunks(), headers={"content-type": "application/json"}), 413)
+
+
+def test_profiles(server: Server) -> None:
+    listing = server.client.get("/v1/profiles")
+    assert listing.status_code == 200
+    names = {p["name"] for p in listing.json()}
+    assert {"modern-q35", "legacy-pc"} <= names
+    shown = server.client.get("/v1/profiles/modern-q35").json()
+    assert shown["name"] == "modern-q35" and shown["rules"] >= 1 and shown["summary"]
+    solved = server.client.post("/v1/solve", json={"domain": _example("windows10.xml"), "profiles": ["modern-q35"]})
+    assert solved.status_code == 200, solved.text
+    assert [p["name"] for p in solved.json()["profiles"]] == ["modern-q35"]
+
+
+def test_host_upload_solve_delete(server: Server) -> None:
+    from virtpolicy.plan.fleet import fingerprint
+
+    bundle = {
+        "capabilities": (BUNDLE / "capabilities.xml").read_text(),
+        "domcapabilities": {p.name: p.read_text() for p in sorted(BUNDLE.glob("domcaps-*.xml"))},
+        "nodedev": (BUNDLE / "nodedev-pci.xml").read_text(),
+    }
+    put = server.client.put("/v1/hosts/lab-1", json=bundle)
+    assert put.status_code == 201, put.text
+    assert put.headers["location"] == "/v1/hosts/lab-1"
+    assert put.json()["fingerprint"] == fingerprint(BUNDLE)  # the same digest as the captured bundle
+    assert "lab-1" in {h["id"] for h in server.client.get("/v1/hosts").json()}
+    assert "lab-1" in {h["id"] for h in server.client.get("/v1").json()["hosts"]}
+    for _ in range(3):  # every worker gets the uploaded host
+        solved = server.client.post("/v1/solve", json={"domain": _example("rhel6-on-q35.xml"), "host": "lab-1"})
+        assert solved.status_code == 200, solved.text
+        assert "lab-1" not in solved.json()["xml"]  # no server path leaks into the domain
+    listed = [p["domcapabilities"] for p in [bundle]][0]
+    again = server.client.put("/v1/hosts/lab-1", json={**bundle, "domcapabilities": list(listed.values())})
+    assert again.status_code == 200, again.text  # replaced
+    assert server.client.delete("/v1/hosts/lab-1").status_code == 204
+    assert _problem(server.client.post("/v1/solve", json={"domain": "<domain/>", "host": "lab-1"}), 404)
+
+
+def test_bad_host_bundles_are_400(server: Server) -> None:
+    caps = (BUNDLE / "capabilities.xml").read_text()
+    hostile = _problem(
+        server.client.put("/v1/hosts/bad", json={"capabilities": HOSTILE, "domcapabilities": [caps]}), 400
+    )
+    assert hostile["location"] and "virtpolicy-server-" not in hostile["detail"]  # the server's directory stays hidden
+    broken = {"capabilities": caps, "domcapabilities": ["<domainCapabilities>"]}
+    assert "virtpolicy-server-" not in _problem(server.client.put("/v1/hosts/bad", json=broken), 400)["detail"]
+    for bad_id in (".hidden", "-x", "%2E%2E"):
+        _problem(server.client.put(f"/v1/hosts/{bad_id}", json={"capabilities": caps, "domcapabilities": [caps]}), 400)
+    traversal = {"capabilities": caps, "domcapabilities": {"../../x.xml": caps}}
+    _problem(server.client.put("/v1/hosts/bad", json=traversal), 400)
+    assert "bad" not in {h["id"] for h in server.client.get("/v1/hosts").json()}
+    _problem(server.client.delete(f"/v1/hosts/{server.client.get('/v1').json()['default_host']}"), 409)
+
+
+def test_service_and_openapi(server: Server) -> None:
+    info = server.client.get("/v1").json()
+    assert info["version"] and info["profile_library_digest"] and info["hosts"]
+    document = server.client.get("/openapi.json").json()
+    assert document["openapi"].startswith("3.1.")
+    operations = {(path, method) for path, item in document["paths"].items() for method in item}
+    assert operations >= {
+        ("/v1/solve", "post"),
+        ("/v1/explain", "post"),
+        ("/v1/check", "post"),
+        ("/v1/devices/add", "post"),
+        ("/v1/profiles", "get"),
+        ("/v1/profiles/{name}", "get"),
+        ("/v1/hosts", "get"),
+        ("/v1/hosts/{host_id}", "put"),
+        ("/v1/hosts/{host_id}", "delete"),
+        ("/v1", "get"),
+        ("/healthz", "get"),
+    }
+    schemathesis = pytest.importorskip("schemathesis")
+    schemathesis.openapi.from_dict(document).validate()  # against the OpenAPI 3.1 meta-schema
+
+
+def test_token(token_server: tuple[Server, str]) -> None:
+    server, token = token_server
+    domain = {"domain": _example("rhel6-on-q35.xml")}
+    body = _problem(server.client.post("/v1/solve", json=domain), 401)
+    assert "bearer" in body["detail"]
+    _problem(server.client.post("/v1/solve", json=domain, headers={"Authorization": "Bearer wrong"}), 401)
+    _problem(server.client.get("/openapi.json"), 401)
+    good = {"Authorization": f"Bearer {token}"}
+    assert server.client.post("/v1/solve", json=domain, headers=good).status_code == 200
+    assert server.client.get("/healthz").status_code == 200  # liveness needs no token
+    document = server.client.get("/openapi.json", headers=good).json()
+    assert "401" in document["paths"]["/v1/solve"]["post"]["responses"]
+
+
+def test_serve_without_fastapi_is_one_line(tmp_path: Path) -> None:
+    """A missing extra is bad input: one line naming the extra to install."""
+    blocker = tmp_path / "fastapi"
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text("raise ImportError('no fastapi here', name='fastapi')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "virtpolicy.cli", "serve", "--port", "1"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().count("\n") == 0
+    assert "pip install 'virtpolicy[server]'" in done.stderr
+
+
+# --- in process ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def app():
+    from virtpolicy.server.app import Settings, create_app
+
+    application = create_app(Settings(workers=1, timeout=30))
+    try:
+        yield application
+    finally:
+        application.state.virtpolicy.pool.shutdown()
+
+
+def _post(app, path: str, body: dict) -> httpx.Response:
+    async def run() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://in-process") as client:
+            return await client.post(path, json=body)
+
+    return asyncio.run(run())
+
+
+def test_time_bound_answers_503_and_replaces_the_worker(app) -> None:
+    pool = app.state.virtpolicy.pool
+    domain = {"domain": _example("windows10.xml")}
+    assert _post(app, "/v1/solve", domain).status_code == 200
+    before = pool.replaced
+    old_workers = list(pool._pool._processes.values())
+    pool.timeout = 0.001
+    try:
+        body = _problem(_post(app, "/v1/solve", domain), 503)
+    finally:
+        pool.timeout = 30
+    assert "time bound" in body["detail"]
+    assert pool.replaced == before + 1
+    for process in old_workers:
+        process.join(5)
+        assert not process.is_alive(), "the overrunning worker still runs"
+    assert _post(app, "/v1/solve", domain).status_code == 200
+
+
+def test_a_dead_worker_answers_503_and_is_replaced(app) -> None:
+    pool = app.state.virtpolicy.pool
+    domain = {"domain": _example("windows10.xml")}
+    assert _post(app, "/v1/solve", domain).status_code == 200
+
+    async def run() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://in-process") as client:
+            pending = asyncio.create_task(client.post("/v1/solve", json=domain))
+            await asyncio.sleep(0.1)
+            for process in list(pool._pool._processes.values()):
+                os.kill(process.pid, signal.SIGKILL)
+            return await pending
+
+    body = _problem(asyncio.run(run()), 503)
+    assert "worker" in body["detail"]
+    assert _post(app, "/v1/solve", domain).status_code == 200
+
+
+def test_schemathesis_every_endpoint(app) -> None:
+    """Generated requests to every operation: no 5xx, and every answer as the OpenAPI document says."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis.checks import (
+        content_type_conformance,
+        not_a_server_error,
+        response_headers_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+    from schemathesis.generation import GenerationMode
+
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_headers_conformance,
+        response_schema_conformance,
+    ]
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) == 11
+    failures = []
+    started = time.monotonic()
+    for operation, mode in itertools.product(operations, (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)):
+
+        @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(case=operation.as_strategy(generation_mode=mode))
+        def run(case) -> None:
+            case.call_and_validate(checks=checks)
+
+        try:
+            run()
+        except Unsatisfiable:  # negative mode: an operation without parameters or body has no invalid input
+            assert mode is GenerationMode.NEGATIVE
+        except Exception as exc:  # collect every operation's failure, then report them together
+            failures.append(f"{operation.method.upper()} {operation.path} ({mode.value}): {exc}")
+    assert not failures, "\n\n".join(failures)
+    assert time.monotonic() - started < 60

@@ -1,0 +1,117 @@
+"""The request bodies of the REST service (pydantic models, so the OpenAPI document is the implementation)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+HOST_ID = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
+DomcapsName = Annotated[str, StringConstraints(pattern=r"^domcaps-[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,100}\.xml$")]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DomainRequest(_Body):
+    domain: str = Field(description="the domain XML, as a string")
+    profiles: list[str] = Field(
+        default=[], max_length=64, description="profile names (NAME or NAME@VERSION) from the server's library"
+    )
+    os: str | None = Field(default=None, max_length=512, description="the guest OS: osinfo short id or URI")
+    guest_support: Literal["strict", "lenient"] = "strict"
+    host: str | None = Field(default=None, pattern=HOST_ID, description="a loaded host's id (default: the first)")
+
+
+class SolveRequest(DomainRequest):
+    complete: bool | None = Field(default=None, description="override the completeness rule")
+    refresh: bool = Field(default=False, description="re-decide what earlier solves decided")
+
+
+class ExplainRequest(DomainRequest):
+    complete: bool | None = None
+    max_conflicts: int = Field(default=10, ge=1, le=100)
+
+
+class CheckRequest(DomainRequest):
+    max_conflicts: int = Field(default=10, ge=1, le=100)
+
+
+class DeviceRequest(DomainRequest):
+    device: str = Field(description="the device element's XML, as a string")
+    node: int | None = Field(default=None, ge=0, le=1023, description="the guest NUMA node")
+    policy: Literal["required", "preferred", "legacy", "socket"] = "required"
+
+
+class HostBundle(_Body):
+    capabilities: str = Field(description="`virsh capabilities` XML")
+    domcapabilities: list[str] | dict[DomcapsName, str] = Field(
+        min_length=1,
+        max_length=64,
+        description="`virsh domcapabilities` XML, each; or file name -> XML, as `virtpolicy host capture` names "
+        "them (the names enter the fingerprint)",
+    )
+    nodedev: str | None = Field(default=None, description="`virsh nodedev-list --cap pci` dumps (nodedev-pci.xml)")
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str | None = None
+    location: str | None = Field(default=None, description="400: the XPath, file:line or body member at fault")
+    input: str | None = Field(default=None, description="400: the input at fault")
+    line: int | None = None
+
+
+class ConflictProblem(Problem):
+    """422: the request's requirements cannot all hold."""
+
+    conflicts: list[dict[str, Any]] = Field(description="minimal conflicting sets: {id, members: [Requirement]}")
+    background: list[dict[str, Any]] = Field(description="the libvirt/QEMU facts the sets rely on")
+    corrections: list[dict[str, Any]] = Field(description="minimal corrections: {id, cost, drop, actions}")
+    result: dict[str, Any] = Field(description="the CLI's --format json document (docs/json-schema.md)")
+
+
+class HostInfo(BaseModel):
+    id: str
+    fingerprint: str
+    arch: str
+    uploaded: bool
+
+
+class ProfileInfo(BaseModel):
+    name: str
+    version: str | None = None
+    description: str | None = None
+    digest: str | None = None
+    error: str | None = Field(default=None, description="why the profile cannot be used")
+
+
+class ProfileDetail(BaseModel):
+    name: str
+    version: str
+    description: str
+    digest: str
+    use_when: str
+    rules: int
+    summary: list[str] = Field(description="what `virtpolicy profiles show` prints, line by line")
+
+
+class ServiceInfo(BaseModel):
+    version: str
+    engine_version: str
+    api: str
+    hosts: list[HostInfo]
+    default_host: str
+    profile_library_digest: str
+    workers: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
