@@ -11,11 +11,11 @@ profile requirements comes before changing the app's own XML.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from virtpolicy.solver.pci import BusBudget
-from virtpolicy.solver.problem import AtMost, Constraint, Problem, Source
+from virtpolicy.solver.problem import AtMost, Constraint, Forbid, Problem, Source
 from virtpolicy.solver.search import Tally
 from virtpolicy.solver.solve import Solver, without_gc
 
@@ -24,6 +24,7 @@ from virtpolicy.solver.solve import Solver, without_gc
 COST = {Source.PROFILE: 1, Source.GUEST: 3, Source.HOST: 5, Source.APP: 8, Source.ENGINE: 0}
 MAX_HITTING_SETS = 5000
 REPAIR_TRIES = 64  # combinations of one device's other variables tried before asking the solver
+REPAIR_NODES = 2048  # values a repair search of one device may try
 MAX_FOUND = 8  # solutions kept as further bases for repairs
 SEARCH_STEPS = 20000  # values `find` may try to show a value possible before the yes/no search takes over
 
@@ -67,8 +68,8 @@ class ConflictExplainer:
     def __init__(self, problem: Problem) -> None:
         self.problem = problem
         self.solver = Solver(problem)
-        # the constraints on a device's variables, narrow first, for the on_var index they came from
-        self._touched: dict[tuple[str, ...], list[Constraint]] = {}
+        # each device's constraints prepared for repairs of a base solution, for the on_var index they came from
+        self._touched: dict[tuple[int, tuple[str, ...]], _Plan] = {}
         self._touched_on: object = None
         hard = [c for c in problem.constraints if c.is_hard]
         self.background = [c for c in hard if c.provenance.source is Source.STRUCTURAL]
@@ -235,12 +236,11 @@ class ConflictExplainer:
     ) -> bool:
         """Is there a solution with `name = value` that differs from the witness only in this device's
         variables? The witness satisfies every hard constraint, so only the constraints on those variables
-        need checking: True is a proof, False only means "ask the solver". Narrow constraints are checked
-        first, so a capacity over every device is evaluated only for a candidate that passes the rest.
-        `allowed`: only these constraints count (the others may be broken)."""
-        return self._repair(witness, name, value, device, on_var, allowed) is not None
+        need checking: True is a proof, False only means "ask the solver". `allowed`: only these constraints
+        count (the others may be broken)."""
+        return next(self._repairs(witness, name, value, device, on_var, allowed), None) is not None
 
-    def _repair(
+    def _repairs(
         self,
         witness: dict[str, str],
         name: str,
@@ -248,33 +248,43 @@ class ConflictExplainer:
         device: list[str],
         on_var: dict[str, list[Constraint]],
         allowed: Callable[[Constraint], bool] | None = None,
-        start: int = 0,
-    ) -> tuple[int, dict[str, str]] | None:
-        """`_repairable`'s search: the first repair from the `start`-th combination on (its number and the
-        device's changed values), or None."""
-        others = [v for v in device if v != name]
+    ) -> Iterator[dict[str, str]]:
+        """The repairs `_repairable` looks for, in order (the device's changed values), found by a search over
+        the device's other variables (the witness's value first) that checks each constraint as soon as its
+        device variables have values, narrow ones before capacities, and stops after REPAIR_NODES values."""
         if self._touched_on is not on_var:
             self._touched, self._touched_on = {}, on_var
-        key = tuple(device)
-        touched = self._touched.get(key)
-        if touched is None:
-            touched = sorted(
-                {id(c): c for v in device for c in on_var.get(v, ())}.values(), key=lambda c: len(c.variables)
-            )
-            self._touched[key] = touched
-        if allowed is not None:
-            touched = [c for c in touched if allowed(c)]
-        choices = [[witness[v], *(x for x in self.problem.variables[v].values if x != witness[v])] for v in others]
-        for tried, combo in enumerate(itertools.product(*choices)):
-            if tried >= REPAIR_TRIES:
-                return None
-            if tried < start:
-                continue
-            local = dict(zip(others, combo, strict=True))
-            local[name] = value
-            if all(_holds(c, witness, local) for c in touched):
-                return tried, local
-        return None
+        plan = self._touched.get((id(witness), tuple(device)))
+        if plan is None or plan.base is not witness:
+            plan = self._touched[(id(witness), tuple(device))] = _Plan(witness, device, on_var)
+        order = [v for v in device if v != name]
+        index = {v: i for i, v in enumerate(order)}
+        index[name] = -1
+        due: list[list[_Check]] = [[] for _ in range(len(order) + 1)]
+        for check in plan.checks:
+            if allowed is None or allowed(check.c):
+                due[max(index[v] for v in check.device_vars) + 1].append(check)
+        local = {name: value}
+        if not all(check.holds(witness, local) for check in due[0]):
+            return
+        choices = [[witness[v], *(x for x in self.problem.variables[v].values if x != witness[v])] for v in order]
+        budget = [REPAIR_NODES]
+
+        def search(depth: int) -> Iterator[dict[str, str]]:
+            if depth == len(order):
+                yield dict(local)
+                return
+            var = order[depth]
+            for choice in choices[depth]:
+                budget[0] -= 1
+                if budget[0] < 0:
+                    return
+                local[var] = choice
+                if all(check.holds(witness, local) for check in due[depth + 1]):
+                    yield from search(depth + 1)
+            del local[var]
+
+        yield from search(0)
 
     def _background_for(self, mus: list[Constraint]) -> list[Constraint]:
         if not self.background or not self.solver.consistent(mus):
@@ -390,13 +400,18 @@ class _Local:
         candidate (its background is already inconsistent), so that is the blame. Impossible with the
         neighbourhood's requirements: the neighbourhood's preferred conflict, when `_certified`."""
         device = name.split(".")[0]
-        near = self._of(device)
         solver = self.x.solver
+        first = self.x.candidates[:1]
+        if first and any(
+            len(c.variables) == 1 and id(c) in self.structural and not c.holds(value) for c in self.on_var.get(name, ())
+        ):
+            return False, first  # a structural fact alone rules the value out (numa.cells = 3 for 8 vCPUs)
+        near = self._of(device)
         if near is None:
             return None, None
         structural, candidates = near
         if not solver.consistent([*structural, wish], local=True):
-            return (False, self.x.candidates[:1]) if self.x.candidates else (None, None)
+            return (False, first) if first else (None, None)
         if not solver.consistent([*structural, *candidates, wish], local=True):
             blame = solver._quickxplain([*structural, wish], [], candidates, local=True)  # noqa: SLF001
             if self._certified(witness, name, value, blame):
@@ -430,10 +445,9 @@ class _Local:
         then lacks (a root port). Only the narrow constraints and the capacities on the two devices can break,
         so checking those proves the value possible."""
         device = self.device_of[name.split(".")[0]]
-        start = 0
-        while (found := self.x._repair(witness, name, value, device, self.on_var, _narrow, start)) is not None:  # noqa: SLF001
-            tried, local = found
-            start = tried + 1
+        for tried, local in enumerate(self.x._repairs(witness, name, value, device, self.on_var, _narrow)):  # noqa: SLF001
+            if tried >= REPAIR_TRIES:
+                return False
             wide = [c for v in device for c in self.on_var.get(v, ()) if not _narrow(c)]
             broken = [c for c in dict.fromkeys(wide) if not _holds(c, witness, local)]
             if not broken:
@@ -507,3 +521,51 @@ def _holds(c: Constraint, witness: dict[str, str], local: dict[str, str]) -> boo
                 hits += (value == c.value) - (witness[v] == c.value)
         return hits <= c.limit
     return c.holds(*(local[v] if v in local else witness[v] for v in c.variables))
+
+
+@dataclass
+class _Check:
+    """One constraint of a device's repair, prepared against a base solution: a nogood as the forbidden sets
+    of the device's variables (the rest of its values are the base's), anything else as the base's values
+    with the device's filled in."""
+
+    c: Constraint
+    device_vars: tuple[str, ...]
+    sets: list[tuple[str, frozenset[str]]] | None  # a Forbid: (device variable, its forbidden values)
+    template: list[str] | None  # anything narrow else: the base's values, device positions to fill
+    positions: list[tuple[int, str]]
+
+    def holds(self, base: dict[str, str], local: dict[str, str]) -> bool:
+        if self.sets is not None:
+            return any(local[v] not in forbidden for v, forbidden in self.sets)
+        if self.template is None:
+            return _holds(self.c, base, local)
+        args = list(self.template)
+        for i, v in self.positions:
+            args[i] = local[v]
+        return self.c.holds(*args)
+
+
+class _Plan:
+    """A device's constraints prepared against one base solution (`_Check`), narrow first; a nogood that the
+    base's values outside the device already satisfy is left out (it holds whatever the device takes)."""
+
+    def __init__(self, base: dict[str, str], device: list[str], on_var: dict[str, list[Constraint]]) -> None:
+        self.base = base
+        members = set(device)
+        touched = sorted({id(c): c for v in device for c in on_var.get(v, ())}.values(), key=lambda c: len(c.variables))
+        self.checks: list[_Check] = []
+        for c in touched:
+            device_vars = tuple(dict.fromkeys(v for v in c.variables if v in members))
+            if isinstance(c, Forbid) and _narrow(c):
+                pairs = list(zip(c.variables, c.sets, strict=True))
+                if any(v not in members and base[v] not in forbidden for v, forbidden in pairs):
+                    continue
+                sets = [(v, forbidden) for v, forbidden in pairs if v in members]
+                self.checks.append(_Check(c, device_vars, sets, None, []))
+            elif _narrow(c):
+                template = [base[v] for v in c.variables]
+                positions = [(i, v) for i, v in enumerate(c.variables) if v in members]
+                self.checks.append(_Check(c, device_vars, None, template, positions))
+            else:
+                self.checks.append(_Check(c, device_vars, None, None, []))
