@@ -104,7 +104,7 @@ def _example(name: str) -> str:
 
 
 def _problem(response: httpx.Response, status: int) -> dict:
-    assert response.status_code == status, response.text
+    assert response.status_code == status, response.text[:2000]
     assert response.headers["content-type"] == PROBLEM_JSON
     body = response.json()
     assert body["status"] == status and body["title"] and body["type"]
@@ -231,6 +231,46 @@ def test_profiles(server: Server) -> None:
     assert [p["name"] for p in solved.json()["profiles"]] == ["modern-q35"]
 
 
+def test_profiles_check(server: Server) -> None:
+    shipped = REPO / "virtpolicy" / "rules" / "profiles"
+    texts = {p.name: p.read_text() for p in (shipped / "modern-q35.toml", shipped / "legacy-pc.toml")}
+    texts["broken.toml"] = "this is = = not toml"
+    response = server.client.post("/v1/profiles/check", json={"profiles": texts})
+    assert response.status_code == 200, response.text
+    lint = response.json()
+    assert lint["status"] == "errors"
+    assert any(f["where"].startswith("broken.toml") and f["level"] == "error" for f in lint["findings"]), lint
+    assert [sorted(pair["profiles"]) for pair in lint["incompatible"]] == [["legacy-pc", "modern-q35"]]
+    assert "virtpolicy-server-" not in response.text  # the server's directory stays hidden
+    _problem(server.client.post("/v1/profiles/check", json={"profiles": {"../x.toml": ""}}), 400)
+
+
+def test_load(server: Server) -> None:
+    """Bounded: 400 solves at 32 concurrent, no errors; p50/p99 reported."""
+    domain = {"domain": (REPO / "benchmarks" / "typical.xml").read_text()}
+
+    async def run() -> list[float]:
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
+            gate = asyncio.Semaphore(32)
+
+            async def one() -> float:
+                async with gate:
+                    start = time.perf_counter()
+                    response = await client.post("/v1/solve", json=domain)
+                    assert response.status_code == 200, response.text
+                    return time.perf_counter() - start
+
+            return await asyncio.gather(*(one() for _ in range(400)))
+
+    started = time.perf_counter()
+    latencies = sorted(asyncio.run(run()))
+    elapsed = time.perf_counter() - started
+    p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
+    rate = 400 / elapsed
+    print(f"\n400 solves at 32 concurrent on 2 workers: {rate:.0f}/s, p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
+
+
 def test_host_upload_solve_delete(server: Server) -> None:
     from virtpolicy.plan.fleet import fingerprint
 
@@ -285,6 +325,7 @@ def test_service_and_openapi(server: Server) -> None:
         ("/v1/devices/add", "post"),
         ("/v1/profiles", "get"),
         ("/v1/profiles/{name}", "get"),
+        ("/v1/profiles/check", "post"),
         ("/v1/hosts", "get"),
         ("/v1/hosts/{host_id}", "put"),
         ("/v1/hosts/{host_id}", "delete"),
@@ -348,6 +389,30 @@ def _post(app, path: str, body: dict) -> httpx.Response:
     return asyncio.run(run())
 
 
+def test_fleet_hosts_are_loaded_by_name(tmp_path: Path) -> None:
+    import shutil
+
+    from virtpolicy.server.app import Settings, create_app
+
+    for name in ("rack1-a", "rack1-b"):
+        shutil.copytree(BUNDLE, tmp_path / name)
+    application = create_app(Settings(workers=1, fleet=tmp_path))
+    try:
+
+        async def run() -> list[httpx.Response]:
+            transport = httpx.ASGITransport(app=application)
+            async with httpx.AsyncClient(transport=transport, base_url="http://in-process") as client:
+                solve = {"domain": _example("windows10.xml"), "host": "rack1-b"}
+                return [await client.get("/v1/hosts"), await client.post("/v1/solve", json=solve)]
+
+        hosts, solved = asyncio.run(run())
+        assert [h["id"] for h in hosts.json()] == ["rack1-a", "rack1-b"]
+        assert len({h["fingerprint"] for h in hosts.json()}) == 1
+        assert solved.status_code == 200, solved.text
+    finally:
+        application.state.virtpolicy.pool.shutdown()
+
+
 def test_time_bound_answers_503_and_replaces_the_worker(app) -> None:
     pool = app.state.virtpolicy.pool
     domain = {"domain": _example("windows10.xml")}
@@ -371,12 +436,14 @@ def test_a_dead_worker_answers_503_and_is_replaced(app) -> None:
     pool = app.state.virtpolicy.pool
     domain = {"domain": _example("windows10.xml")}
     assert _post(app, "/v1/solve", domain).status_code == 200
+    shipped = REPO / "virtpolicy" / "rules" / "profiles"
+    library = {"profiles": {p.name: p.read_text() for p in sorted(shipped.glob("*.toml"))[:16]}}
 
     async def run() -> httpx.Response:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://in-process") as client:
-            pending = asyncio.create_task(client.post("/v1/solve", json=domain))
-            await asyncio.sleep(0.1)
+            pending = asyncio.create_task(client.post("/v1/profiles/check", json=library))  # seconds of work
+            await asyncio.sleep(0.5)
             for process in list(pool._pool._processes.values()):
                 os.kill(process.pid, signal.SIGKILL)
             return await pending
@@ -409,7 +476,7 @@ def test_schemathesis_every_endpoint(app) -> None:
         response_schema_conformance,
     ]
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 11
+    assert len(operations) == 12
     failures = []
     started = time.monotonic()
     for operation, mode in itertools.product(operations, (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)):

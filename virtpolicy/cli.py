@@ -206,6 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--timeout", type=float, default=30.0, help="seconds a request may run (%(default)s)")
     serve.add_argument("--osinfo-db", type=Path, default=DEFAULT_OSINFO_DB, help="osinfo-db path (%(default)s)")
     serve.add_argument("--profile-path", action="append", default=[], type=Path, metavar="DIR")
+    serve.add_argument("--fleet", type=Path, metavar="F", help="load a fleet's hosts (directory or inventory .toml)")
     return p
 
 
@@ -676,6 +677,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         osinfo_db=args.osinfo_db,
         profile_path=tuple(args.profile_path),
+        fleet=args.fleet,
     )
     uvicorn.run(create_app(settings), host=args.bind, port=args.port, log_level="warning")
     return EXIT_OK

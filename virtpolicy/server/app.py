@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import hmac
 import itertools
+import json
 import shutil
 import tempfile
 import weakref
@@ -55,6 +56,7 @@ class Settings:
     queue: int = 256  # requests in flight or waiting for a worker before 503
     osinfo_db: Path = DEFAULT_OSINFO_DB
     profile_path: tuple[Path, ...] = ()
+    fleet: Path | None = None  # a fleet directory or inventory (virtpolicy plan): its hosts, by name
     engine: Engine | None = None  # an Engine to serve (default: built from osinfo_db and profile_path)
 
 
@@ -111,13 +113,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from virtpolicy.engine import Engine
     from virtpolicy.plan.fleet import fingerprint
 
-    engine = settings.engine or Engine(osinfo_db=settings.osinfo_db, profile_path=settings.profile_path)
+    known: dict[str, str] = {}  # host id -> fingerprint, when the fleet already computed it
+    hosts: dict[str, Any] | None = None
+    if settings.fleet is not None:
+        from virtpolicy.plan.fleet import load_fleet
+
+        fleet = load_fleet(settings.fleet)
+        hosts = {h.name: fleet.classes[h.host_class] for h in fleet.hosts}
+        known = {h.name: h.host_class for h in fleet.hosts}
+        if not hosts:
+            raise InputError(f"{settings.fleet}: the fleet has no hosts")
+    engine = settings.engine or Engine(hosts, osinfo_db=settings.osinfo_db, profile_path=settings.profile_path)
     token = _read_token(settings.token_file) if settings.token_file else None
     workdir = Path(tempfile.mkdtemp(prefix="virtpolicy-server-"))
     state = ServerState(engine, EnginePool(engine, settings.workers, settings.timeout, settings.queue), workdir)
     state.token = token
     for host_id, host in engine.hosts.items():
-        state.hosts[host_id] = HostEntry(fingerprint(Path(host.source)), None, False)
+        state.hosts[host_id] = HostEntry(known.get(host_id) or _fingerprint_of(host, fingerprint), None, False)
 
     def cleanup() -> None:
         state.pool.shutdown()
@@ -148,6 +160,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _routes(app, state)
     _openapi(app, with_auth=token is not None)
     return app
+
+
+def _fingerprint_of(host: Any, fingerprint: Any) -> str:
+    """The bundle's fingerprint (virtpolicy.plan.fleet); a digest of the loaded host when it has no files."""
+    try:
+        return fingerprint(Path(host.source))
+    except (OSError, InputError):
+        import pickle
+
+        return hashlib.sha256(pickle.dumps(host)).hexdigest()[:16]
 
 
 def _read_token(path: Path) -> str:
@@ -413,6 +435,31 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             rules=len(p.rules),
             summary=profile_summary(p),
         )
+
+    @app.post(
+        "/v1/profiles/check",
+        tags=["profiles"],
+        summary="lint profiles sent as text (virtpolicy profiles check FILE...)",
+        responses={
+            200: {
+                "description": "the lint document: findings (file:line), pairs that can never be combined",
+                "content": {"application/json": {"schema": _DOCUMENT}},
+            },
+            503: {"model": models.Problem, "description": "saturated, or the request ran past its time bound"},
+        },
+    )
+    async def check_profiles(body: models.ProfileCheckRequest) -> JSONResponse:
+        files = {name: _utf8(text, f"profiles.{name}") for name, text in body.profiles.items()}
+        directory = state.workdir / f"lint-{next(state.uploads)}"
+        directory.mkdir()
+        try:
+            for name, data in files.items():
+                (directory / name).write_bytes(data)
+            answer = await dispatch("check_profiles", {"files": [directory / n for n in sorted(files)]}, None)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        shown = answer.body.decode().replace(json.dumps(str(directory) + "/")[1:-1], "")  # the client's names
+        return JSONResponse(json.loads(shown))
 
     # --- hosts ------------------------------------------------------------------------------------
     def host_info(host_id: str) -> models.HostInfo:

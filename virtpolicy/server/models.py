@@ -44,6 +44,15 @@ class DeviceRequest(DomainRequest):
     policy: Literal["required", "preferred", "legacy", "socket"] = "required"
 
 
+ProfileFileName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,100}\.(toml|xml)$")]
+
+
+class ProfileCheckRequest(_Body):
+    profiles: dict[ProfileFileName, str] = Field(
+        min_length=1, max_length=16, description="file name (NAME.toml or NAME.xml) -> the profile's text"
+    )
+
+
 class HostBundle(_Body):
     capabilities: str = Field(description="`virsh capabilities` XML")
     domcapabilities: list[str] | dict[DomcapsName, str] = Field(
