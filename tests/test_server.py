@@ -271,6 +271,41 @@ def test_load(server: Server) -> None:
     print(f"\n400 solves at 32 concurrent on 2 workers: {rate:.0f}/s, p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
 
 
+def _wait_for(server: Server, location: str) -> dict:
+    deadline = time.monotonic() + 120
+    while True:
+        job = server.client.get(location)
+        assert job.status_code == 200, job.text
+        if job.json()["status"] in ("done", "failed"):
+            return job.json()
+        assert time.monotonic() < deadline, job.json()
+        time.sleep(0.1)
+
+
+def test_whatif_and_plan_jobs(server: Server) -> None:
+    """202 Accepted with Location: /v1/jobs/{id}; the job ends with the CLI's JSON document."""
+    body = {"profiles": ["legacy-pc", "modern-q35", "secure-boot"], "oses": ["fedora37"]}
+    accepted = server.client.post("/v1/whatif/combinations", json=body)
+    assert accepted.status_code == 202, accepted.text
+    location = accepted.headers["location"]
+    assert location == f"/v1/jobs/{accepted.json()['id']}"
+    plan = server.client.post("/v1/plan/hosts", json={"domain": _example("rhel6-on-q35.xml")})
+    assert plan.status_code == 202, plan.text
+    job = _wait_for(server, location)
+    assert job["status"] == "done" and job["progress"] == {"done": 1, "total": 1}, job
+    pairs = [p["profiles"] for p in job["result"]["summary"]["infeasible_pairs"]]
+    assert ["legacy-pc", "modern-q35"] in pairs and ["legacy-pc", "secure-boot"] in pairs
+    planned = _wait_for(server, plan.headers["location"])
+    assert planned["status"] == "done", planned
+    assert planned["result"]["runs_on"] == planned["result"]["hosts_total"] >= 1
+    failed = server.client.post("/v1/whatif/combinations", json={"profiles": ["legacy-pc"], "oses": ["no-such-os"]})
+    problem = _wait_for(server, failed.headers["location"])["problem"]
+    assert problem["status"] == 400 and problem["location"] == "os"
+    _problem(server.client.post("/v1/whatif/combinations", json={"profiles": ["nope"]}), 404)
+    _problem(server.client.post("/v1/plan/hosts", json={"domain": "<domain/>", "hosts": ["nowhere"]}), 404)
+    _problem(server.client.get("/v1/jobs/no-such-job"), 404)
+
+
 def test_host_upload_solve_delete(server: Server) -> None:
     from virtpolicy.plan.fleet import fingerprint
 
@@ -326,6 +361,9 @@ def test_service_and_openapi(server: Server) -> None:
         ("/v1/profiles", "get"),
         ("/v1/profiles/{name}", "get"),
         ("/v1/profiles/check", "post"),
+        ("/v1/whatif/combinations", "post"),
+        ("/v1/plan/hosts", "post"),
+        ("/v1/jobs/{job_id}", "get"),
         ("/v1/hosts", "get"),
         ("/v1/hosts/{host_id}", "put"),
         ("/v1/hosts/{host_id}", "delete"),
@@ -378,6 +416,7 @@ def app():
         yield application
     finally:
         application.state.virtpolicy.pool.shutdown()
+        application.state.virtpolicy.jobs_pool.shutdown()
 
 
 def _post(app, path: str, body: dict) -> httpx.Response:
@@ -476,7 +515,7 @@ def test_schemathesis_every_endpoint(app) -> None:
         response_schema_conformance,
     ]
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 12
+    assert len(operations) == 15
     failures = []
     started = time.monotonic()
     for operation, mode in itertools.product(operations, (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)):

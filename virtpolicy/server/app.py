@@ -14,8 +14,10 @@ import hashlib
 import hmac
 import itertools
 import json
+import secrets
 import shutil
 import tempfile
+import time
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -54,6 +56,8 @@ class Settings:
     timeout: float = 30.0  # seconds a request may run in a worker before it is stopped (503)
     max_body: int = MAX_INPUT_BYTES  # bytes; the CLI's bound on every read
     queue: int = 256  # requests in flight or waiting for a worker before 503
+    job_workers: int = 1  # worker processes for what-if and planning jobs (started on the first job)
+    job_timeout: float = 600.0
     osinfo_db: Path = DEFAULT_OSINFO_DB
     profile_path: tuple[Path, ...] = ()
     fleet: Path | None = None  # a fleet directory or inventory (virtpolicy plan): its hosts, by name
@@ -96,6 +100,33 @@ class HostEntry:
 
 
 @dataclass
+class Job:
+    id: str
+    kind: str
+    status: str = "queued"  # queued | running | done | failed
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    result: dict[str, Any] | None = None
+    problem: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        end = self.finished or time.time()
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "status": self.status,
+            "progress": {"done": 1 if self.finished else 0, "total": 1},
+            "elapsed_s": round(end - self.started, 3) if self.started else 0.0,
+            "result": self.result,
+            "problem": self.problem,
+        }
+
+
+MAX_JOBS = 64  # jobs kept; the oldest finished ones are forgotten first
+
+
+@dataclass
 class ServerState:
     engine: Engine
     pool: EnginePool
@@ -104,8 +135,23 @@ class ServerState:
     token: str | None = None
     uploads: itertools.count = field(default_factory=itertools.count)
 
+    jobs_pool: EnginePool | None = None  # type: ignore[assignment]
+    jobs: dict[str, Job] = field(default_factory=dict)
+    job_ids: itertools.count = field(default_factory=itertools.count)
+
     def fingerprints(self) -> dict[str, str]:
         return {k: v.fingerprint for k, v in self.hosts.items()}
+
+    def add_job(self, job: Job) -> None:
+        running = sum(1 for j in self.jobs.values() if j.finished is None)
+        if running >= MAX_JOBS:
+            raise Problem(503, "saturated", f"{running} jobs are running or queued; retry later", {"Retry-After": "5"})
+        while len(self.jobs) >= MAX_JOBS:
+            oldest = next((k for k, j in self.jobs.items() if j.finished is not None), None)
+            if oldest is None:
+                break
+            del self.jobs[oldest]
+        self.jobs[job.id] = job
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -127,12 +173,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     token = _read_token(settings.token_file) if settings.token_file else None
     workdir = Path(tempfile.mkdtemp(prefix="virtpolicy-server-"))
     state = ServerState(engine, EnginePool(engine, settings.workers, settings.timeout, settings.queue), workdir)
+    state.jobs_pool = EnginePool(engine, settings.job_workers, settings.job_timeout, MAX_JOBS)
     state.token = token
     for host_id, host in engine.hosts.items():
         state.hosts[host_id] = HostEntry(known.get(host_id) or _fingerprint_of(host, fingerprint), None, False)
 
     def cleanup() -> None:
         state.pool.shutdown()
+        state.jobs_pool.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
 
     finalizer = weakref.finalize(state, cleanup)
@@ -288,6 +336,10 @@ def _utf8(text: str, where: str) -> bytes:
         ) from None
 
 
+def _problem_body(problem: Problem) -> dict[str, Any]:
+    return json.loads(problem_response(problem.status, problem.kind, problem.detail, **problem.members).body)
+
+
 def _input_problem(data: dict[str, Any]) -> Problem:
     return Problem(400, "bad-input", data["detail"], location=data["location"], input=data["input"], line=data["line"])
 
@@ -309,44 +361,54 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
     engine = state.engine
 
-    def request_kwargs(body: models.DomainRequest) -> tuple[dict[str, Any], tuple | None]:
-        host_id = body.host if body.host is not None else next(iter(engine.hosts))
+    def known_host(host_id: str, where: str) -> str:
         if host_id not in state.hosts:
-            raise Problem(404, "unknown-host", f"host: no host '{host_id}' is loaded", location="host", input="host")
+            raise Problem(404, "unknown-host", f"{where}: no host '{host_id}' is loaded", location=where, input=where)
+        return host_id
+
+    def known_profiles(specs: list[str], member: str = "profiles") -> list[str]:
         library = engine.profiles()
-        for i, spec in enumerate(body.profiles):
+        for i, spec in enumerate(specs):
             name, _version = _parse_profile_spec(spec)
-            where = f"profiles[{i}]"
+            where = f"{member}[{i}]"
             try:
                 if looks_like_path(name):
                     raise InputError(f"{where}: '{spec[:64]}': give a profile name; the server reads no client paths")
                 check_name(name, where)
             except InputError as exc:
-                raise Problem(400, "bad-input", str(exc), location=where, input="profiles") from None
+                raise Problem(400, "bad-input", str(exc), location=where, input=member) from None
             if name not in library:
                 raise Problem(404, "unknown-profile", f"{where}: unknown profile '{name}'", location=where)
+        return list(specs)
+
+    def request_kwargs(body: models.DomainRequest) -> tuple[dict[str, Any], list[str]]:
+        host_id = known_host(body.host if body.host is not None else next(iter(engine.hosts)), "host")
         kwargs = {
             "domain": _utf8(body.domain, "domain"),
             "source": "domain",
-            "profiles": list(body.profiles),
+            "profiles": known_profiles(body.profiles),
             "os": body.os,
             "guest_support": body.guest_support,
             "host": host_id,
         }
-        upload = state.pool.upload_for(host_id, state.hosts[host_id].fingerprint, engine.hosts.get(host_id))
-        return kwargs, upload
+        return kwargs, [host_id]
 
-    async def dispatch(command: str, kwargs: dict[str, Any], upload: tuple | None) -> JSONResponse:
+    async def run(pool: EnginePool, command: str, kwargs: dict[str, Any], host_ids: list[str]) -> tuple[str, Any]:
+        hosts = engine.hosts
+        wanted = {h: (state.hosts[h].fingerprint, hosts[h]) for h in host_ids if h in hosts and h in state.hosts}
         try:
-            status, data = await state.pool.run(command, kwargs, upload, state.fingerprints())
+            return await pool.run(command, kwargs, pool.uploads_for(wanted), state.fingerprints())
         except Saturated:
             raise Problem(503, "saturated", "every worker is busy; retry later", {"Retry-After": "1"}) from None
         except TimedOut:
             raise Problem(
-                503, "timeout", f"the request ran past the time bound of {state.pool.timeout:g} s and was stopped"
+                503, "timeout", f"the request ran past the time bound of {pool.timeout:g} s and was stopped"
             ) from None
         except WorkerLost:
             raise Problem(503, "worker-lost", "the worker process died under this request; it was replaced") from None
+
+    async def dispatch(command: str, kwargs: dict[str, Any], host_ids: list[str]) -> JSONResponse:
+        status, data = await run(state.pool, command, kwargs, host_ids)
         if status == "ok":
             return JSONResponse(data)
         if status == "conflict":
@@ -373,31 +435,31 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/solve", responses=doc200, tags=["domains"], summary="complete a partial domain (virtpolicy solve)")
     async def solve(body: models.SolveRequest) -> JSONResponse:
-        kwargs, upload = request_kwargs(body)
+        kwargs, hosts = request_kwargs(body)
         kwargs.update(complete=body.complete, refresh=body.refresh)
-        return await dispatch("solve", kwargs, upload)
+        return await dispatch("solve", kwargs, hosts)
 
     @app.post(
         "/v1/explain", responses=doc200, tags=["domains"], summary="every minimal conflict and correction, or why"
     )
     async def explain(body: models.ExplainRequest) -> JSONResponse:
-        kwargs, upload = request_kwargs(body)
+        kwargs, hosts = request_kwargs(body)
         kwargs.update(complete=body.complete, max_conflicts=body.max_conflicts)
-        return await dispatch("explain", kwargs, upload)
+        return await dispatch("explain", kwargs, hosts)
 
     @app.post("/v1/check", responses=doc200, tags=["domains"], summary="check an existing domain, never rewriting it")
     async def check(body: models.CheckRequest) -> JSONResponse:
-        kwargs, upload = request_kwargs(body)
+        kwargs, hosts = request_kwargs(body)
         kwargs.update(max_conflicts=body.max_conflicts)
-        return await dispatch("check", kwargs, upload)
+        return await dispatch("check", kwargs, hosts)
 
     @app.post(
         "/v1/devices/add", responses=doc200, tags=["domains"], summary="a device with a slot the domain can hot-plug"
     )
     async def devices_add(body: models.DeviceRequest) -> JSONResponse:
-        kwargs, upload = request_kwargs(body)
+        kwargs, hosts = request_kwargs(body)
         kwargs.update(device=_utf8(body.device, "device"), device_source="device", node=body.node, policy=body.policy)
-        return await dispatch("add_device", kwargs, upload)
+        return await dispatch("add_device", kwargs, hosts)
 
     # --- profiles ---------------------------------------------------------------------------------
     @app.get("/v1/profiles", tags=["profiles"], summary="profiles on the server's search path")
@@ -455,7 +517,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         try:
             for name, data in files.items():
                 (directory / name).write_bytes(data)
-            answer = await dispatch("check_profiles", {"files": [directory / n for n in sorted(files)]}, None)
+            answer = await dispatch("check_profiles", {"files": [directory / n for n in sorted(files)]}, [])
         finally:
             shutil.rmtree(directory, ignore_errors=True)
         shown = answer.body.decode().replace(json.dumps(str(directory) + "/")[1:-1], "")  # the client's names
@@ -544,6 +606,94 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         entry = state.hosts.pop(host_id)
         if entry.directory is not None:
             shutil.rmtree(entry.directory, ignore_errors=True)
+
+    # --- jobs: what-if and planning ---------------------------------------------------------------
+    tasks: set[asyncio.Task] = set()
+
+    def start_job(kind: str, command: str, kwargs: dict[str, Any], host_ids: list[str]) -> JSONResponse:
+        job = Job(f"{next(state.job_ids):06d}-{secrets.token_hex(4)}", kind)
+        state.add_job(job)
+
+        async def work() -> None:
+            job.status, job.started = "running", time.time()
+            try:
+                status, data = await run(state.jobs_pool, command, kwargs, host_ids)
+                if status == "ok":
+                    job.status, job.result = "done", data
+                elif status == "input":
+                    job.status, job.problem = "failed", _problem_body(_input_problem(data))
+                else:
+                    job.status = "failed"
+                    job.problem = _problem_body(Problem(500, "internal", "virtpolicy failed on this job (a bug)"))
+            except Problem as exc:
+                job.status, job.problem = "failed", _problem_body(exc)
+            job.finished = time.time()
+
+        task = asyncio.get_running_loop().create_task(work())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return JSONResponse(job.to_dict(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+    job_responses: dict[int | str, dict[str, Any]] = {
+        202: {"model": models.JobInfo, "description": "accepted: poll the job at Location"},
+        404: {"model": models.Problem, "description": "the request names a host or profile that is not loaded"},
+        503: {"model": models.Problem, "description": "too many jobs"},
+    }
+
+    @app.post(
+        "/v1/whatif/combinations",
+        status_code=202,
+        tags=["jobs"],
+        summary="profile sets that can never be selected together (virtpolicy whatif combinations), as a job",
+        responses=job_responses,
+    )
+    async def whatif_combinations(body: models.WhatifRequest) -> JSONResponse:
+        profiles = known_profiles(body.profiles) if body.profiles else sorted(engine.profiles())
+        host_ids = [known_host(h, f"hosts[{i}]") for i, h in enumerate(body.hosts)]
+        kwargs = {
+            "profiles": profiles,
+            "oses": list(body.oses),
+            "domain": _utf8(body.domain, "domain") if body.domain is not None else None,
+            "hosts": host_ids or None,
+            "guest_support": body.guest_support,
+        }
+        return start_job("whatif/combinations", "whatif_combinations", kwargs, host_ids)
+
+    @app.post(
+        "/v1/plan/hosts",
+        status_code=202,
+        tags=["jobs"],
+        summary="on which loaded hosts a domain runs, and why not elsewhere (virtpolicy plan hosts), as a job",
+        responses=job_responses,
+    )
+    async def plan_hosts(body: models.PlanHostsRequest) -> JSONResponse:
+        from virtpolicy.plan.fleet import Fleet
+
+        names = [known_host(h, f"hosts[{i}]") for i, h in enumerate(body.hosts)] or list(state.hosts)
+        fleet = Fleet()
+        loaded = engine.hosts
+        for name in names:
+            fleet.add(name, loaded[name], state.hosts[name].fingerprint, {}, f"host {name}")
+        kwargs = {
+            "fleet": fleet,
+            "domain": _utf8(body.domain, "domain"),
+            "profiles": known_profiles(body.profiles),
+            "os": body.os,
+            "guest_support": body.guest_support,
+        }
+        return start_job("plan/hosts", "plan_hosts", kwargs, [])
+
+    @app.get(
+        "/v1/jobs/{job_id}",
+        tags=["jobs"],
+        summary="a job's state and, when done, its result (the CLI's --format json document)",
+        responses={404: {"model": models.Problem, "description": "no such job (or forgotten)"}},
+    )
+    async def get_job(job_id: str = PathParam(max_length=64)) -> models.JobInfo:
+        job = state.jobs.get(job_id)
+        if job is None:
+            raise Problem(404, "unknown-job", f"no job '{job_id[:64]}'", location="job_id")
+        return models.JobInfo(**job.to_dict())
 
     # --- the service ------------------------------------------------------------------------------
     @app.get("/v1", tags=["service"], summary="version, loaded hosts and the profile library's digest")

@@ -53,6 +53,38 @@ class ProfileCheckRequest(_Body):
     )
 
 
+class WhatifRequest(_Body):
+    profiles: list[str] = Field(
+        default=[], max_length=16, description="the optional profiles (default: the whole library)"
+    )
+    oses: list[str] = Field(default=["fedora37", "rhel6.10", "win10"], min_length=1, max_length=8)
+    domain: str | None = Field(default=None, description="the domain template (default: a typical partial domain)")
+    hosts: list[Annotated[str, StringConstraints(pattern=HOST_ID)]] = Field(
+        default=[], max_length=16, description="loaded host ids (default: the default host)"
+    )
+    guest_support: Literal["strict", "lenient"] = "strict"
+
+
+class PlanHostsRequest(_Body):
+    domain: str
+    profiles: list[str] = Field(default=[], max_length=64)
+    os: str | None = Field(default=None, max_length=512)
+    guest_support: Literal["strict", "lenient"] = "strict"
+    hosts: list[Annotated[str, StringConstraints(pattern=HOST_ID)]] = Field(
+        default=[], max_length=1024, description="the fleet: loaded host ids (default: every loaded host)"
+    )
+
+
+class JobInfo(BaseModel):
+    id: str
+    kind: str
+    status: Literal["queued", "running", "done", "failed"]
+    progress: dict[str, int] = Field(description="{done, total}")
+    elapsed_s: float
+    result: dict[str, Any] | None = Field(description="when done: the CLI's --format json document")
+    problem: dict[str, Any] | None = Field(description="when failed: the problem details")
+
+
 class HostBundle(_Body):
     capabilities: str = Field(description="`virsh capabilities` XML")
     domcapabilities: list[str] | dict[DomcapsName, str] = Field(

@@ -39,15 +39,16 @@ class WorkerLost(Exception):
 
 
 def run_request(
-    engine: Engine, command: str, kwargs: dict[str, Any], upload: tuple[str, str, Host] | None
+    engine: Engine, command: str, kwargs: dict[str, Any], uploads: list[tuple[str, str, Host]]
 ) -> tuple[str, Any]:
     """In a worker: one request -> ('ok' | 'conflict' | 'input' | 'rejected' | 'internal', data)."""
-    if upload is not None:
-        host_id, fingerprint, host = upload
+    for host_id, fingerprint, host in uploads:
         if _LOADED.get(host_id) != fingerprint:
             engine.add_host(host_id, host)
             _LOADED[host_id] = fingerprint
     try:
+        if command in JOBS:
+            return "ok", JOBS[command](engine, **kwargs)
         if command == "solve":
             result = engine.solve(**kwargs)
         elif command == "check":
@@ -83,6 +84,24 @@ def run_request(
         return "rejected", None
     except Exception as exc:  # a bug of the engine: named by its type only, never a traceback
         return "internal", type(exc).__name__
+
+
+def _whatif_combinations(engine: Engine, **kwargs: Any) -> dict[str, Any]:
+    from virtpolicy.whatif.report import analyse_combinations
+
+    return analyse_combinations(engine, workers=1, **kwargs).to_dict()
+
+
+def _plan_hosts(engine: Engine, fleet: Any, **kwargs: Any) -> dict[str, Any]:
+    """`virtpolicy plan hosts` over the hosts the request names: an Engine of the fleet's classes."""
+    from virtpolicy.engine import Engine
+    from virtpolicy.plan.hosts import plan_hosts
+
+    classes = Engine(dict(fleet.classes), osinfo_db=engine.osinfo, profile_path=engine.profile_path)
+    return plan_hosts(classes, fleet, source="domain", workers=1, **kwargs).to_dict()
+
+
+JOBS = {"whatif_combinations": _whatif_combinations, "plan_hosts": _plan_hosts}
 
 
 def _warm(engine: Engine) -> int:
@@ -122,16 +141,13 @@ class EnginePool:
         for _ in range(self.workers):
             self._pool.submit(_call, _warm, ())
 
-    def upload_for(self, host_id: str | None, fingerprint: str | None, host: Host | None) -> tuple | None:
-        """What a request must carry so that a worker has `host_id` as the server has it now."""
-        if host_id is None or fingerprint is None or host is None:
-            return None
-        if self._fingerprints.get(host_id) == fingerprint:
-            return None
-        return (host_id, fingerprint, host)
+    def uploads_for(self, hosts: dict[str, tuple[str, Host]]) -> list[tuple[str, str, Host]]:
+        """What a request must carry so that a worker has these hosts (id -> (fingerprint, Host)) as the
+        server has them now: the ones the pool did not start with."""
+        return [(i, fp, host) for i, (fp, host) in hosts.items() if self._fingerprints.get(i) != fp]
 
     async def run(
-        self, command: str, kwargs: dict[str, Any], upload: tuple | None, fingerprints: dict[str, str]
+        self, command: str, kwargs: dict[str, Any], uploads: list[tuple[str, str, Host]], fingerprints: dict[str, str]
     ) -> tuple[str, Any]:
         from virtpolicy.whatif.runner import _call
 
@@ -143,7 +159,7 @@ class EnginePool:
         assert pool is not None
         self._pending += 1
         try:
-            future = pool.submit(_call, run_request, (command, kwargs, upload))
+            future = pool.submit(_call, run_request, (command, kwargs, uploads))
             try:
                 return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)
             except TimeoutError:
