@@ -423,7 +423,7 @@ class Builder:
                     allowed = list(VIRTIO_MODELS)  # the app named the virtio family; the engine may pin a mode
                 self._pin(name, allowed, explicit, f"{inst.prefix} {var.name} is {explicit.value}")
             elif inst.element is not None and inst.cls.singleton and "none" in var.values:
-                here = Explicit("present", xpath_of(inst.element))
+                here = Explicit("present", inst.xpath)
                 self._pin(name, [v for v in var.values if v != "none"], here, f"the app wants a {inst.cls.label}")
             elif inst.element is None and self.realized and "none" in var.values:
                 here = Explicit("absent", f"/domain/devices (no {inst.cls.label} in a realized domain)")
@@ -445,7 +445,7 @@ class Builder:
             model = inst.explicit(inst.cls.variables["model"])
             if model is None and bus is not None and bus.value == "virtio" and inst.has_address:
                 # libvirt laid this disk out as plain virtio: its mode is fixed by its address
-                here = Explicit("virtio", xpath_of(inst.element) + "/address")
+                here = Explicit("virtio", inst.xpath + "/address")
                 self._pin(inst.var("model"), ["virtio"], here, f"{inst.prefix} stays plain virtio at its address")
 
     # --- structural facts -------------------------------------------------------------------------
