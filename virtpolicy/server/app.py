@@ -187,7 +187,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        state.pool.start(state.fingerprints())
+        state.pool.start_soon(state.fingerprints())
         try:
             yield
         finally:

@@ -124,6 +124,7 @@ class EnginePool:
         self._pool: ProcessPoolExecutor | None = None
         self._fingerprints: dict[str, str] = {}  # the hosts the current pool's workers started with
         self._pending = 0
+        self._ready: asyncio.Future[None] | None = None  # start_soon's start in its thread
         self.replaced = 0
 
     def start(self, fingerprints: dict[str, str]) -> None:
@@ -132,6 +133,10 @@ class EnginePool:
         self._pool = engine_pool(self._engine, self.workers)
         self._fingerprints = dict(fingerprints)
         self.warm()  # every worker starts with the hosts of this snapshot, not with later ones
+
+    def start_soon(self, fingerprints: dict[str, str]) -> None:
+        """Start the pool in a thread, so the server answers (/healthz) while the workers come up."""
+        self._ready = asyncio.get_running_loop().run_in_executor(None, self.start, fingerprints)
 
     def warm(self) -> None:
         """Start every worker now (forkserver, Engine unpickled, a first solve), not on the first request."""
@@ -153,6 +158,8 @@ class EnginePool:
 
         if self._pending >= self.queue:
             raise Saturated()
+        if self._ready is not None:
+            await self._ready  # every request waits for the same start; done, it returns at once
         if self._pool is None:
             self.start(fingerprints)
         pool = self._pool
