@@ -199,7 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     capture.add_argument("directory", type=Path)
 
     serve = sub.add_parser("serve", help="the REST service (docs/rest.md; pip install 'virtpolicy[server]')")
-    serve.add_argument("--host", dest="bind", default="127.0.0.1", help="address to bind (%(default)s: loopback)")
+    serve.add_argument("--host", dest="bind", metavar="ADDRESS", default="127.0.0.1", help="bind address (%(default)s)")
     serve.add_argument("--port", type=int, default=8007, help="TCP port (%(default)s)")
     serve.add_argument("--workers", type=int, default=2, help="solver worker processes (%(default)s)")
     serve.add_argument("--token-file", type=Path, metavar="F", help="every request needs Authorization: Bearer <F>")
