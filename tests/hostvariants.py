@@ -66,3 +66,12 @@ def fewer_hyperv(root: etree._Element) -> None:
     features = root.find("features/hyperv/enum[@name='features']")
     for value in features.findall("value")[len(features) // 2 :] if features is not None else ():
         features.remove(value)
+
+
+def small_fleet(base: Path, source: Path) -> Path:
+    """Four hosts in three classes: h01 and h02 (twins), old-firmware (no secure boot), no-tpm."""
+    shutil.copytree(source, base / "h01")
+    shutil.copytree(source, base / "h02")
+    variant(source, base / "old-firmware", no_secure_boot)
+    variant(source, base / "no-tpm", no_tpm)
+    return base

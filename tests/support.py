@@ -176,3 +176,18 @@ def screenshot_colours(page: str, workdir: Path, size: str = "1100,900") -> Call
         return counts.get(tuple(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)), 0)
 
     return pixels
+
+
+def assert_self_contained(page: str) -> None:
+    """A report page that runs nothing and fetches nothing: no script or embedded resources, no URL in any
+    attribute but the SVG namespace."""
+    import lxml.html
+
+    doc = lxml.html.document_fromstring(page)
+    assert not doc.xpath("//script | //iframe | //link | //img | //object | //embed")
+    assert "<script" not in page and "src=" not in page and "url(" not in page and "@import" not in page
+    for element in doc.iter():
+        for name, value in element.attrib.items():
+            if name != "xmlns":
+                assert "http://" not in value and "https://" not in value, (element.tag, name, value)
+    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "").split("<body>")[0]

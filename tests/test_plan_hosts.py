@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hostvariants import no_secure_boot, no_tpm, variant
+from hostvariants import small_fleet
 from support import cli
 
 from virtpolicy.errors import InputError
@@ -19,12 +19,7 @@ from virtpolicy.plan.fleet import fingerprint, load_fleet
 
 @pytest.fixture(scope="module")
 def fleet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("fleet")
-    shutil.copytree(EMBEDDED_BUNDLE, base / "h01")
-    shutil.copytree(EMBEDDED_BUNDLE, base / "h02")  # a twin: the same class
-    variant(EMBEDDED_BUNDLE, base / "old-firmware", no_secure_boot)
-    variant(EMBEDDED_BUNDLE, base / "no-tpm", no_tpm)
-    return base
+    return small_fleet(tmp_path_factory.mktemp("fleet"), EMBEDDED_BUNDLE)  # h01, h02 twins; old-firmware; no-tpm
 
 
 def test_identical_hosts_are_one_class(fleet_dir: Path) -> None:
