@@ -139,6 +139,7 @@ class Search:
             self.nogoods.append(_free_sets(c, fixed))
         self.degree = [len(on) for on in self.on]
         self.trail: list[list[tuple[int, str]]] = []
+        self.steps = 0  # values tried so far
         self.unassigned = len(self.names)
         self.heap = [(-self.degree[v], len(self.domains[v]), v) for v in range(len(self.names))]
         heapq.heapify(self.heap)
@@ -285,10 +286,9 @@ class Search:
                     else:
                         return None
                 self._assign(v, values.pop())
-                if steps is not None:
-                    steps -= 1
-                    if steps < 0:
-                        raise SearchLimit
+                self.steps += 1
+                if steps is not None and self.steps > steps:
+                    raise SearchLimit
                 if forwardcheck:
                     self.trail.append([])
                 if all(self._call(k, forwardcheck) for k in self.on[v]):

@@ -153,6 +153,10 @@ class Solver:
         if any(not vals for vals in domains.values()):
             return False
         self.solves += 1
+        if len(constraints) > LARGE:
+            answer = _search_settled({k: list(v) for k, v in domains.items()}, rest, CONSISTENCY_STEPS)
+            if answer is not None:
+                return answer
         return _satisfiable(domains, rest)
 
     # --- solving -----------------------------------------------------------------------------------
@@ -371,6 +375,8 @@ def without_gc() -> Iterator[None]:
 
 
 Bound = tuple[Constraint, tuple[str, ...], Callable[..., bool]]
+LARGE = 2000  # constraints: a consistency question this big first tries `_search_settled`
+CONSISTENCY_STEPS = 500  # values that search may try in all before `_satisfiable` takes over
 PYTHON_CONSTRAINT = False  # tests set it to compare the engine's own search with python-constraint's
 
 
@@ -731,6 +737,33 @@ def _settle(domains: dict[str, list[str]], constraints: list[Constraint]) -> lis
     if bound is None or not _partial_ok(domains, bound):
         return None
     return bound
+
+
+def _search_settled(domains: dict[str, list[str]], constraints: list[Constraint], steps: int) -> bool | None:
+    """Satisfiability by propagation and then `search.Search` over what is left, trying at most `steps` values
+    in all; None when that was not enough. `_satisfiable` propagates the whole of its largest part again
+    after each decision: over a thousand devices held together by one capacity, that is quadratic, while the
+    search keeps its state incrementally. Both are complete, so an answer here is the answer; what this
+    does not settle cheaply is left to `_satisfiable`, whose decomposition suits small hard conflicts."""
+    bound = _settle(domains, constraints)
+    if bound is None:
+        return False
+    fixed = {name: vals[0] for name, vals in domains.items() if len(vals) == 1}
+    for group, members in _components(domains, bound):
+        if not members:
+            continue
+        if not Search.supports(members):
+            return None
+        search = Search(group, {name: list(reversed(domains[name])) for name in group}, members, fixed)
+        try:
+            if search.solve(steps) is None:
+                return False
+        except SearchLimit:
+            return None
+        steps -= search.steps
+        if steps <= 0:
+            return None
+    return True
 
 
 def _satisfiable(domains: dict[str, list[str]], constraints: list[Constraint]) -> bool:
