@@ -690,6 +690,13 @@ class PciPlanner:
         if self._controllers_by_index is None:
             found = self.b.domain.root.iterfind("devices/controller[@type='pci']")
             self._controllers_by_index = {int(c.get("index", "-1")): c for c in found}
+            kind = self._root_kind()
+            if 0 not in self._controllers_by_index and kind in ("pci", "pcie"):
+                # bus 0 is the machine's root even when unwritten (libvirt adds it at define:
+                # qemu_domain.c qemuDomainDefAddDefaultDevices), so an address on it means the same whether
+                # or not the app wrote the controller: solving the output again decides the same slots
+                implied = etree.Element("controller", type="pci", index="0", model=f"{kind}-root")
+                self._controllers_by_index[0] = implied
         return self._controllers_by_index
 
     def _root_kind(self) -> str:
