@@ -60,6 +60,19 @@ def corpus_dir() -> Path | None:
     return root
 
 
+def require_corpus() -> Path:
+    """The corpus for a test: skipped on a developer machine that has not fetched it, a failure under CI
+    (the test set-up fetches it there, so a missing corpus is a broken set-up, not a reason to skip)."""
+    import pytest
+
+    root = corpus_dir()
+    if root is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI is set but the libvirt corpus is missing (scripts/fetch-libvirt-corpus.sh)", pytrace=False)
+        pytest.skip("libvirt corpus not downloaded yet: bash scripts/setup.sh test fetches it")
+    return root
+
+
 def outdata_dir() -> Path | None:
     """libvirt's `tests/qemuxml2xmloutdata/`, or None without the corpus."""
     root = corpus_dir()

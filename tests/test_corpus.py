@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import tomllib
 from pathlib import Path
 
 import pytest
-from corpus import corpus_dir, corpus_host_bundle, latest_x86_64_files, normalise, x86_64_files
+from corpus import corpus_host_bundle, latest_x86_64_files, normalise, require_corpus, x86_64_files
 from lxml import etree
 
 from virtpolicy.cli import main
@@ -26,16 +25,9 @@ OUTCOMES = Path(__file__).parent / "data" / "corpus-outcomes.toml"
 SCHEMA = Path("/usr/share/libvirt/schemas/domain.rng")
 
 
-def _require_corpus() -> None:
-    if corpus_dir() is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but the libvirt corpus is missing (scripts/fetch-libvirt-corpus.sh)", pytrace=False)
-        pytest.skip("libvirt corpus not downloaded yet: bash scripts/setup.sh test fetches it")
-
-
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    _require_corpus()
+    require_corpus()
     return corpus_host_bundle(tmp_path_factory.mktemp("corpus-host"))
 
 
@@ -72,7 +64,7 @@ def _solve(path: Path, bundle: Path, out: Path, command: str = "solve") -> tuple
 
 
 def test_the_outcome_table_names_only_corpus_files() -> None:
-    _require_corpus()
+    require_corpus()
     names = {p.name for p in _files()}
     unknown = sorted(set(_outcomes()) - names)
     assert not unknown, f"corpus-outcomes.toml lists files the corpus does not have: {unknown}"

@@ -22,10 +22,9 @@ TEMPLATES = ("benchmarks/typical.xml", "examples/rhel6-on-q35.xml", "examples/wi
 
 @pytest.fixture(scope="module")
 def mixed_fleet(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from corpus import corpus_dir, corpus_host_bundle
+    from corpus import corpus_host_bundle, require_corpus
 
-    if corpus_dir() is None:
-        pytest.skip("libvirt corpus not fetched: run scripts/fetch-libvirt-corpus.sh (scripts/setup.sh test does)")
+    require_corpus()
     base = tmp_path_factory.mktemp("mixed")
     fleet = base / "fleet"
     fleet.mkdir()

@@ -105,10 +105,9 @@ def test_bad_inventories_are_one_line_errors(tmp_path: Path, text: str, needle: 
 
 
 def test_libvirt_qemu_versions_as_a_fleet(tmp_path: Path) -> None:
-    from corpus import corpus_dir, corpus_host_bundle
+    from corpus import corpus_host_bundle, require_corpus
 
-    if corpus_dir() is None:
-        pytest.skip("libvirt corpus not fetched: run scripts/fetch-libvirt-corpus.sh (scripts/setup.sh test does)")
+    require_corpus()
     fleet = tmp_path / "fleet"
     fleet.mkdir()
     for version in ("4.2.0", "6.2.0", "8.0.0"):

@@ -18,10 +18,9 @@ from virtpolicy.models.host import EMBEDDED_BUNDLE
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from corpus import corpus_dir, corpus_host_bundle
+    from corpus import corpus_host_bundle, require_corpus
 
-    if corpus_dir() is None:
-        pytest.skip("libvirt corpus not fetched: run scripts/fetch-libvirt-corpus.sh (scripts/setup.sh test does)")
+    require_corpus()
     base = tmp_path_factory.mktemp("migrate")
     fleet = base / "fleet"
     fleet.mkdir()

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from corpus import corpus_dir, corpus_host_bundle
+from corpus import corpus_host_bundle, require_corpus
 from support import REPO, cli, partial_domain
 
 from virtpolicy.whatif.compare import abi_facts
@@ -39,8 +39,7 @@ def _golden(name: str, text: str) -> None:
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    if corpus_dir() is None:
-        pytest.skip("libvirt corpus not fetched: run scripts/fetch-libvirt-corpus.sh (scripts/setup.sh test does)")
+    require_corpus()
     base = tmp_path_factory.mktemp("hosts")
     return corpus_host_bundle(base, "7.2.0"), corpus_host_bundle(base, "8.0.0")
 
