@@ -17,13 +17,13 @@ import time
 
 from _benchutil import emit_json, environment, median, summary_ms, table
 
-from virtpolicy.models.domain import Domain
-from virtpolicy.models.guestos import OsinfoDB
-from virtpolicy.models.host import embedded_host
-from virtpolicy.solver.build import build
-from virtpolicy.solver.check_domain import check_report
-from virtpolicy.solver.render import render, to_bytes
-from virtpolicy.solver.solve import Conflict, solve
+from virtpolicy.core.solve import Conflict, solve
+from virtpolicy.inputs.domain import Domain
+from virtpolicy.inputs.guestos import OsinfoDB
+from virtpolicy.inputs.host import embedded_host
+from virtpolicy.outputs.check_domain import check_report
+from virtpolicy.outputs.render import render, to_bytes
+from virtpolicy.sources.build import build
 
 TARGET_MEDIAN_MS = 20.0
 WARMUP = 5

@@ -25,8 +25,8 @@ import time
 from _benchutil import emit_json, environment, summary_ms, table
 
 from virtpolicy import Engine
-from virtpolicy.solver.problem import Constraint, Source
-from virtpolicy.solver.solve import Conflict, Solver
+from virtpolicy.core.problem import Constraint, Source
+from virtpolicy.core.solve import Conflict, Solver
 
 TARGET_MEDIAN_MS = 50.0
 EXPECTED_MEMBERS = 3

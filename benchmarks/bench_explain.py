@@ -15,8 +15,8 @@ import time
 from _benchutil import emit_json, environment, summary_ms, table
 
 from virtpolicy import Engine
-from virtpolicy.solver.explain import ConflictExplainer
-from virtpolicy.solver.solve import Conflict, Solver
+from virtpolicy.core.explain import ConflictExplainer
+from virtpolicy.core.solve import Conflict, Solver
 
 EIGHT = (
     "modern-q35",

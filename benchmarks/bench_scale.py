@@ -26,13 +26,13 @@ from collections.abc import Callable
 
 from _benchutil import REPO, emit_json, environment, median, table
 
-from virtpolicy.models.domain import Domain
-from virtpolicy.models.guestos import OsinfoDB
-from virtpolicy.models.host import Host, embedded_host
-from virtpolicy.solver.build import build
-from virtpolicy.solver.explain_report import build_report
-from virtpolicy.solver.render import render, to_bytes
-from virtpolicy.solver.solve import Conflict, solve
+from virtpolicy.core.solve import Conflict, solve
+from virtpolicy.inputs.domain import Domain
+from virtpolicy.inputs.guestos import OsinfoDB
+from virtpolicy.inputs.host import Host, embedded_host
+from virtpolicy.outputs.explain_report import build_report
+from virtpolicy.outputs.render import render, to_bytes
+from virtpolicy.sources.build import build
 
 TARGET_DEVICES_S = 5.0  # 1,000 devices, solve or explain
 TARGET_EXAMPLE_S = 1.0  # explain on every file in examples/

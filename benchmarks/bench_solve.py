@@ -19,12 +19,12 @@ from pathlib import Path
 
 from _benchutil import RHEL6_XML, TYPICAL_XML, emit_json, environment, median, summary_ms, table
 
-from virtpolicy.models.domain import Domain
-from virtpolicy.models.guestos import GuestOS, OsinfoDB
-from virtpolicy.models.host import Host, embedded_host
-from virtpolicy.solver.build import build
-from virtpolicy.solver.render import render, to_bytes
-from virtpolicy.solver.solve import Conflict, solve
+from virtpolicy.core.solve import Conflict, solve
+from virtpolicy.inputs.domain import Domain
+from virtpolicy.inputs.guestos import GuestOS, OsinfoDB
+from virtpolicy.inputs.host import Host, embedded_host
+from virtpolicy.outputs.render import render, to_bytes
+from virtpolicy.sources.build import build
 
 TARGET_MEDIAN_MS = 10.0
 WARMUP = 10

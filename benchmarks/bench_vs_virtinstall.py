@@ -69,15 +69,15 @@ import json, sys, time
 t = [time.perf_counter()]
 import virtpolicy.cli
 t.append(time.perf_counter())
-from virtpolicy.solver.build import build
-from virtpolicy.solver.render import render, to_bytes
-from virtpolicy.solver.report import solution_text
-from virtpolicy.solver.solve import solve
+from virtpolicy.sources.build import build
+from virtpolicy.outputs.render import render, to_bytes
+from virtpolicy.outputs.report import solution_text
+from virtpolicy.core.solve import solve
 t.append(time.perf_counter())
 from pathlib import Path
-from virtpolicy.models.domain import Domain
-from virtpolicy.models.guestos import OsinfoDB
-from virtpolicy.models.host import embedded_host
+from virtpolicy.inputs.domain import Domain
+from virtpolicy.inputs.guestos import OsinfoDB
+from virtpolicy.inputs.host import embedded_host
 domain = Domain.from_file(Path(sys.argv[1]))
 host = embedded_host()
 t.append(time.perf_counter())
@@ -273,8 +273,8 @@ def run(args: argparse.Namespace, env: Env) -> int:
     phases_asis = phase_breakdown(7, inherited)
     self_top, cli_top = import_profile("virtpolicy.cli", 5, env)
     _, solve_top = import_profile(
-        "virtpolicy.cli, virtpolicy.solver.build, virtpolicy.solver.solve, "
-        "virtpolicy.solver.render, virtpolicy.solver.report",
+        "virtpolicy.cli, virtpolicy.sources.build, virtpolicy.core.solve, "
+        "virtpolicy.outputs.render, virtpolicy.outputs.report",
         5,
         env,
     )

@@ -29,7 +29,7 @@ from _benchutil import REPO, emit_json, environment, table
 from bench_engine import OSES, varied_domain
 
 from virtpolicy import Engine
-from virtpolicy.models.host import EMBEDDED_BUNDLE
+from virtpolicy.inputs.host import EMBEDDED_BUNDLE
 from virtpolicy.whatif.report import analyse_combinations
 
 TARGET_SMALL_S = 5.0

@@ -60,7 +60,7 @@ def osinfo_db() -> Path:
 @pytest.fixture(scope="session")
 def osdb(osinfo_db: Path):  # type: ignore[no-untyped-def]
     """The real osinfo-db, indexed once per session."""
-    from virtpolicy.models.guestos import OsinfoDB
+    from virtpolicy.inputs.guestos import OsinfoDB
 
     return OsinfoDB(osinfo_db)
 
@@ -68,7 +68,7 @@ def osdb(osinfo_db: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def host():  # type: ignore[no-untyped-def]
     """The embedded host bundle: a real x86_64 KVM host (libvirt 9.0 / QEMU 7.2)."""
-    from virtpolicy.models.host import embedded_host
+    from virtpolicy.inputs.host import embedded_host
 
     return embedded_host()
 

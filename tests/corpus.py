@@ -28,7 +28,7 @@ from pathlib import Path
 
 from lxml import etree
 
-from virtpolicy.models.domain import VIRTPOLICY_NS
+from virtpolicy.inputs.domain import VIRTPOLICY_NS
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = REPO / ".cache" / "libvirt-corpus"

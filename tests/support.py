@@ -14,13 +14,13 @@ from xml.sax.saxutils import quoteattr
 import pytest
 from lxml import etree
 
+from virtpolicy.core.problem import Source
+from virtpolicy.core.solve import Conflict, Solution, Solver
 from virtpolicy.engine import Engine
-from virtpolicy.models.domain import Domain, Explicit
-from virtpolicy.models.guestos import OsinfoDB
-from virtpolicy.models.host import EMBEDDED_BUNDLE, Host, load_host_bundle
-from virtpolicy.solver.build import Build
-from virtpolicy.solver.problem import Source
-from virtpolicy.solver.solve import Conflict, Solution, Solver
+from virtpolicy.inputs.domain import Domain, Explicit
+from virtpolicy.inputs.guestos import OsinfoDB
+from virtpolicy.inputs.host import EMBEDDED_BUNDLE, Host, load_host_bundle
+from virtpolicy.sources.build import Build
 
 LIBOSINFO = "http://libosinfo.org/xmlns/libvirt/domain/1.0"
 REPO = Path(__file__).resolve().parents[1]

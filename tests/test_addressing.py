@@ -1,6 +1,6 @@
 """PCI addressing follows libvirt's rules per device kind (issue 9).
 
-Which devices take a PCI address and which never do is data (virtpolicy/models/data/pci.toml
+Which devices take a PCI address and which never do is data (virtpolicy/knowledge/data/pci.toml
 [[addressing]], each row citing libvirt 9.0's qemu_domain_address.c / qemu_validate.c). A device that
 never takes one gets none and uses no bus; explicit addresses are kept wherever libvirt accepts them;
 device kinds the engine does not model pass through untouched. The reproductions are in
@@ -18,9 +18,9 @@ from libvirt_harness import LibvirtError, LibvirtHarness
 from lxml import etree
 from support import cli, partial_domain, run
 
-from virtpolicy.models.domain import VIRTPOLICY_NS, Domain
-from virtpolicy.models.pci import TAKES, addressing, addressing_rows
-from virtpolicy.solver.hotplug import Hotplugged, add_device
+from virtpolicy.inputs.domain import VIRTPOLICY_NS, Domain
+from virtpolicy.knowledge.pci import TAKES, addressing, addressing_rows
+from virtpolicy.outputs.hotplug import Hotplugged, add_device
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"

@@ -13,7 +13,7 @@ import pytest
 from support import REPO, cli, partial_domain
 
 from virtpolicy import ArgumentError, Engine, HostError, InputError, ProfileError, UnknownOSError, VirtpolicyError
-from virtpolicy.models.host import EMBEDDED_BUNDLE
+from virtpolicy.inputs.host import EMBEDDED_BUNDLE
 
 EXAMPLES = sorted((REPO / "examples").glob("*.xml"))
 FEDORA = "http://fedoraproject.org/fedora/37"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lxml import etree
 
-from virtpolicy.models.host import EMBEDDED_BUNDLE
+from virtpolicy.inputs.host import EMBEDDED_BUNDLE
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "rhel6-on-q35.xml"

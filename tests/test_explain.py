@@ -18,15 +18,15 @@ from pathlib import Path
 import pytest
 from support import four_node_host, needs_chromium, partial_domain, screenshot_colours
 
-from virtpolicy.models.domain import Domain
-from virtpolicy.models.host import Host, load_host_bundle
-from virtpolicy.rules.profile import find_profile
-from virtpolicy.solver.build import Build, build
-from virtpolicy.solver.compile import SelectedProfile
-from virtpolicy.solver.explain import ConflictExplainer
-from virtpolicy.solver.explain_report import build_report, to_html, to_text
-from virtpolicy.solver.problem import Source
-from virtpolicy.solver.solve import Conflict, Solver
+from virtpolicy.core.explain import ConflictExplainer
+from virtpolicy.core.problem import Source
+from virtpolicy.core.solve import Conflict, Solver
+from virtpolicy.inputs.domain import Domain
+from virtpolicy.inputs.host import Host, load_host_bundle
+from virtpolicy.outputs.explain_report import build_report, to_html, to_text
+from virtpolicy.profiles.profile import find_profile
+from virtpolicy.sources.build import Build, build
+from virtpolicy.sources.compile import SelectedProfile
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden" / "explain"

@@ -14,8 +14,8 @@ from corpus import normalise
 from lxml import etree
 from support import cli, partial_domain, run
 
-from virtpolicy.models.completeness import completeness
-from virtpolicy.models.domain import Domain
+from virtpolicy.inputs.domain import Domain
+from virtpolicy.knowledge.completeness import completeness
 
 REPO = Path(__file__).resolve().parents[1]
 FIDELITY = Path(__file__).parent / "data" / "fidelity"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from virtpolicy.errors import InputError
-from virtpolicy.models.guestos import OsinfoDB
+from virtpolicy.inputs.guestos import OsinfoDB
 
 E1000E = "http://pcisig.com/pci/8086/10d3"
 Q35 = "http://qemu.org/chipset/x86/q35"

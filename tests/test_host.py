@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from virtpolicy.errors import InputError
-from virtpolicy.models.host import EMBEDDED_BUNDLE, Host, embedded_host, load_host_bundle
+from virtpolicy.inputs.host import EMBEDDED_BUNDLE, Host, embedded_host, load_host_bundle
 
 PEER_SAMPLES = Path("/work/shared/data/hostcaps/peer-samples")
 AARCH64_DOMCAPS = PEER_SAMPLES / "kvm-aarch64-domcaps.xml"

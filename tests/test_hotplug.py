@@ -11,10 +11,10 @@ from lxml import etree
 from support import run
 from test_topology import FEDORA, controllers, disks, domain, nics, node_of
 
+from virtpolicy.core.solve import Conflict
 from virtpolicy.errors import InputError
-from virtpolicy.models.domain import Domain
-from virtpolicy.solver.hotplug import Hotplugged, add_device
-from virtpolicy.solver.solve import Conflict
+from virtpolicy.inputs.domain import Domain
+from virtpolicy.outputs.hotplug import Hotplugged, add_device
 
 NIC = "<interface type='user'><model type='virtio'/></interface>"
 

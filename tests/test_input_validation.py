@@ -19,10 +19,10 @@ from lxml import etree
 
 from virtpolicy import cli
 from virtpolicy.errors import InputError
+from virtpolicy.inputs.domain import MAX_DEVICES, Domain
+from virtpolicy.inputs.units import MAX_MEMORY_BYTES, UnitError, bytes_per, to_kib
+from virtpolicy.inputs.xmlsafe import MAX_INPUT_BYTES, read_file
 from virtpolicy.models import schema
-from virtpolicy.models.domain import MAX_DEVICES, Domain
-from virtpolicy.models.units import MAX_MEMORY_BYTES, UnitError, bytes_per, to_kib
-from virtpolicy.models.xmlsafe import MAX_INPUT_BYTES, read_file
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = "app.xml"
@@ -326,7 +326,7 @@ def test_host_capture_into_an_unwritable_place_is_one_line(tmp_path: Path) -> No
 
 
 def test_unreadable_host_file_is_one_line(tmp_path: Path) -> None:
-    from virtpolicy.models.host import EMBEDDED_BUNDLE
+    from virtpolicy.inputs.host import EMBEDDED_BUNDLE
 
     bundle = tmp_path / "host"
     bundle.mkdir()
@@ -345,7 +345,7 @@ def test_unreadable_host_file_is_one_line(tmp_path: Path) -> None:
     ids=["empty", "truncated", "list", "no-index", "binary", "wrong-index"],
 )
 def test_corrupted_osinfo_index_cache_is_rebuilt(garbage: bytes | None, tmp_path: Path, osinfo_db: Path) -> None:
-    from virtpolicy.models.guestos import OsinfoDB
+    from virtpolicy.inputs.guestos import OsinfoDB
 
     first = OsinfoDB(osinfo_db, cache_dir=tmp_path)
     cache = first._cache_file()  # noqa: SLF001
@@ -370,7 +370,7 @@ def test_device_xml_for_device_add_is_validated_and_named_from_its_own_root(tmp_
 
 @pytest.mark.parametrize("value", ["-1", "x", "9" * 5000, "4294967296"])
 def test_host_numbers_are_bounded(value: str, tmp_path: Path) -> None:
-    from virtpolicy.models.host import EMBEDDED_BUNDLE
+    from virtpolicy.inputs.host import EMBEDDED_BUNDLE
 
     text = (EMBEDDED_BUNDLE / "domcaps-x86_64-q35-kvm.xml").read_text().replace("max='288'", f"max='{value}'")
     caps = tmp_path / "domcaps.xml"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from libvirt_harness import URI, LibvirtHarness
 
-from virtpolicy.models.host import load_host_bundle
+from virtpolicy.inputs.host import load_host_bundle
 
 pytestmark = pytest.mark.libvirt
 REPO = Path(__file__).resolve().parent.parent

@@ -10,12 +10,12 @@ from lxml import etree
 from support import assert_minimal, run
 from test_topology import FEDORA, addresses_libvirt_moved, controllers, domain, node_of
 
+from virtpolicy.core.explain import ConflictExplainer
+from virtpolicy.core.solve import Conflict
 from virtpolicy.errors import InputError
-from virtpolicy.rules.profile import find_profile
-from virtpolicy.solver.compile import SelectedProfile
-from virtpolicy.solver.explain import ConflictExplainer
-from virtpolicy.solver.locality import parse_nodeset
-from virtpolicy.solver.solve import Conflict
+from virtpolicy.inputs.nodeset import parse_nodeset
+from virtpolicy.profiles.profile import find_profile
+from virtpolicy.sources.compile import SelectedProfile
 
 VP = "http://virtpolicy.org/xmlns/domain/1.0"
 NIC_NODE2 = "0000:3b:00.0"  # 82599, host node 2 (socket 1)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from support import cli, four_node_host, partial_domain
 
-from virtpolicy.models.domain import Domain
+from virtpolicy.inputs.domain import Domain
 from virtpolicy.plan.capacity import Demand, instances_on
 
 FEDORA = "http://fedoraproject.org/fedora/37"
@@ -60,7 +60,7 @@ def test_huge_pages_need_free_pages(numa_host) -> None:  # type: ignore[no-untyp
 
 def _two_hosts_and_a_small_template(tmp_path: Path) -> tuple[Path, Path]:
     """Two copies of the embedded host (2 CPUs, 4.8 GiB each) and a 1-vCPU, 512 MiB template."""
-    from virtpolicy.models.host import EMBEDDED_BUNDLE
+    from virtpolicy.inputs.host import EMBEDDED_BUNDLE
 
     fleet = tmp_path / "fleet"
     fleet.mkdir()

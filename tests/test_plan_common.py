@@ -14,7 +14,7 @@ from lxml import etree
 from support import cli, partial_domain
 
 from virtpolicy import Engine
-from virtpolicy.models.host import EMBEDDED_BUNDLE, load_host_bundle
+from virtpolicy.inputs.host import EMBEDDED_BUNDLE, load_host_bundle
 from virtpolicy.plan.common import baseline_cpu, common_host
 
 TEMPLATES = ("benchmarks/typical.xml", "examples/rhel6-on-q35.xml", "examples/windows10.xml")

@@ -11,7 +11,7 @@ import pytest
 from hostvariants import no_tpm, variant
 from support import cli
 
-from virtpolicy.models.host import EMBEDDED_BUNDLE
+from virtpolicy.inputs.host import EMBEDDED_BUNDLE
 
 distributed = pytest.importorskip("distributed", reason="Dask is installed by scripts/setup.sh test")
 

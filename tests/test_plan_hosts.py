@@ -13,7 +13,7 @@ from hostvariants import small_fleet
 from support import cli
 
 from virtpolicy.errors import InputError
-from virtpolicy.models.host import EMBEDDED_BUNDLE
+from virtpolicy.inputs.host import EMBEDDED_BUNDLE
 from virtpolicy.plan.fleet import fingerprint, load_fleet
 
 

@@ -17,9 +17,9 @@ import pytest
 from hostvariants import small_fleet
 from support import assert_self_contained, cli, needs_chromium, screenshot_colours
 
-from virtpolicy.models.host import EMBEDDED_BUNDLE
+from virtpolicy.inputs.host import EMBEDDED_BUNDLE
+from virtpolicy.outputs.explain_report import KIND_COLOURS
 from virtpolicy.plan.html import HOSTS_OPEN, RUNS, cause_colour, to_html
-from virtpolicy.solver.explain_report import KIND_COLOURS
 
 NEEDS_TPM = (
     'name = "needs-tpm"\nversion = "1.0"\ndescription = "a TPM 2.0 device"\n\n[[rule]]\n'

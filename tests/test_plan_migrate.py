@@ -13,7 +13,7 @@ from hostvariants import no_tpm, variant
 from lxml import etree
 from support import cli
 
-from virtpolicy.models.host import EMBEDDED_BUNDLE
+from virtpolicy.inputs.host import EMBEDDED_BUNDLE
 
 
 @pytest.fixture(scope="module")

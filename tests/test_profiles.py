@@ -10,14 +10,14 @@ import pytest
 from lxml import etree
 from support import cli
 
-from virtpolicy.models.domain import Domain
-from virtpolicy.rules.expr import ExprError, parse
-from virtpolicy.rules.facts import FUNCTION_NAMES
-from virtpolicy.rules.profile import ProfileError, available, find_profile, load_profile
-from virtpolicy.solver.build import build
-from virtpolicy.solver.compile import SelectedProfile
-from virtpolicy.solver.render import render, to_bytes
-from virtpolicy.solver.solve import Conflict, Solution, Solver
+from virtpolicy.core.solve import Conflict, Solution, Solver
+from virtpolicy.inputs.domain import Domain
+from virtpolicy.outputs.render import render, to_bytes
+from virtpolicy.profiles.expr import ExprError, parse
+from virtpolicy.profiles.facts import FUNCTION_NAMES
+from virtpolicy.profiles.profile import ProfileError, available, find_profile, load_profile
+from virtpolicy.sources.build import build
+from virtpolicy.sources.compile import SelectedProfile
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
@@ -261,7 +261,7 @@ def test_snippet_touching_a_modelled_variable_is_a_constraint(host, osdb, tmp_pa
     shutil.copytree(host.source, bundle)
     for caps in bundle.glob("domcaps-*.xml"):
         caps.write_text(caps.read_text().replace("<value>qxl</value>", ""))
-    from virtpolicy.models.host import load_host_bundle
+    from virtpolicy.inputs.host import load_host_bundle
 
     xml = (DATA / "compose" / "domain.xml").read_bytes()
     _, result, _ = solve_with(xml, "fedora37", ["qxl"], load_host_bundle(bundle), osdb, [tmp_path])

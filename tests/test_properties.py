@@ -18,13 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
-from virtpolicy.models.domain import Domain
-from virtpolicy.models.guestos import GuestOS, OsinfoDB
-from virtpolicy.models.host import Host, embedded_host
-from virtpolicy.solver.build import Build, build
-from virtpolicy.solver.problem import Source
-from virtpolicy.solver.render import render, to_bytes
-from virtpolicy.solver.solve import Conflict, Solution, Solver
+from virtpolicy.core.problem import Source
+from virtpolicy.core.solve import Conflict, Solution, Solver
+from virtpolicy.inputs.domain import Domain
+from virtpolicy.inputs.guestos import GuestOS, OsinfoDB
+from virtpolicy.inputs.host import Host, embedded_host
+from virtpolicy.outputs.render import render, to_bytes
+from virtpolicy.sources.build import Build, build
 
 SCHEMA = Path("/usr/share/libvirt/schemas/domain.rng")
 REPO = Path(__file__).resolve().parent.parent
@@ -296,7 +296,7 @@ def test_conflict_prefers_the_direct_requirements(host: Host, guests: dict[str, 
     built, result, _ = run(spec.xml(), host, guests["rhel5.11"])
     assert isinstance(result, Conflict)
     assert set(member_ids(result)) == {"app:/domain/os/type/@machine", "guest:machine:q35"}
-    from virtpolicy.solver.report import conflict_text
+    from virtpolicy.outputs.report import conflict_text
 
     assert "other, independent conflicts may remain" in conflict_text(built, result)
 

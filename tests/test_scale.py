@@ -27,11 +27,11 @@ import pytest
 from lxml import etree
 from support import partial_domain, run
 
-import virtpolicy.solver.solve as solve_module
+import virtpolicy.core.solve as solve_module
+from virtpolicy.core.explain import ConflictExplainer
+from virtpolicy.core.problem import Forbid, Problem, Provenance, Source, require
 from virtpolicy.errors import InputError
-from virtpolicy.solver.explain import ConflictExplainer
-from virtpolicy.solver.explain_report import build_report
-from virtpolicy.solver.problem import Forbid, Problem, Provenance, Source, require
+from virtpolicy.outputs.explain_report import build_report
 
 FEDORA = "http://fedoraproject.org/fedora/37"
 DISK = "<disk type='file' device='disk'><source file='/var/lib/images/d{i}.qcow2'/></disk>"

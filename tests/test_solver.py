@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from virtpolicy.solver.problem import AtMost, Forbid, Problem, Provenance, Source, Strength, require
-from virtpolicy.solver.solve import Conflict, Solution, Solver
+from virtpolicy.core.problem import AtMost, Forbid, Problem, Provenance, Source, Strength, require
+from virtpolicy.core.solve import Conflict, Solution, Solver
 
 APP = Provenance(Source.APP, "/domain/x")
 ENGINE = Provenance(Source.ENGINE, "engine.test")

@@ -339,9 +339,9 @@ def test_a_plain_virtio_device_behind_a_bridge_keeps_its_place(host, osdb) -> No
 def test_hotplug_ready_keeps_eight_free_hotplug_slots(machine: str, host, osdb) -> None:
     """q35: eight empty root ports; pc: eight free hot-pluggable PCI slots, with a pci-bridge once the
     devices leave fewer on pci-root."""
-    from virtpolicy.rules.profile import find_profile
-    from virtpolicy.solver.compile import SelectedProfile
-    from virtpolicy.solver.topology import TopologyBuilder
+    from virtpolicy.outputs.topology import TopologyBuilder
+    from virtpolicy.profiles.profile import find_profile
+    from virtpolicy.sources.compile import SelectedProfile
 
     ready = [SelectedProfile(find_profile("hotplug-ready"), 0, "--profile")]
     out = run(domain("t", FEDORA, nics(22, "e1000"), machine=machine), host, osdb, profiles=ready)

@@ -12,9 +12,9 @@ import pytest
 from support import cli
 
 from virtpolicy import Engine
-from virtpolicy.models.host import EMBEDDED_BUNDLE
-from virtpolicy.solver.problem import Source
-from virtpolicy.solver.solve import Solver
+from virtpolicy.core.problem import Source
+from virtpolicy.core.solve import Solver
+from virtpolicy.inputs.host import EMBEDDED_BUNDLE
 from virtpolicy.whatif.combinations import DEFAULT_DOMAIN, _count, analyse_cell, count_upward_closure
 
 SHIPPED_EIGHT = (

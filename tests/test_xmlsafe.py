@@ -9,8 +9,8 @@ import pytest
 from lxml import etree
 
 from virtpolicy.errors import InputError
-from virtpolicy.models.domain import Domain
-from virtpolicy.models.xmlsafe import MAX_INPUT_BYTES, expect_root, parse_bytes, parse_file
+from virtpolicy.inputs.domain import Domain
+from virtpolicy.inputs.xmlsafe import MAX_INPUT_BYTES, expect_root, parse_bytes, parse_file
 
 SOURCE = "app-input.xml"
 

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from virtpolicy import __version__
 from virtpolicy.errors import InputError, OutputRejected
-from virtpolicy.models.guestos import DEFAULT_OSINFO_DB
-from virtpolicy.models.pci import POLICIES
+from virtpolicy.inputs.guestos import DEFAULT_OSINFO_DB
+from virtpolicy.knowledge.pci import POLICIES
 
 if TYPE_CHECKING:
     from virtpolicy.engine import Engine
@@ -247,7 +247,7 @@ def _input_options(cmd: argparse.ArgumentParser) -> None:
 
 def _domain_bytes(arg: str | None) -> tuple[bytes, str]:
     """The domain argument as (bytes, name): a file, '-' for stdin, or the embedded example."""
-    from virtpolicy.models.xmlsafe import read_file, read_stream
+    from virtpolicy.inputs.xmlsafe import read_file, read_stream
 
     if arg is None:
         if sys.stdin.isatty():
@@ -354,7 +354,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_device_add(args: argparse.Namespace) -> int:
     """Only the new device is decided; it takes a free slot the running domain already has."""
-    from virtpolicy.models.xmlsafe import read_file
+    from virtpolicy.inputs.xmlsafe import read_file
 
     engine = _engine(args)
     result = engine.add_device(
@@ -416,7 +416,7 @@ def cmd_whatif(args: argparse.Namespace) -> int:
 
 def cmd_whatif_compare(args: argparse.Namespace) -> int:
     from virtpolicy.engine import Engine
-    from virtpolicy.models.xmlsafe import read_file
+    from virtpolicy.inputs.xmlsafe import read_file
     from virtpolicy.whatif.compare import Side, compare_domains, to_text
 
     if not (args.before_host or args.after_host or args.before_profile_path or args.after_profile_path) and not (
@@ -554,7 +554,7 @@ def names_of(fleet: Any, host_class: str) -> str:
 
 def cmd_plan_migrate(args: argparse.Namespace) -> int:
     from virtpolicy.engine import Engine
-    from virtpolicy.models.host import load_host_bundle
+    from virtpolicy.inputs.host import load_host_bundle
     from virtpolicy.plan.fleet import Fleet, fingerprint, load_fleet
     from virtpolicy.plan.migrate import plan_migrate, to_dict
 
@@ -590,7 +590,7 @@ def cmd_plan_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan_capacity(args: argparse.Namespace) -> int:
-    from virtpolicy.models.xmlsafe import read_file
+    from virtpolicy.inputs.xmlsafe import read_file
     from virtpolicy.plan.capacity import plan_capacity, to_text
     from virtpolicy.plan.fleet import load_fleet
     from virtpolicy.plan.hosts import engine_for
@@ -609,7 +609,7 @@ def cmd_plan_capacity(args: argparse.Namespace) -> int:
 
 
 def cmd_host(args: argparse.Namespace) -> int:
-    from virtpolicy.models.capture import bundle_name, capture
+    from virtpolicy.inputs.capture import bundle_name, capture
 
     if len(args.connect) == 1:
         for path in capture(args.connect[0], args.directory):
@@ -627,10 +627,10 @@ def cmd_host(args: argparse.Namespace) -> int:
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
-    from virtpolicy.rules.profile import load_profile
+    from virtpolicy.profiles.profile import load_profile
 
     if args.profiles_command == "list":
-        from virtpolicy.rules.profile import available
+        from virtpolicy.profiles.profile import available
 
         for name, path in sorted(available(args.profile_path).items()):
             try:
@@ -640,8 +640,8 @@ def cmd_profiles(args: argparse.Namespace) -> int:
                 print(f"{name:<24} {'?':<6} unusable: {exc}")
         return EXIT_OK
     if args.profiles_command == "show":
-        from virtpolicy.rules.profile import find_profile
-        from virtpolicy.solver.check import profile_summary
+        from virtpolicy.profiles.lint import profile_summary
+        from virtpolicy.profiles.profile import find_profile
 
         profile = find_profile(args.name, args.profile_path, where="profiles show", allow_path=True)  # operator's
         print("\n".join(profile_summary(profile)))

@@ -21,17 +21,17 @@ from typing import TYPE_CHECKING, Any, Union
 from lxml import etree
 
 from virtpolicy.errors import ArgumentError, InputError, OutputRejected
-from virtpolicy.models.completeness import completeness
-from virtpolicy.models.domain import Domain
-from virtpolicy.models.guestos import DEFAULT_OSINFO_DB, UNKNOWN_OS, GuestOS, OsinfoDB
-from virtpolicy.models.host import EMBEDDED_BUNDLE, Host, load_host_bundle
-from virtpolicy.models.pci import POLICIES
+from virtpolicy.inputs.domain import Domain
+from virtpolicy.inputs.guestos import DEFAULT_OSINFO_DB, UNKNOWN_OS, GuestOS, OsinfoDB
+from virtpolicy.inputs.host import EMBEDDED_BUNDLE, Host, load_host_bundle
+from virtpolicy.knowledge.completeness import completeness
+from virtpolicy.knowledge.pci import POLICIES
 from virtpolicy.results import LintReport, Report, Result
 
 if TYPE_CHECKING:
-    from virtpolicy.rules.profile import Profile
-    from virtpolicy.solver.build import Build
-    from virtpolicy.solver.compile import SelectedProfile
+    from virtpolicy.profiles.profile import Profile
+    from virtpolicy.sources.build import Build
+    from virtpolicy.sources.compile import SelectedProfile
 
 XmlInput = str | bytes | os.PathLike[str] | etree._Element | etree._ElementTree
 HostInput = Host | str | os.PathLike[str]
@@ -46,7 +46,7 @@ def read_xml(value: XmlInput, what: str, source: str | None = None) -> tuple[byt
     A str is XML when it starts with '<' (after blanks), otherwise a path; bytes are XML; an lxml
     element or tree is serialised (the caller's object is never modified).
     """
-    from virtpolicy.models.xmlsafe import read_file
+    from virtpolicy.inputs.xmlsafe import read_file
 
     if isinstance(value, etree._ElementTree):
         value = value.getroot()
@@ -120,7 +120,7 @@ class Engine:
         """An engine for the host a live libvirt describes (virsh capabilities, domcapabilities, nodedev)."""
         import tempfile
 
-        from virtpolicy.models.capture import live_host
+        from virtpolicy.inputs.capture import live_host
 
         with tempfile.TemporaryDirectory(prefix="virtpolicy-host-") as tmp:
             return cls(live_host(uri, Path(tmp)), **kwargs)
@@ -175,7 +175,7 @@ class Engine:
 
     def profiles(self) -> dict[str, Path]:
         """Every profile name on the search path and the file that defines it."""
-        from virtpolicy.rules.profile import available
+        from virtpolicy.profiles.profile import available
 
         return available(self._profile_path)
 
@@ -207,16 +207,16 @@ class Engine:
         `complete` overrides docs/completeness.md's rule (True: check and add nothing; False: fill gaps);
         `refresh` re-decides what earlier solves decided and puts the difference in `Result.diff`.
         """
-        from virtpolicy.models.schema import validate_complete, validate_output
-        from virtpolicy.solver.render import render, to_bytes
-        from virtpolicy.solver.solve import Conflict
-        from virtpolicy.solver.solve import solve as run_solver
+        from virtpolicy.core.solve import Conflict
+        from virtpolicy.core.solve import solve as run_solver
+        from virtpolicy.inputs.schema import validate_complete, validate_output
+        from virtpolicy.outputs.render import render, to_bytes
 
         _check_flag("refresh", refresh)
         parsed = self._domain(domain, source, complete)
         original = parsed
         if refresh:
-            from virtpolicy.solver.refresh import forget_engine_decisions
+            from virtpolicy.outputs.refresh import forget_engine_decisions
 
             parsed = forget_engine_decisions(parsed)
         start = time.perf_counter()
@@ -236,7 +236,7 @@ class Engine:
         elapsed = (time.perf_counter() - start) * 1000
         changes = None
         if refresh:
-            from virtpolicy.solver.refresh import diff
+            from virtpolicy.outputs.refresh import diff
 
             changes = diff(original, xml)
         return Result("solve", built, outcome, xml=xml, elapsed_ms=elapsed, diff=changes)
@@ -254,8 +254,8 @@ class Engine:
         source: str | None = None,
     ) -> Report:
         """Every minimal conflict and correction; when feasible, why each value was chosen."""
-        from virtpolicy.solver.explain_report import build_report
-        from virtpolicy.solver.solve import solve as run_solver
+        from virtpolicy.core.solve import solve as run_solver
+        from virtpolicy.outputs.explain_report import build_report
 
         limit = _positive("max_conflicts", max_conflicts)
         built = self._build(self._domain(domain, source), profiles, os, guest_support, host, complete=complete)
@@ -273,9 +273,9 @@ class Engine:
         source: str | None = None,
     ) -> Result:
         """An existing domain as it stands: fits (status 'fits') or every minimal conflict; never rewritten."""
-        from virtpolicy.models.schema import validate_complete
-        from virtpolicy.solver.check_domain import check_report
-        from virtpolicy.solver.solve import solve as run_solver
+        from virtpolicy.core.solve import solve as run_solver
+        from virtpolicy.inputs.schema import validate_complete
+        from virtpolicy.outputs.check_domain import check_report
 
         limit = _positive("max_conflicts", max_conflicts)
         parsed = self._domain(domain, source, True)
@@ -301,9 +301,9 @@ class Engine:
         device_source: str | None = None,
     ) -> Result:
         """The device completed, with a free hot-plug slot the laid-out domain already has."""
-        from virtpolicy.models.schema import validate_device
-        from virtpolicy.models.xmlsafe import parse_bytes
-        from virtpolicy.solver.hotplug import add_device
+        from virtpolicy.inputs.schema import validate_device
+        from virtpolicy.inputs.xmlsafe import parse_bytes
+        from virtpolicy.outputs.hotplug import add_device
 
         if node is not None and (isinstance(node, bool) or not isinstance(node, int) or node < 0):
             raise ArgumentError(f"node: expected a guest NUMA node number (0 or more), not {node!r}", input="node")
@@ -353,7 +353,7 @@ class Engine:
 
     def check_profiles(self, files: Iterable[str | os.PathLike[str]] | None = None) -> LintReport:
         """Lint profiles (default: the whole library) and find pairs that can never be combined."""
-        from virtpolicy.solver.check import ProfileChecker
+        from virtpolicy.profiles.lint import ProfileChecker
 
         paths = sorted(self.profiles().values()) if files is None else [Path(f) for f in files]
         report = ProfileChecker(self).check(paths)
@@ -378,7 +378,7 @@ class Engine:
         complete: bool | None,
         guest_complete: bool | None | object = _SAME,
     ) -> Build:
-        from virtpolicy.solver.build import build
+        from virtpolicy.sources.build import build
 
         chosen = self.host(host)
         as_written = complete if guest_complete is _SAME else guest_complete  # how the app's domain counts
@@ -425,9 +425,9 @@ class Engine:
         search path only; a file is accepted from the caller alone (the CLI's --profile, the API's
         profiles=), who is the operator.
         """
-        from virtpolicy.models.domain import xpath_of
-        from virtpolicy.rules.profile import Profile
-        from virtpolicy.solver.compile import SelectedProfile
+        from virtpolicy.inputs.domain import xpath_of
+        from virtpolicy.profiles.profile import Profile
+        from virtpolicy.sources.compile import SelectedProfile
 
         if isinstance(profiles, (str, bytes, os.PathLike)):
             raise ArgumentError("profiles: expected a list of profile names, not one string", input="profiles")
@@ -460,7 +460,7 @@ class Engine:
         return [s for i, s in enumerate(selected) if s.profile.name not in names[:i]]
 
     def _find_profile(self, name: str, version: str | None, where: str, allow_path: bool) -> Profile:
-        from virtpolicy.rules.profile import find_profile
+        from virtpolicy.profiles.profile import find_profile
 
         key = (name, version, allow_path)
         cached = self._profiles.get(key)

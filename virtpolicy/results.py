@@ -13,10 +13,10 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from virtpolicy.models.guestos import GuestOS
-    from virtpolicy.solver.build import Build
-    from virtpolicy.solver.problem import Constraint, Problem
-    from virtpolicy.solver.solve import Conflict, Solution
+    from virtpolicy.core.problem import Constraint, Problem
+    from virtpolicy.core.solve import Conflict, Solution
+    from virtpolicy.inputs.guestos import GuestOS
+    from virtpolicy.sources.build import Build
 
 Command = Literal["solve", "check", "add_device"]
 
@@ -148,7 +148,7 @@ class Result:
     # --- the verdict ------------------------------------------------------------------------------
     @property
     def feasible(self) -> bool:
-        from virtpolicy.solver.solve import Solution
+        from virtpolicy.core.solve import Solution
 
         return isinstance(self._outcome, Solution)
 
@@ -210,7 +210,7 @@ class Result:
             return []
         if self._report is not None and "corrections" in self._report:
             return corrections_of(self._report)
-        from virtpolicy.solver.explain import ConflictExplainer
+        from virtpolicy.core.explain import ConflictExplainer
 
         explanation = ConflictExplainer(self._built.problem).explain(self._max_conflicts)
         return [
@@ -246,7 +246,7 @@ class Result:
     # --- documents --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Exactly the JSON the CLI prints for this command with --format json."""
-        from virtpolicy.solver.report import conflict_json, device_json, solution_json
+        from virtpolicy.outputs.report import conflict_json, device_json, solution_json
 
         if self._report is not None:
             return self._report
@@ -258,8 +258,8 @@ class Result:
 
     def summary(self) -> str:
         """What the CLI prints on stderr: the decisions with their reasons, or the minimal conflict."""
-        from virtpolicy.solver.check_domain import check_text
-        from virtpolicy.solver.report import conflict_text, solution_text
+        from virtpolicy.outputs.check_domain import check_text
+        from virtpolicy.outputs.report import conflict_text, solution_text
 
         if self._report is not None:
             return check_text(self._report)
@@ -328,12 +328,12 @@ class Report:
         return self._report
 
     def to_text(self, colour: bool | None = False) -> str:
-        from virtpolicy.solver.explain_report import to_text
+        from virtpolicy.outputs.explain_report import to_text
 
         return to_text(self._report, colour=colour)
 
     def to_html(self) -> str:
-        from virtpolicy.solver.explain_report import to_html
+        from virtpolicy.outputs.explain_report import to_html
 
         return to_html(self._report)
 
@@ -370,7 +370,7 @@ class LintReport:
         return not self.errors
 
     def to_dict(self) -> dict[str, Any]:
-        from virtpolicy.solver.report import REPORT_SCHEMA_VERSION
+        from virtpolicy.outputs.report import REPORT_SCHEMA_VERSION
 
         return {
             "schema": REPORT_SCHEMA_VERSION,

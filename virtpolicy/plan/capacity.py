@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from virtpolicy.errors import InputError
-from virtpolicy.models.domain import Domain, cpuset, memory_kib
-from virtpolicy.models.host import Host
+from virtpolicy.inputs.domain import Domain, cpuset, memory_kib
+from virtpolicy.inputs.host import Host
 
 if TYPE_CHECKING:
     from virtpolicy.engine import Engine
@@ -171,7 +171,7 @@ def read_usage(path: Path, fleet: Fleet) -> dict[str, Usage]:
     """`--usage FILE`: [host."NAME"] tables with `cpus` (vCPUs allocated) and `memory_mib`, per fleet host."""
     import tomllib
 
-    from virtpolicy.models.xmlsafe import read_file
+    from virtpolicy.inputs.xmlsafe import read_file
 
     try:
         data = tomllib.loads(read_file(path).decode("utf-8"))

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 from lxml import etree
 
 from virtpolicy.errors import HostError
-from virtpolicy.models.host import DomainCaps, GuestMachine, Host
-from virtpolicy.models.machines import family_of
+from virtpolicy.inputs.host import DomainCaps, GuestMachine, Host
+from virtpolicy.knowledge.machines import family_of
 
 if TYPE_CHECKING:
     from virtpolicy.engine import Engine
@@ -129,7 +129,7 @@ class BaselineCpu:
 
 def baseline_cpu(caps: Iterable[DomainCaps]) -> BaselineCpu | None:
     """The richest model usable on every host, plus the features all host-model CPUs add on top of it."""
-    from virtpolicy.models.cpu_map import cpu_models
+    from virtpolicy.inputs.cpu_map import cpu_models
 
     caps = list(caps)
     if not caps or not all(c.host_model for c in caps):
@@ -149,8 +149,8 @@ def baseline_cpu(caps: Iterable[DomainCaps]) -> BaselineCpu | None:
 
 
 def _not_migratable() -> frozenset[str]:
-    from virtpolicy.models.cpu_map import CPU_MAP
-    from virtpolicy.models.xmlsafe import parse_file
+    from virtpolicy.inputs.cpu_map import CPU_MAP
+    from virtpolicy.inputs.xmlsafe import parse_file
 
     root = parse_file(CPU_MAP / "x86_features.xml").getroot()
     return frozenset(f.get("name", "") for f in root.iter("feature") if f.get("migratable") == "no")

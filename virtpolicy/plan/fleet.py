@@ -26,8 +26,8 @@ from pathlib import Path
 from lxml import etree
 
 from virtpolicy.errors import HostError, InputError
-from virtpolicy.models.host import Host, load_host_bundle
-from virtpolicy.models.xmlsafe import parse_bytes, read_file
+from virtpolicy.inputs.host import Host, load_host_bundle
+from virtpolicy.inputs.xmlsafe import parse_bytes, read_file
 
 MAX_HOSTS = 1_000_000
 HOST_KEYS = {"name", "bundle", "connect", "labels", "count"}
@@ -151,7 +151,7 @@ def _from_inventory(path: Path) -> Fleet:
 def _add_live(fleet: Fleet, name: str, uri: str, labels: dict[str, str], count: int) -> None:
     import tempfile
 
-    from virtpolicy.models.capture import capture
+    from virtpolicy.inputs.capture import capture
 
     with tempfile.TemporaryDirectory(prefix="virtpolicy-fleet-") as tmp:
         capture(uri, Path(tmp))

@@ -48,8 +48,8 @@ def _verdicts(
 ) -> list[list[ClassVerdict]]:  # fmt: skip
     """Whether each domain's hard requirements hold on each class: a consistency check, not a solve and
     render (planning asks "does it run", thousands of times); a conflict is reduced only where it fails."""
-    from virtpolicy.models.domain import Domain
-    from virtpolicy.solver.solve import Conflict, Solver
+    from virtpolicy.core.solve import Conflict, Solver
+    from virtpolicy.inputs.domain import Domain
 
     rows = []
     for data, source in domains:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from virtpolicy.solver.explain_report import KIND_COLOURS
+from virtpolicy.outputs.explain_report import KIND_COLOURS
 
 RUNS = "#1a9850"  # the hosts that run it; not a KIND_COLOURS colour, so a screenshot can find it
 ERROR = "#b2182b"  # a class where the input itself is refused (no conflict to colour by)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
-from virtpolicy.models.host import DomainCaps, Host
+from virtpolicy.inputs.host import DomainCaps, Host
 
 if TYPE_CHECKING:
     from virtpolicy.engine import Engine
@@ -40,7 +40,7 @@ class Destination:
 
 def _cpu_features(caps: DomainCaps) -> frozenset[str]:
     """What a host's CPU provides: its host-model model's features plus the extra ones, less disabled."""
-    from virtpolicy.models.cpu_map import cpu_models
+    from virtpolicy.inputs.cpu_map import cpu_models
 
     models = cpu_models("x86") if caps.arch in ("x86_64", "i686") else {}
     base = models[caps.host_model].features if caps.host_model in models else frozenset()
@@ -48,7 +48,7 @@ def _cpu_features(caps: DomainCaps) -> frozenset[str]:
 
 
 def _caps(host: Host, root: etree._Element) -> DomainCaps | None:
-    from virtpolicy.models.machines import family_of
+    from virtpolicy.knowledge.machines import family_of
 
     machine = root.find("os/type").get("machine", "") if root.find("os/type") is not None else ""  # type: ignore[union-attr]
     fam = family_of(machine)
@@ -77,7 +77,7 @@ def cpu_reasons(root: etree._Element, source: Host | None, dest: Host) -> list[s
             return ["host-model CPU: the source host's expansion is needed to compare (--from)"]
         missing = sorted(_cpu_features(src_caps) - _cpu_features(dest_caps))
         return [f"CPU feature(s) of the source's host-model CPU missing here: {', '.join(missing)}"] if missing else []
-    from virtpolicy.models.cpu_map import cpu_models
+    from virtpolicy.inputs.cpu_map import cpu_models
 
     model = (cpu.findtext("model") or "").strip()
     reasons = []

@@ -35,8 +35,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from virtpolicy import __version__
 from virtpolicy.errors import InputError
-from virtpolicy.models.guestos import DEFAULT_OSINFO_DB
-from virtpolicy.models.xmlsafe import MAX_INPUT_BYTES
+from virtpolicy.inputs.guestos import DEFAULT_OSINFO_DB
+from virtpolicy.inputs.xmlsafe import MAX_INPUT_BYTES
 from virtpolicy.server import models
 from virtpolicy.server.pool import EnginePool, Saturated, TimedOut, WorkerLost
 
@@ -357,7 +357,7 @@ _DOCUMENT = {"type": "object", "additionalProperties": True, "required": ["schem
 
 def _routes(app: FastAPI, state: ServerState) -> None:
     from virtpolicy.engine import _parse_profile_spec
-    from virtpolicy.rules.profile import check_name, looks_like_path
+    from virtpolicy.profiles.profile import check_name, looks_like_path
 
     engine = state.engine
 
@@ -480,7 +480,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         responses={404: {"model": models.Problem, "description": "no such profile"}},
     )
     async def show_profile(name: str = PathParam(max_length=255)) -> models.ProfileDetail:
-        from virtpolicy.solver.check import profile_summary
+        from virtpolicy.profiles.lint import profile_summary
 
         if looks_like_path(name) or name not in engine.profiles():
             raise Problem(404, "unknown-profile", f"unknown profile '{name[:64]}'", location="name")
@@ -546,7 +546,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         },
     )
     async def put_host(body: models.HostBundle, host_id: str = host_id_param) -> JSONResponse:
-        from virtpolicy.models.hostdevices import NODEDEV_FILE
+        from virtpolicy.inputs.hostdevices import NODEDEV_FILE
         from virtpolicy.plan.fleet import fingerprint
 
         domcaps = body.domcapabilities
@@ -714,7 +714,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
 
 def _library_digest(engine: Engine) -> str:
-    from virtpolicy.models.xmlsafe import read_file
+    from virtpolicy.inputs.xmlsafe import read_file
 
     digest = hashlib.sha256()
     for name, path in sorted(engine.profiles().items()):

@@ -21,7 +21,7 @@ from virtpolicy.errors import InputError, OutputRejected, UnknownOSError
 
 if TYPE_CHECKING:
     from virtpolicy.engine import Engine
-    from virtpolicy.models.host import Host
+    from virtpolicy.inputs.host import Host
 
 _LOADED: dict[str, str] = {}  # in a worker: host id -> fingerprint of the uploaded host it holds
 

@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
+from virtpolicy.core.problem import Constraint, Problem, Source
+from virtpolicy.core.solve import Conflict, Solution, Solver
+from virtpolicy.profiles.expr import ExprError
 from virtpolicy.results import Requirement
-from virtpolicy.rules.expr import ExprError
-from virtpolicy.solver.problem import Constraint, Problem, Source
-from virtpolicy.solver.solve import Conflict, Solution, Solver
 
 if TYPE_CHECKING:
     from virtpolicy.engine import Engine, XmlInput
-    from virtpolicy.rules.profile import Profile
-    from virtpolicy.solver.build import Build
+    from virtpolicy.profiles.profile import Profile
+    from virtpolicy.sources.build import Build
 
 DEFAULT_DOMAIN = b"""<domain type='kvm'><name>whatif</name><memory unit='MiB'>2048</memory><vcpu>2</vcpu>
 <os><type arch='x86_64'>hvm</type></os><devices>

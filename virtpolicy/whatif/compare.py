@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from lxml import etree
 
 from virtpolicy.errors import InputError
-from virtpolicy.models.domain import xpath_of
+from virtpolicy.inputs.domain import xpath_of
 from virtpolicy.whatif.runner import run_tasks
 
 if TYPE_CHECKING:
@@ -128,8 +128,8 @@ def _abi(before: str, after: str) -> list[dict[str, str]]:
 
 def compare_one(engines: tuple[Engine, Engine], data: bytes, source: str, sides: tuple[Side, Side]) -> DomainChange:
     """Before and after for one domain (a task for the runner: picklable arguments only)."""
-    from virtpolicy.models.completeness import completeness
-    from virtpolicy.models.domain import Domain
+    from virtpolicy.inputs.domain import Domain
+    from virtpolicy.knowledge.completeness import completeness
 
     results: list[Result | InputError] = []
     try:

@@ -13,7 +13,7 @@ import html
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from virtpolicy.solver.explain_report import KIND_COLOURS
+from virtpolicy.outputs.explain_report import KIND_COLOURS
 
 FEASIBLE = "#e5f5e0"  # the pair can be selected together in every cell
 PARTIAL = "#fdae61"  # infeasible in one cell (of several); darker towards INFEASIBLE

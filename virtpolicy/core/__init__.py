@@ -1,0 +1,1 @@
+"""The constraint solver: problems, search, explanation. It knows nothing about libvirt."""

@@ -1,0 +1,293 @@
+"""libvirt's own RelaxNG schema for domains, on what comes in and on what goes out.
+
+libvirt refuses a domain its schema rejects (`virsh define --validate`, and many checks in its parser
+mirror it), so carrying such input into the engine only turns a clear complaint into a confusing one
+later, or worse, into output libvirt refuses. The schema is the Debian `libvirt0` file
+`/usr/share/libvirt/schemas/domain.rng`; it is compiled once per process (about 20 ms) and a domain
+then validates in well under a millisecond.
+
+Input is partial by design, so it is validated with a documented relaxation (`RELAXED`): the few
+things the schema requires that the engine itself fills are made optional, nothing else. Output is
+validated against the unmodified schema: virtpolicy never prints a domain libvirt's schema rejects.
+
+Every failure is ONE line: `FILE:LINE: XPATH: libvirt's domain schema rejects this: MESSAGE`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+
+from lxml import etree
+
+from virtpolicy.errors import InputError, OutputRejected
+
+SCHEMA_DIR = Path("/usr/share/libvirt/schemas")
+SCHEMA_FILE = SCHEMA_DIR / "domain.rng"
+RNG_NS = "http://relaxng.org/ns/structure/1.0"
+
+# What the input may omit because the engine fills it: (define in domaincommon.rng, an XPath inside that
+# define with r: for RelaxNG, or "" for the define's whole body) -> why. Each is wrapped in <optional>.
+RELAXED: dict[tuple[str, str], str] = {
+    ("hvs", ""): "/domain/@type: the engine picks kvm or qemu from the host",
+    ("diskTarget", ""): "disk/target: the engine names each disk's target and picks its bus",
+    ("diskTarget", ".//r:element[@name='target']/r:attribute[@name='dev']"): (
+        "disk/target/@dev: the engine names the target (vda, sda, hda ...)"
+    ),
+}
+
+# lxml messages that only say "something below failed"; a more specific one is preferred
+_GENERIC = (
+    "failed to validate content",
+    "Invalid sequence in interleave",
+    "Expecting an element",
+    "Error validating value",
+)
+_LOCALIZE_BUDGET = 400  # validations spent finding the innermost rejected element (error path only)
+
+
+@functools.cache
+def _strict() -> etree.RelaxNG | None:
+    """The unmodified schema, or None when libvirt0 is not installed (validation is then skipped)."""
+    if not SCHEMA_FILE.is_file():
+        return None
+    return etree.RelaxNG(etree.parse(str(SCHEMA_FILE)))
+
+
+@functools.cache
+def _relaxed() -> etree.RelaxNG | None:
+    """domain.rng with the `RELAXED` defines made optional.
+
+    Built the way domain.rng is (start -> domainoverrides.rng -> domaincommon.rng), with domaincommon's
+    grammar inlined so its defines can be edited in memory; relative includes resolve against the
+    schema directory because the edited document keeps its file's URL.
+    """
+    common_file = SCHEMA_DIR / "domaincommon.rng"
+    overrides_file = SCHEMA_DIR / "domainoverrides.rng"
+    if not (common_file.is_file() and overrides_file.is_file()):
+        return _strict()
+    overrides = etree.parse(str(overrides_file))
+    common = etree.parse(str(common_file)).getroot()
+    defines = {d.get("name"): d for d in common.iterfind(f"{{{RNG_NS}}}define")}
+    for (name, pattern), _why in RELAXED.items():
+        define = defines.get(name)
+        if define is None:
+            continue
+        body = [c for c in define if isinstance(c.tag, str)]
+        targets = [[t] for t in define.xpath(pattern, namespaces={"r": RNG_NS})] if pattern else [body]
+        for nodes in targets:
+            parent = nodes[0].getparent()
+            optional = etree.Element(f"{{{RNG_NS}}}optional")
+            parent.insert(parent.index(nodes[0]), optional)
+            for node in nodes:
+                optional.append(node)
+    grammar = overrides.getroot()
+    include = grammar.find(f"{{{RNG_NS}}}include[@href='domaincommon.rng']")
+    if include is None:
+        return _strict()
+    position = grammar.index(include)
+    grammar.remove(include)
+    for offset, child in enumerate(c for c in common if c.tag != f"{{{RNG_NS}}}start"):
+        grammar.insert(position + offset, child)
+    start = etree.SubElement(grammar, f"{{{RNG_NS}}}start")
+    etree.SubElement(start, f"{{{RNG_NS}}}ref", name="domain")
+    return etree.RelaxNG(overrides)
+
+
+def _as_tree(doc: etree._ElementTree | etree._Element | bytes, source: str) -> etree._ElementTree:
+    if isinstance(doc, bytes):
+        from virtpolicy.inputs.xmlsafe import parse_bytes
+
+        return parse_bytes(doc, source)
+    return doc.getroottree() if isinstance(doc, etree._Element) else doc
+
+
+def _xpath(el: etree._Element) -> str:
+    from virtpolicy.inputs.domain import xpath_of
+
+    return xpath_of(el)
+
+
+def _best_error(log: etree._ListErrorLog) -> tuple[int, str, str]:
+    """(line, path, message) of the most telling entry: deepest path, specific message, first seen."""
+    entries = list(log)
+    if not entries:
+        return 0, "/domain", "the document does not validate"
+
+    def rank(e: etree._LogEntry) -> tuple[int, int, int]:
+        specific = not any(g in e.message for g in _GENERIC)
+        return (1 if e.path else 0, specific, (e.path or "").count("/"))
+
+    best = max(entries, key=rank)  # max keeps the first of equals: libxml2 logs the innermost cause first
+    return best.line or 0, best.path or "/domain", best.message.strip().rstrip(".")
+
+
+def _innermost(schema: etree.RelaxNG, tree: etree._ElementTree) -> tuple[etree._Element | None, str | None]:
+    """The innermost element whose removal makes the document valid (libxml2 often blames a parent), and
+    the attribute of it whose removal does.
+
+    Error path only, bounded by _LOCALIZE_BUDGET validations.
+    """
+    work = copy.deepcopy(tree.getroot())
+    budget = _LOCALIZE_BUDGET
+    steps: list[int] = []  # child indexes from the root: lxml proxies have no stable identity to map by
+    parent = work
+    while budget > 0:
+        culprit = None
+        for index, child in enumerate(parent):
+            if not isinstance(child.tag, str):
+                continue
+            if budget <= 0:
+                break
+            budget -= 1
+            parent.remove(child)
+            valid = schema.validate(etree.ElementTree(work))
+            parent.insert(index, child)
+            if valid:
+                culprit = index
+                break
+        if culprit is None and parent.tag == "devices" and budget > 0:
+            # several devices are wrong at once (no single removal helps): the first that fails on its own
+            isolated = _isolate_device(schema, work, parent, budget)
+            if isolated is not None:
+                index, work, budget = isolated
+                steps.append(index)
+                parent = work.find("devices")[0]
+                continue
+        if culprit is None:
+            break
+        steps.append(culprit)
+        parent = parent[culprit]
+    if not steps:
+        return None, None
+    found = tree.getroot()
+    for index in steps:
+        found = found[index]
+    attribute = None
+    for name in list(parent.attrib):  # parent is the culprit's copy: which of its attributes is refused?
+        if budget <= 0:
+            break
+        budget -= 1
+        value = parent.attrib.pop(name)
+        valid = schema.validate(etree.ElementTree(work))
+        parent.set(name, value)
+        if valid:
+            attribute = name
+            break
+    return found, attribute
+
+
+def _isolate_device(
+    schema: etree.RelaxNG, work: etree._Element, devices: etree._Element, budget: int
+) -> tuple[int, etree._Element, int] | None:
+    """(index, a copy of `work` holding only that device, budget left) for the first device the schema
+    rejects on its own, when the document without any device is valid; None otherwise."""
+    children = list(devices)
+    for child in children:
+        devices.remove(child)
+    try:
+        budget -= 1
+        if not schema.validate(etree.ElementTree(work)):
+            return None
+        for index, child in enumerate(children):
+            if budget <= 0 or not isinstance(child.tag, str):
+                continue
+            budget -= 1
+            devices.append(child)
+            valid = schema.validate(etree.ElementTree(work))
+            devices.remove(child)
+            if not valid:
+                single = copy.deepcopy(work)
+                single.find("devices").append(copy.deepcopy(child))
+                return index, single, budget
+        return None
+    finally:
+        for child in children:
+            devices.append(child)
+
+
+def _message(schema: etree.RelaxNG, tree: etree._ElementTree, source: str) -> str:
+    line, path, message = _best_error(schema.error_log)
+    specific = not any(g in message for g in _GENERIC)
+    el, attribute = _innermost(schema, tree)
+    if el is not None:
+        path, line = _xpath(el), el.sourceline or line
+        if attribute is not None:
+            path += f"/@{attribute}"
+            if not specific:
+                message = f"{attribute}='{el.get(attribute)}' is not a value it accepts ({message})"
+    return f"{source}:{line}: {path}: libvirt's domain schema rejects this: {message}"
+
+
+def validate_input(tree: etree._ElementTree | etree._Element, source: str) -> None:
+    """Refuse a domain libvirt's schema rejects (with `RELAXED` applied): InputError, one line."""
+    schema = _relaxed()
+    doc = _as_tree(tree, source)
+    if schema is None or schema.validate(doc):
+        return
+    raise InputError(_message(schema, doc, source))
+
+
+def accepted_strictly(tree: etree._ElementTree | etree._Element) -> bool:
+    """Whether libvirt's unmodified schema accepts the domain (True when the schema is not installed)."""
+    schema = _strict()
+    return schema is None or bool(schema.validate(_as_tree(tree, "")))
+
+
+def validate_complete(tree: etree._ElementTree | etree._Element, source: str, why_complete: str) -> None:
+    """A domain taken as complete gets nothing filled in, so it must already be one libvirt accepts:
+    InputError naming the rejected element, and the way to have the engine fill it instead."""
+    schema = _strict()
+    doc = _as_tree(tree, source)
+    if schema is None or schema.validate(doc):
+        return
+    raise InputError(
+        f"{_message(schema, doc, source)}; the domain counts as complete ({why_complete}), so nothing is "
+        "filled in: complete it, or treat it as partial (--partial, complete=False)"
+    )
+
+
+def validate_output(doc: etree._ElementTree | etree._Element | bytes, source: str) -> None:
+    """Refuse to print a domain the unmodified schema rejects: OutputRejected, one line.
+
+    Given bytes, the printed text itself is parsed, so the line numbers are the output's own.
+    """
+    schema = _strict()
+    tree = _as_tree(doc, source)
+    if schema is None or schema.validate(tree):
+        return
+    raise OutputRejected(
+        "virtpolicy would have printed a domain libvirt's schema rejects: " + _message(schema, tree, source)
+    )
+
+
+_STUB = b"<domain type='kvm'><name>device</name><memory>1</memory><os><type>hvm</type></os><devices/></domain>"
+
+
+def validate_device(device: etree._Element, source: str) -> None:
+    """A device element on its own (`device add`), validated as libvirt would inside a domain.
+
+    The element is checked inside a minimal domain; messages name its own file:line and an XPath from
+    the device element (/interface/address/@bus), not from the stand-in domain.
+    """
+    from virtpolicy.inputs.domain import check_values
+
+    stub = etree.fromstring(_STUB)
+    stub.find("devices").append(copy.deepcopy(device))
+    try:
+        validate_input(stub.getroottree(), source)
+        check_values(stub, source)
+    except InputError as exc:
+        text = str(exc)
+        tag = etree.QName(device).localname if isinstance(device.tag, str) else "node()"
+        for prefix in (f"/domain/devices/{tag}[1]", "/domain/devices", "/domain"):
+            if f": {prefix}" in text:
+                text = text.replace(f": {prefix}", f": /{tag}", 1)
+                break
+        raise InputError(text) from None
+
+
+def available() -> bool:
+    """Whether libvirt's schema is installed (Debian libvirt0); without it validation is skipped."""
+    return _strict() is not None

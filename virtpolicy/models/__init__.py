@@ -1,1 +1,0 @@
-"""Read-only typed views of the outside world: domain XML, host bundle, osinfo-db, device catalog."""

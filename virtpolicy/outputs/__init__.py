@@ -1,0 +1,1 @@
+"""What is made from a solution: the rendered domain, the PCI topology, reports, checks, hotplug."""

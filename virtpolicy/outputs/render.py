@@ -1,0 +1,538 @@
+"""Writing a solution back into the app's XML: fill the gaps, never overwrite what the app wrote.
+
+The input tree is copied and completed in place, so unknown elements, comments and the app's metadata
+survive. Re-rendering an already complete domain adds nothing but the engine's own record, which makes
+solve idempotent: solving the output again gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import string
+from collections.abc import Iterator
+from functools import lru_cache
+
+from lxml import etree
+
+from virtpolicy import __version__
+from virtpolicy.core.solve import Solution
+from virtpolicy.inputs.domain import VIRTPOLICY_NS, Domain
+from virtpolicy.knowledge.catalog import ClassVariable, catalog
+from virtpolicy.knowledge.machines import family_of
+from virtpolicy.knowledge.pci import table
+from virtpolicy.outputs.topology import Placement, TopologyBuilder, check_controllers
+from virtpolicy.sources.build import Build, Instance, _bind
+from virtpolicy.sources.compile import apply_actions
+from virtpolicy.sources.pci import pci_element
+
+# Where new top-level elements go, relative to their siblings (libvirt's own output order).
+TOP_LEVEL_ORDER = (
+    "name",
+    "uuid",
+    "genid",
+    "title",
+    "description",
+    "metadata",
+    "maxMemory",
+    "memory",
+    "currentMemory",
+    "blkiotune",
+    "memtune",
+    "memoryBacking",
+    "vcpu",
+    "vcpus",
+    "iothreads",
+    "cputune",
+    "numatune",
+    "resource",
+    "sysinfo",
+    "bootloader",
+    "os",
+    "idmap",
+    "features",
+    "cpu",
+    "clock",
+    "on_poweroff",
+    "on_reboot",
+    "on_crash",
+    "pm",
+    "perf",
+    "devices",
+)
+DEVICE_ORDER = (
+    "emulator",
+    "disk",
+    "controller",
+    "lease",
+    "filesystem",
+    "interface",
+    "smartcard",
+    "serial",
+    "parallel",
+    "console",
+    "channel",
+    "input",
+    "tpm",
+    "graphics",
+    "sound",
+    "audio",
+    "video",
+    "hostdev",
+    "redirdev",
+    "redirfilter",
+    "hub",
+    "watchdog",
+    "memballoon",
+    "rng",
+    "panic",
+    "shmem",
+    "memory",
+    "iommu",
+    "vsock",
+)
+
+
+@lru_cache(maxsize=32)
+def _ranks(order: tuple[str, ...]) -> dict[str, int]:
+    """Each tag's place in an order (the first, as tuple.index gives): looked up once per order."""
+    ranks: dict[str, int] = {}
+    for i, tag in enumerate(order):
+        ranks.setdefault(tag, i)
+    return ranks
+
+
+def _insert_ordered(parent: etree._Element, child: etree._Element, order: tuple[str, ...]) -> etree._Element:
+    """Insert `child` after the last sibling that comes at or before it in `order`.
+
+    The siblings are read from the end: the last one that qualifies decides, and in a laid-out domain it
+    is usually near the end of a long <devices>.
+    """
+    ranks = _ranks(order)
+    rank = ranks.get(child.tag, len(order)) if isinstance(child.tag, str) else len(order)
+    position = 0
+    count = len(parent)
+    for back, sibling in enumerate(reversed(parent)):
+        tag = sibling.tag
+        if isinstance(tag, str) and ranks.get(tag, rank + 1) <= rank:
+            position = count - back
+            break
+    parent.insert(position, child)
+    return child
+
+
+def _ensure(parent: etree._Element, tag: str, order: tuple[str, ...] = TOP_LEVEL_ORDER) -> etree._Element:
+    found = parent.find(tag)
+    return found if found is not None else _insert_ordered(parent, etree.Element(tag), order)
+
+
+def _set_if_unset(el: etree._Element, attr: str, value: str) -> None:
+    if el.get(attr) is None:
+        el.set(attr, value)
+
+
+def _target_names(prefix: str) -> Iterator[str]:
+    """vda ... vdz, vdaa ... vdzz, vdaaa ...: libvirt's own disk-name order (virDiskNameToIndex), which
+    goes past two letters (a domain may hold up to the device cap, more than the 702 two letters give)."""
+    letters = string.ascii_lowercase
+    for length in (1, 2, 3):
+        for chars in itertools.product(letters, repeat=length):
+            yield prefix + "".join(chars)
+
+
+class Renderer:
+    def __init__(self, built: Build, solution: Solution) -> None:
+        self.built = built
+        self.values = solution.assignment
+        self.solution = solution
+        self.tree = copy.deepcopy(built.domain.tree)
+        self.root = self.tree.getroot()
+        self.domain = Domain(self.tree, built.domain.source)
+        # map instances of the original tree onto the copy: a deep copy has the same shape, so walking both
+        # in step pairs them (one pass; a path lookup per instance was quadratic in the number of devices)
+        twins = dict(zip(built.domain.tree.iter(), self.tree.iter(), strict=True))
+        self.elements: dict[int, etree._Element | None] = {}
+        for i, inst in enumerate(built.instances):
+            self.elements[i] = twins.get(inst.element) if inst.element is not None else None
+
+    def render(self) -> etree._ElementTree:
+        check_controllers(self.domain.devices_element, self.domain.source)  # before anything walks the buses
+        if self.built.complete:
+            return self._render_complete()
+        self._domain_type_and_machine()
+        self._firmware()
+        self._features()
+        self._cpu()
+        self._clock()
+        self.device_elements: dict[int, etree._Element] = {}
+        for i, inst in enumerate(self.built.instances):
+            element = self._device(inst, self.elements[i])
+            if element is not None:
+                self.device_elements[i] = element
+        self._disk_targets()
+        self._virtio_serial_controller()
+        self._scsi_controller()
+        self._numa_cells()
+        self._topology()
+        if self.built.facts is not None:
+            apply_actions(self.built.actions, self.root, self.values, self.built.facts)
+        self._record()
+        etree.indent(self.tree, space="  ")
+        return self.tree
+
+    def _render_complete(self) -> etree._ElementTree:
+        """A complete domain comes back as written: its machine alias made canonical (as libvirt does at
+        define) and the engine's record added; nothing else is touched."""
+        type_el = self.root.find("os/type")
+        machine = type_el.get("machine") if type_el is not None else None
+        if type_el is not None and machine and _is_alias(machine):
+            name = self.built.host.default_machine(self.built.arch, self.values["domain.type"], self.values["machine"])
+            if name:
+                type_el.set("machine", name)
+        self._record()
+        etree.indent(self.tree, space="  ")  # the parser kept no blank text: one layout for every output
+        return self.tree
+
+    # --- global decisions --------------------------------------------------------------------------
+    def _domain_type_and_machine(self) -> None:
+        self.root.set("type", self.values["domain.type"])
+        os_el = _ensure(self.root, "os")
+        type_el = os_el.find("type")
+        if type_el is None:
+            type_el = etree.Element("type")
+            os_el.insert(0, type_el)
+        if not (type_el.text or "").strip():
+            type_el.text = "hvm"
+        _set_if_unset(type_el, "arch", self.built.arch)
+        family = self.values["machine"]
+        app = self.built.app_machine
+        app_family = family_of(app.value) if app else None
+        keep_app = app is not None and app_family is not None and app.value != family and not _is_alias(app.value)
+        if not keep_app:
+            name = self.built.host.default_machine(self.built.arch, self.values["domain.type"], family)
+            type_el.set("machine", name or family)
+
+    def _firmware(self) -> None:
+        firmware = self.values["firmware"]
+        os_el = self.root.find("os")
+        if firmware == "bios" or os_el is None or os_el.find("loader") is not None:
+            return
+        _set_if_unset(os_el, "firmware", "efi")
+        fw = os_el.find("firmware")
+        if fw is None:
+            fw = etree.Element("firmware")
+            type_el = os_el.find("type")
+            os_el.insert(os_el.index(type_el) + 1 if type_el is not None else 0, fw)
+        if fw.find("feature[@name='secure-boot']") is None:
+            secure = "yes" if firmware == "efi-secure" else "no"
+            etree.SubElement(fw, "feature", enabled=secure, name="secure-boot")
+            if firmware == "efi-secure" and fw.find("feature[@name='enrolled-keys']") is None:
+                etree.SubElement(fw, "feature", enabled="yes", name="enrolled-keys")
+
+    def _features(self) -> None:
+        wants_smm = self.values["firmware"] == "efi-secure"
+        hyperv_on = [f for f in self.built.hyperv if not f.timer and self.values.get(f"hyperv.{f.feature}") == "on"]
+        features = self.root.find("features")
+        if features is None:
+            features = _insert_ordered(self.root, etree.Element("features"), TOP_LEVEL_ORDER)
+            if self.built.arch in ("x86_64", "i686"):
+                etree.SubElement(features, "acpi")
+                etree.SubElement(features, "apic")
+        if wants_smm and features.find("smm") is None:
+            etree.SubElement(features, "smm", state="on")
+        if hyperv_on:
+            hyperv = features.find("hyperv")
+            if hyperv is None:
+                hyperv = etree.SubElement(features, "hyperv", mode="custom")
+            for feature in hyperv_on:
+                if hyperv.find(feature.feature) is None:
+                    etree.SubElement(hyperv, feature.feature, state="on", **feature.attributes)
+        if len(features) == 0:
+            self.root.remove(features)
+
+    def _cpu(self) -> None:
+        mode = self.values["cpu.mode"]
+        cpu = self.root.find("cpu")
+        if mode in ("none", "custom"):
+            return
+        if cpu is None:
+            cpu = _insert_ordered(self.root, etree.Element("cpu"), TOP_LEVEL_ORDER)
+        _set_if_unset(cpu, "mode", mode)
+        if mode == "host-passthrough":
+            _set_if_unset(cpu, "check", "none")
+            _set_if_unset(cpu, "migratable", "on")
+
+    def _clock(self) -> None:
+        clock = self.root.find("clock")
+        if clock is None:
+            clock = _insert_ordered(self.root, etree.Element("clock"), TOP_LEVEL_ORDER)
+            if self.built.arch in ("x86_64", "i686"):
+                etree.SubElement(clock, "timer", name="rtc", tickpolicy="catchup")
+                etree.SubElement(clock, "timer", name="pit", tickpolicy="delay")
+                etree.SubElement(clock, "timer", name="hpet", present="no")
+        _set_if_unset(clock, "offset", self.values["clock.offset"])
+        for feature in self.built.hyperv:
+            wanted = feature.timer and self.values.get(f"hyperv.{feature.feature}") == "on"
+            if wanted and clock.find(f"timer[@name='{feature.feature}']") is None:
+                etree.SubElement(clock, "timer", name=feature.feature, present="yes")
+
+    # --- devices ----------------------------------------------------------------------------------
+    def _device(self, inst: Instance, element: etree._Element | None) -> etree._Element | None:
+        values = {v: self.values[inst.var(v)] for v in inst.cls.variables}
+        main = next(iter(values.values()))
+        devices = self.domain.devices_element
+        if element is None:
+            if main == "none" and not inst.cls.explicit_none:
+                return None
+            element = _NEW_DEVICE[inst.cls.name](self, values, devices)
+            if element is None:
+                return None
+        for var in inst.cls.variables.values():
+            self._write(element, var, values[var.name])
+        return element
+
+    def _write(self, element: etree._Element, var: ClassVariable, value: str) -> None:
+        if value in ("n/a",) or not var.xml:
+            return  # not applicable, or a host fact that is not part of the XML
+        path, _, attr = var.xml.rpartition("@")
+        path = path.rstrip("/")
+        if path.startswith(".."):
+            return  # written by the class's own constructor (the virtio-serial controller)
+        target, _ = _bind(element, var.xml)
+        if target is None:
+            target = etree.SubElement(element, path) if path else element
+        current = target.get(attr)
+        refines = current == "virtio" and value in ("virtio-transitional", "virtio-non-transitional")
+        if refines:
+            target.set(attr, value)  # the app named the virtio family; the solution pins its mode
+        elif current is None and not (attr == "model" and element.tag == "disk" and value == "virtio"):
+            target.set(attr, value)
+
+    def _disk_targets(self) -> None:
+        disks = self.domain.devices("disk")
+        used = {
+            d.find("target").get("dev") for d in disks if d.find("target") is not None and d.find("target").get("dev")
+        }
+        for disk in disks:
+            target = disk.find("target")
+            if target is None:
+                target = etree.SubElement(disk, "target")
+            if target.get("dev"):
+                continue
+            bus = target.get("bus") or ("fdc" if disk.get("device") == "floppy" else "ide")
+            for name in _target_names(catalog().target_prefix.get(bus, "sd")):
+                if name not in used:
+                    used.add(name)
+                    target.set("dev", name)
+                    break
+            # libvirt wants dev before bus
+            bus_value = target.attrib.pop("bus", None)
+            if bus_value is not None:
+                target.set("bus", bus_value)
+
+    def _virtio_serial_controller(self) -> None:
+        """The agent's mode lives on the virtio-serial controller: add (it gets a PCI address) or complete it."""
+        model = self.values.get("agent.model", "none")
+        if model == "none":
+            return
+        devices = self.domain.devices_element
+        controller = devices.find("controller[@type='virtio-serial']")
+        if controller is None:
+            el = etree.Element("controller", type="virtio-serial", index="0")
+            if model != "virtio":
+                el.set("model", model)
+            _append(devices, el)
+        elif model != "virtio" and controller.get("model") in (None, "virtio"):
+            controller.set("model", model)
+
+    def _scsi_controller(self) -> None:
+        """SCSI disks get a virtio-scsi controller (libvirt's own default model may be one the guest lacks)."""
+        devices = self.domain.devices_element
+        wants = any(t.get("bus") == "scsi" for t in devices.findall("disk/target"))
+        if wants and devices.find("controller[@type='scsi']") is None:
+            _append(devices, etree.Element("controller", type="scsi", index="0", model="virtio-scsi"))
+
+    def _numa_cells(self) -> None:
+        """Guest NUMA cells the engine decided: vCPUs and memory split evenly (Nova's rule)."""
+        cells = int(self.values.get("numa.cells", "1"))
+        if cells < 2 or self.root.find("cpu/numa") is not None:
+            return
+        cpu = self.root.find("cpu")
+        if cpu is None:
+            cpu = _insert_ordered(self.root, etree.Element("cpu"), TOP_LEVEL_ORDER)
+        numa = etree.SubElement(cpu, "numa")
+        vcpus = self.built.domain.vcpus
+        memory = int(self.built.facts.resolve("domain.memory_mib")) if self.built.facts else 0  # type: ignore[call-overload]
+        per_cpu, per_mem = vcpus // cells, memory // cells
+        for cell in range(cells):
+            first = cell * per_cpu
+            cpus = str(first) if per_cpu == 1 else f"{first}-{first + per_cpu - 1}"
+            etree.SubElement(numa, "cell", id=str(cell), cpus=cpus, memory=str(per_mem), unit="MiB")
+
+    def _topology(self) -> None:
+        family = self.values["machine"]
+        if family not in ("q35", "pc"):
+            return
+        fixed = table()["fixed"][family]
+        placements = []
+        for i, inst in enumerate(self.built.instances):
+            if inst not in [d for d, _ in self.built.pci_devices]:
+                continue
+            slot = self.values[inst.var("slot")]
+            element = pci_element(inst, self.root) if inst.cls.name == "agent" else self.device_elements.get(i)
+            if slot == "none" or element is None:
+                continue
+            position = None
+            companions: list[etree._Element] = []
+            model = self.values.get(inst.var("model"), "")
+            if inst.cls.name == "video":
+                position = (int(fixed["video"], 16), 0)
+            elif inst.cls.name == "usb" and model == "ich9-ehci1":
+                position = (int(fixed["ich9_usb"], 16), 7) if "ich9_usb" in fixed else None
+                devices = self.domain.devices_element
+                companions = [c for n in (1, 2, 3) for c in devices.findall(f"controller[@model='ich9-uhci{n}']")]
+            elif inst.cls.name == "usb" and model == "piix3-uhci":
+                position = (int(fixed.get("piix3_usb", "0x01"), 16), 2)
+            placement = Placement(element, slot, int(self.values[inst.var("node")]), position, companions)
+            placements.append(placement)
+        builder = TopologyBuilder(
+            self.domain.devices_element,
+            family,
+            int(self.values["numa.cells"]),
+            int(self.values["hotplug.ports"]),
+            self.domain.source,
+        )
+        if self.built.hotplug:
+            for placement in placements:
+                if placement.element.find("address[@type='pci']") is None:
+                    builder.hotplug(placement)
+        else:
+            builder.place(placements)
+
+    # --- the engine's record -----------------------------------------------------------------------
+    def _record(self) -> None:
+        metadata = _ensure(self.root, "metadata")
+        old = metadata.find(f"{{{VIRTPOLICY_NS}}}policy")
+        previous = self.built.domain.previous_decisions()
+        position = len(metadata)
+        if old is not None:
+            position = metadata.index(old)
+            tail = old.tail
+            metadata.remove(old)
+        record = etree.Element(f"{{{VIRTPOLICY_NS}}}policy", nsmap={"virtpolicy": VIRTPOLICY_NS})
+        metadata.insert(position, record)
+        if old is not None:
+            record.tail = tail
+        record.set("version", __version__)
+        record.set("os", self.built.guest.id)
+        for sel in self.built.profiles:
+            etree.SubElement(
+                record,
+                f"{{{VIRTPOLICY_NS}}}applied",
+                name=sel.profile.name,
+                version=sel.profile.version,
+                digest=sel.profile.digest,
+                priority=str(sel.priority),
+            )
+        for name, decision in self.solution.decisions.items():
+            reason = decision.reason.id if decision.reason is not None else "search order"
+            if (
+                name in previous
+                and previous[name][0] == decision.value
+                and (reason.startswith("app:") or self.built.complete)
+            ):
+                reason = previous[name][1]  # decided by an earlier solve: keep its reason (idempotence)
+            # one set() per attribute, in this order: about half the time of SubElement's keyword attributes
+            entry = etree.SubElement(record, DECISION_TAG)
+            entry.set("variable", name)
+            entry.set("value", decision.value)
+            entry.set("reason", reason)
+
+
+DECISION_TAG = f"{{{VIRTPOLICY_NS}}}decision"
+
+
+def _is_alias(machine: str) -> bool:
+    return machine in ("q35", "pc", "virt", "pseries", "s390-ccw-virtio")
+
+
+# --- constructors for devices the engine adds ----------------------------------------------------
+def _append(devices: etree._Element, el: etree._Element) -> etree._Element:
+    return _insert_ordered(devices, el, DEVICE_ORDER)
+
+
+def _new_graphics(r: Renderer, values: dict[str, str], devices: etree._Element) -> etree._Element:
+    el = etree.Element("graphics", type=values["type"], autoport="yes")
+    etree.SubElement(el, "listen", type="address")
+    return _append(devices, el)
+
+
+def _new_video(r: Renderer, values: dict[str, str], devices: etree._Element) -> etree._Element:
+    el = etree.Element("video")
+    etree.SubElement(el, "model", type=values["model"])
+    return _append(devices, el)
+
+
+def _new_usb(r: Renderer, values: dict[str, str], devices: etree._Element) -> etree._Element:
+    model = values["model"]
+    el = _append(devices, etree.Element("controller", type="usb", index="0", model=model))
+    if model == "qemu-xhci" or model == "nec-xhci":
+        el.set("ports", "15")
+    if model == "ich9-ehci1":  # USB 1.1 companions, as libvirt and virt-install lay out ICH9 USB 2
+        for n, port in ((1, "0"), (2, "2"), (3, "4")):
+            companion = etree.Element("controller", type="usb", index="0", model=f"ich9-uhci{n}")
+            etree.SubElement(companion, "master", startport=port)
+            devices.insert(devices.index(el) + n, companion)
+    return el
+
+
+def _new_tablet(r: Renderer, values: dict[str, str], devices: etree._Element) -> etree._Element:
+    return _append(devices, etree.Element("input", type="tablet", bus=values["bus"]))
+
+
+def _new_memballoon(r: Renderer, values: dict[str, str], devices: etree._Element) -> etree._Element:
+    return _append(devices, etree.Element("memballoon", model=values["model"]))
+
+
+def _new_rng(r: Renderer, values: dict[str, str], devices: etree._Element) -> etree._Element:
+    el = etree.Element("rng", model=values["model"])
+    backend = etree.SubElement(el, "backend", model="random")
+    backend.text = "/dev/urandom"
+    return _append(devices, el)
+
+
+def _new_agent(r: Renderer, values: dict[str, str], devices: etree._Element) -> etree._Element:
+    el = etree.Element("channel", type="unix")
+    etree.SubElement(el, "target", type="virtio", name="org.qemu.guest_agent.0")
+    return _append(devices, el)
+
+
+def _new_tpm(r: Renderer, values: dict[str, str], devices: etree._Element) -> etree._Element:
+    el = etree.Element("tpm", model=values["model"])
+    etree.SubElement(el, "backend", type="emulator", version="2.0")
+    return _append(devices, el)
+
+
+_NEW_DEVICE = {
+    "graphics": _new_graphics,
+    "video": _new_video,
+    "usb": _new_usb,
+    "tablet": _new_tablet,
+    "memballoon": _new_memballoon,
+    "rng": _new_rng,
+    "agent": _new_agent,
+    "tpm": _new_tpm,
+}
+
+
+def render(built: Build, solution: Solution) -> etree._ElementTree:
+    return Renderer(built, solution).render()
+
+
+def to_bytes(tree: etree._ElementTree) -> bytes:
+    """The document with its top-level comments and PIs, one per line, and no XML declaration."""
+    root = tree.getroot()
+    before = [etree.tostring(n, encoding="unicode") for n in reversed(list(root.itersiblings(preceding=True)))]
+    after = [etree.tostring(n, encoding="unicode") for n in root.itersiblings()]
+    body = etree.tostring(root, encoding="unicode", with_tail=False)
+    return ("\n".join([*before, body, *after]) + "\n").encode()

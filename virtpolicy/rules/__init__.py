@@ -1,1 +1,0 @@
-"""The policy language: structural libvirt/QEMU facts, host-enum bindings and engine defaults, as data."""

@@ -1,1 +1,0 @@
-"""Problem building, solving, explanation and rendering."""
