@@ -16,7 +16,7 @@ import time
 from _benchutil import TYPICAL_XML, emit_json, environment, summary_ms, table
 
 from virtpolicy import Engine
-from virtpolicy.profiles.profile import available
+from virtpolicy.profiles.library import available
 
 FIVE = ("modern-q35", "virtio-everywhere", "desktop-spice", "hotplug-ready", "migration-safe")
 TARGET_SOLVE_MS = 15.0

@@ -24,7 +24,7 @@ from virtpolicy.core.solve import Conflict, Solver
 from virtpolicy.inputs.domain import Domain
 from virtpolicy.inputs.host import Host, load_host_bundle
 from virtpolicy.outputs.explain_report import build_report, to_html, to_text
-from virtpolicy.profiles.profile import find_profile
+from virtpolicy.profiles.library import find_profile
 from virtpolicy.sources.build import Build, build
 from virtpolicy.sources.compile import SelectedProfile
 

@@ -14,7 +14,7 @@ from virtpolicy.core.explain import ConflictExplainer
 from virtpolicy.core.solve import Conflict
 from virtpolicy.errors import InputError
 from virtpolicy.inputs.nodeset import parse_nodeset
-from virtpolicy.profiles.profile import find_profile
+from virtpolicy.profiles.library import find_profile
 from virtpolicy.sources.compile import SelectedProfile
 
 VP = "http://virtpolicy.org/xmlns/domain/1.0"

@@ -16,7 +16,7 @@ from lxml import etree
 from support import partial_domain
 
 from virtpolicy import Engine
-from virtpolicy.profiles.profile import available
+from virtpolicy.profiles.library import available
 
 pytestmark = pytest.mark.libvirt
 

@@ -16,7 +16,8 @@ import pytest
 from lxml import etree
 from support import cli
 
-from virtpolicy.profiles.profile import ProfileError, check_name, find_profile, load_profile
+from virtpolicy.errors import ProfileError
+from virtpolicy.profiles.library import check_name, find_profile, load_profile
 
 REPO = Path(__file__).resolve().parent.parent
 VP = "http://virtpolicy.org/xmlns/domain/1.0"

@@ -11,11 +11,12 @@ from lxml import etree
 from support import cli
 
 from virtpolicy.core.solve import Conflict, Solution, Solver
+from virtpolicy.errors import ProfileError
 from virtpolicy.inputs.domain import Domain
 from virtpolicy.outputs.render import render, to_bytes
 from virtpolicy.profiles.expr import ExprError, parse
 from virtpolicy.profiles.facts import FUNCTION_NAMES
-from virtpolicy.profiles.profile import ProfileError, available, find_profile, load_profile
+from virtpolicy.profiles.library import available, find_profile, load_profile
 from virtpolicy.sources.build import build
 from virtpolicy.sources.compile import SelectedProfile
 

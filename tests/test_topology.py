@@ -340,7 +340,7 @@ def test_hotplug_ready_keeps_eight_free_hotplug_slots(machine: str, host, osdb) 
     """q35: eight empty root ports; pc: eight free hot-pluggable PCI slots, with a pci-bridge once the
     devices leave fewer on pci-root."""
     from virtpolicy.outputs.topology import TopologyBuilder
-    from virtpolicy.profiles.profile import find_profile
+    from virtpolicy.profiles.library import find_profile
     from virtpolicy.sources.compile import SelectedProfile
 
     ready = [SelectedProfile(find_profile("hotplug-ready"), 0, "--profile")]

@@ -627,10 +627,10 @@ def cmd_host(args: argparse.Namespace) -> int:
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
-    from virtpolicy.profiles.profile import load_profile
+    from virtpolicy.profiles.library import load_profile
 
     if args.profiles_command == "list":
-        from virtpolicy.profiles.profile import available
+        from virtpolicy.profiles.library import available
 
         for name, path in sorted(available(args.profile_path).items()):
             try:
@@ -640,8 +640,8 @@ def cmd_profiles(args: argparse.Namespace) -> int:
                 print(f"{name:<24} {'?':<6} unusable: {exc}")
         return EXIT_OK
     if args.profiles_command == "show":
+        from virtpolicy.profiles.library import find_profile
         from virtpolicy.profiles.lint import profile_summary
-        from virtpolicy.profiles.profile import find_profile
 
         profile = find_profile(args.name, args.profile_path, where="profiles show", allow_path=True)  # operator's
         print("\n".join(profile_summary(profile)))

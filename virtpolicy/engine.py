@@ -29,7 +29,7 @@ from virtpolicy.knowledge.pci import POLICIES
 from virtpolicy.results import LintReport, Report, Result
 
 if TYPE_CHECKING:
-    from virtpolicy.profiles.profile import Profile
+    from virtpolicy.profiles.model import Profile
     from virtpolicy.sources.build import Build
     from virtpolicy.sources.compile import SelectedProfile
 
@@ -175,7 +175,7 @@ class Engine:
 
     def profiles(self) -> dict[str, Path]:
         """Every profile name on the search path and the file that defines it."""
-        from virtpolicy.profiles.profile import available
+        from virtpolicy.profiles.library import available
 
         return available(self._profile_path)
 
@@ -426,7 +426,7 @@ class Engine:
         profiles=), who is the operator.
         """
         from virtpolicy.inputs.domain import xpath_of
-        from virtpolicy.profiles.profile import Profile
+        from virtpolicy.profiles.model import Profile
         from virtpolicy.sources.compile import SelectedProfile
 
         if isinstance(profiles, (str, bytes, os.PathLike)):
@@ -460,7 +460,7 @@ class Engine:
         return [s for i, s in enumerate(selected) if s.profile.name not in names[:i]]
 
     def _find_profile(self, name: str, version: str | None, where: str, allow_path: bool) -> Profile:
-        from virtpolicy.profiles.profile import find_profile
+        from virtpolicy.profiles.library import find_profile
 
         key = (name, version, allow_path)
         cached = self._profiles.get(key)

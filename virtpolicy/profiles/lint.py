@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from virtpolicy.core.solve import Conflict, Solver
+from virtpolicy.errors import ProfileError
 from virtpolicy.inputs.domain import Domain
+from virtpolicy.knowledge.vocabulary import profile_vocabulary
 from virtpolicy.profiles.expr import ExprError
 from virtpolicy.profiles.facts import Facts
-from virtpolicy.profiles.profile import Profile, ProfileError, Rule, global_variables, load_profile
+from virtpolicy.profiles.library import load_profile
+from virtpolicy.profiles.model import Profile, Rule
 from virtpolicy.results import Finding
 
 if TYPE_CHECKING:
@@ -117,7 +120,7 @@ class ProfileChecker:
     def _can_fire(self, rule: Rule) -> bool:
         if rule.when is None or any(n.startswith("domain.") and n != "domain.type" for n in rule.when.names()):
             return True  # conditions on the domain's own facts depend on the domain: no sample decides them
-        variables = global_variables()
+        variables = profile_vocabulary()
         refs = sorted(n for n in rule.when.names() if n in variables)
         combos = list(itertools.islice(itertools.product(*(variables[r] for r in refs)), MAX_ENUMERATED))
         for guest in self.guests.values():

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from lxml import etree
 
-from virtpolicy.errors import InputError
+from virtpolicy.errors import InputError, ProfileError
 from virtpolicy.inputs.xmlsafe import parse_bytes
-from virtpolicy.profiles.profile import Profile, ProfileError, Rule, Snippet, read_profile_bytes
+from virtpolicy.profiles.model import Profile, Rule, Snippet, read_profile_bytes
 
 ACTIONS = {"add": "add", "default": "default", "defaults": "default", "remove": "remove"}
 

@@ -357,7 +357,7 @@ _DOCUMENT = {"type": "object", "additionalProperties": True, "required": ["schem
 
 def _routes(app: FastAPI, state: ServerState) -> None:
     from virtpolicy.engine import _parse_profile_spec
-    from virtpolicy.profiles.profile import check_name, looks_like_path
+    from virtpolicy.profiles.library import check_name, looks_like_path
 
     engine = state.engine
 

@@ -32,6 +32,7 @@ from virtpolicy.knowledge.catalog import Catalog, ClassVariable, DeviceClass, Gu
 from virtpolicy.knowledge.completeness import Completeness, completeness
 from virtpolicy.knowledge.machines import families, family_named, family_of
 from virtpolicy.knowledge.tables import HypervFeature, engine_defaults, host_enums, structural
+from virtpolicy.knowledge.vocabulary import global_variables
 from virtpolicy.profiles.facts import Facts
 from virtpolicy.sources.compile import ProfileCompiler, SelectedProfile, XmlAction
 from virtpolicy.sources.pci import PciPlanner
@@ -40,11 +41,6 @@ if TYPE_CHECKING:
     from virtpolicy.core.solve import Solution
 
 VIRTIO_MODELS = ("virtio", "virtio-transitional", "virtio-non-transitional")
-GLOBAL_VARIABLES: dict[str, tuple[str, ...]] = {
-    "firmware": ("bios", "efi", "efi-secure"),
-    "clock.offset": ("utc", "localtime"),
-    "cpu.mode": ("host-passthrough", "host-model", "maximum", "none"),
-}
 GUEST_LENIENT_PRIORITY = 50  # above engine defaults, below every profile preference
 
 
@@ -273,7 +269,7 @@ class Builder:
 
     # --- variables ----------------------------------------------------------------------------------
     def _global_variables(self) -> None:
-        vtypes = ["kvm", "qemu"] + self.host.virt_types(self.arch)
+        vtypes = [*global_variables()["domain.type"].decides, *self.host.virt_types(self.arch)]
         app_type = self.domain.attr("", "type")
         self.problem.add_variable("domain.type", vtypes + ([app_type.value] if app_type else []), "domain type")
         fams = [f.name for f in families() if self.arch in f.arches]
@@ -281,8 +277,9 @@ class Builder:
             fam = family_of(self.app_machine.value)
             fams.append(fam.name if fam else self.app_machine.value)
         self.problem.add_variable("machine", fams, "machine type")
-        for name, values in GLOBAL_VARIABLES.items():
-            self.problem.add_variable(name, values, name)
+        for var in global_variables().values():
+            if var.name not in ("domain.type", "machine"):
+                self.problem.add_variable(var.name, var.decides, var.label)
 
     def _device_variables(self) -> None:
         for cls in self.catalog.classes.values():
@@ -370,8 +367,7 @@ class Builder:
             allowed, explicit = firmware
             self._pin("firmware", allowed, explicit, f"the firmware is {' or '.join(allowed)}")
         for name, path, attr, absent_value in (
-            ("clock.offset", "clock", "offset", "utc"),
-            ("cpu.mode", "cpu", "mode", "none"),
+            (v.name, v.path, v.attribute, v.absent) for v in global_variables().values() if v.element
         ):
             explicit = dom.attr(path, attr)
             if explicit is None and name == "cpu.mode" and dom.root.find("cpu/model") is not None:

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING
 from lxml import etree
 
 from virtpolicy.core.problem import Forbid, Predicate, Provenance, Source, Strength
+from virtpolicy.errors import ProfileError
 from virtpolicy.profiles import snippets
 from virtpolicy.profiles.expr import ExprError, Expression, Value
 from virtpolicy.profiles.facts import Facts
-from virtpolicy.profiles.profile import Profile, ProfileError, Rule, Snippet
+from virtpolicy.profiles.model import Profile, Rule, Snippet
 
 if TYPE_CHECKING:
     from virtpolicy.sources.build import Builder

@@ -29,7 +29,7 @@ from virtpolicy.results import Requirement
 
 if TYPE_CHECKING:
     from virtpolicy.engine import Engine, XmlInput
-    from virtpolicy.profiles.profile import Profile
+    from virtpolicy.profiles.model import Profile
     from virtpolicy.sources.build import Build
 
 DEFAULT_DOMAIN = b"""<domain type='kvm'><name>whatif</name><memory unit='MiB'>2048</memory><vcpu>2</vcpu>
