@@ -14,13 +14,14 @@ from xml.sax.saxutils import quoteattr
 import pytest
 from lxml import etree
 
-from virtpolicy.core.problem import Source
+from virtpolicy.core.problem import Constraint, Source
 from virtpolicy.core.solve import Conflict, Solution, Solver
 from virtpolicy.engine import Engine
 from virtpolicy.inputs.domain import Domain, Explicit
 from virtpolicy.inputs.guestos import OsinfoDB
 from virtpolicy.inputs.host import EMBEDDED_BUNDLE, Host, load_host_bundle
-from virtpolicy.sources.build import Build
+from virtpolicy.sources.build import DECLARE, Builder
+from virtpolicy.sources.context import Build, BuildContext, SelectedProfile
 
 LIBOSINFO = "http://libosinfo.org/xmlns/libvirt/domain/1.0"
 REPO = Path(__file__).resolve().parents[1]
@@ -191,3 +192,28 @@ def assert_self_contained(page: str) -> None:
             if name != "xmlns":
                 assert "http://" not in value and "https://" not in value, (element.tag, name, value)
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "").split("<body>")[0]
+
+
+def one_source(
+    xml: str,
+    source: str,
+    host: Host,
+    osdb: OsinfoDB,
+    os_key: str = "generic",
+    profiles: tuple[str, ...] = (),
+    phase: str = "constrain",
+    guest_support: str = "strict",
+) -> tuple[BuildContext, list[Constraint]]:
+    """Every source declares its variables, then only `source` runs `phase`: what that source adds alone.
+
+    The per-source tests (tests/sources/) read a source's output in isolation this way; the end-to-end
+    suites read the whole pipeline through the Engine."""
+    engine = engine_for(host, osdb)
+    domain = Domain.from_bytes(xml.encode(), "<test>")
+    selected = [SelectedProfile(engine.profile(p), 0, "--profile") for p in profiles]
+    builder = Builder(domain, host, osdb.lookup(os_key), guest_support, selected, osdb.device_names())
+    for name in DECLARE:
+        builder.sources[name].declare()
+    before = len(builder.ctx.problem.constraints)
+    getattr(builder.sources[source], phase)()
+    return builder.ctx, builder.ctx.problem.constraints[before:]

@@ -67,7 +67,7 @@ DEVICE_SETS = {
     "<interface type='user'><model type='virtio'/></interface>",
 }
 CASES = [(os, m, d) for os in OS_VARIANTS for m in MACHINES for d in DEVICE_SETS if not (d == "virtio" and m == "pc")]
-SUPPLEMENT = Path(__file__).resolve().parents[1] / "virtpolicy" / "models" / "data" / "osinfo-supplement.toml"
+SUPPLEMENT = Path(__file__).resolve().parents[1] / "virtpolicy" / "knowledge" / "data" / "osinfo-supplement.toml"
 VIRTIO_BLK = ("http://pcisig.com/pci/1af4/1001", "http://pcisig.com/pci/1af4/1042")
 VIRTIO_NET = ("http://pcisig.com/pci/1af4/1000", "http://pcisig.com/pci/1af4/1041")
 

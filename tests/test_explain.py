@@ -26,7 +26,7 @@ from virtpolicy.inputs.host import Host, load_host_bundle
 from virtpolicy.outputs.explain_report import build_report, to_html, to_text
 from virtpolicy.profiles.library import find_profile
 from virtpolicy.sources.build import Build, build
-from virtpolicy.sources.compile import SelectedProfile
+from virtpolicy.sources.context import SelectedProfile
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden" / "explain"

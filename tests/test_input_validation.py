@@ -19,10 +19,10 @@ from lxml import etree
 
 from virtpolicy import cli
 from virtpolicy.errors import InputError
+from virtpolicy.inputs import schema
 from virtpolicy.inputs.domain import MAX_DEVICES, Domain
 from virtpolicy.inputs.units import MAX_MEMORY_BYTES, UnitError, bytes_per, to_kib
 from virtpolicy.inputs.xmlsafe import MAX_INPUT_BYTES, read_file
-from virtpolicy.inputs import schema
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = "app.xml"

@@ -15,7 +15,7 @@ from virtpolicy.core.solve import Conflict
 from virtpolicy.errors import InputError
 from virtpolicy.inputs.nodeset import parse_nodeset
 from virtpolicy.profiles.library import find_profile
-from virtpolicy.sources.compile import SelectedProfile
+from virtpolicy.sources.context import SelectedProfile
 
 VP = "http://virtpolicy.org/xmlns/domain/1.0"
 NIC_NODE2 = "0000:3b:00.0"  # 82599, host node 2 (socket 1)

@@ -18,7 +18,7 @@ from virtpolicy.profiles.expr import ExprError, parse
 from virtpolicy.profiles.facts import FUNCTION_NAMES
 from virtpolicy.profiles.library import available, find_profile, load_profile
 from virtpolicy.sources.build import build
-from virtpolicy.sources.compile import SelectedProfile
+from virtpolicy.sources.context import SelectedProfile
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"

@@ -29,7 +29,7 @@ pytest.importorskip("uvicorn")
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
-BUNDLE = REPO / "virtpolicy" / "models" / "data" / "hosts" / "x86_64-kvm-qemu7.2"
+BUNDLE = REPO / "virtpolicy" / "data" / "hosts" / "x86_64-kvm-qemu7.2"
 PROBLEM_JSON = "application/problem+json"
 HOSTILE = (
     '<?xml version="1.0"?>\n<!DOCTYPE lolz [<!ENTITY lol "lol">'
@@ -232,7 +232,7 @@ def test_profiles(server: Server) -> None:
 
 
 def test_profiles_check(server: Server) -> None:
-    shipped = REPO / "virtpolicy" / "rules" / "profiles"
+    shipped = REPO / "virtpolicy" / "profiles" / "library"
     texts = {p.name: p.read_text() for p in (shipped / "modern-q35.toml", shipped / "legacy-pc.toml")}
     texts["broken.toml"] = "this is = = not toml"
     response = server.client.post("/v1/profiles/check", json={"profiles": texts})
@@ -475,7 +475,7 @@ def test_a_dead_worker_answers_503_and_is_replaced(app) -> None:
     pool = app.state.virtpolicy.pool
     domain = {"domain": _example("windows10.xml")}
     assert _post(app, "/v1/solve", domain).status_code == 200
-    shipped = REPO / "virtpolicy" / "rules" / "profiles"
+    shipped = REPO / "virtpolicy" / "profiles" / "library"
     library = {"profiles": {p.name: p.read_text() for p in sorted(shipped.glob("*.toml"))[:16]}}
 
     async def run() -> httpx.Response:

@@ -341,7 +341,7 @@ def test_hotplug_ready_keeps_eight_free_hotplug_slots(machine: str, host, osdb) 
     devices leave fewer on pci-root."""
     from virtpolicy.outputs.topology import TopologyBuilder
     from virtpolicy.profiles.library import find_profile
-    from virtpolicy.sources.compile import SelectedProfile
+    from virtpolicy.sources.context import SelectedProfile
 
     ready = [SelectedProfile(find_profile("hotplug-ready"), 0, "--profile")]
     out = run(domain("t", FEDORA, nics(22, "e1000"), machine=machine), host, osdb, profiles=ready)

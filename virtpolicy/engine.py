@@ -30,8 +30,7 @@ from virtpolicy.results import LintReport, Report, Result
 
 if TYPE_CHECKING:
     from virtpolicy.profiles.model import Profile
-    from virtpolicy.sources.build import Build
-    from virtpolicy.sources.compile import SelectedProfile
+    from virtpolicy.sources.context import Build, SelectedProfile
 
 XmlInput = str | bytes | os.PathLike[str] | etree._Element | etree._ElementTree
 HostInput = Host | str | os.PathLike[str]
@@ -427,7 +426,7 @@ class Engine:
         """
         from virtpolicy.inputs.domain import xpath_of
         from virtpolicy.profiles.model import Profile
-        from virtpolicy.sources.compile import SelectedProfile
+        from virtpolicy.sources.context import SelectedProfile
 
         if isinstance(profiles, (str, bytes, os.PathLike)):
             raise ArgumentError("profiles: expected a list of profile names, not one string", input="profiles")

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from virtpolicy.core.problem import Constraint, Problem
     from virtpolicy.core.solve import Conflict, Solution
     from virtpolicy.inputs.guestos import GuestOS
-    from virtpolicy.sources.build import Build
+    from virtpolicy.sources.context import Build
 
 Command = Literal["solve", "check", "add_device"]
 

@@ -9,7 +9,7 @@ import pytest
 
 from virtpolicy import Engine
 from virtpolicy.knowledge.vocabulary import global_variables, profile_vocabulary
-from virtpolicy.sources.build import Build
+from virtpolicy.sources.context import Build
 
 SCHEMAS = Path("/usr/share/libvirt/schemas")
 ENGINE_NAMES = {"none", "efi-secure"}  # the engine's names for "no <cpu>" and "efi with secure-boot"

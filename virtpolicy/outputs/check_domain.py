@@ -13,7 +13,7 @@ from typing import Any
 from virtpolicy.core.solve import Conflict, Solution
 from virtpolicy.outputs.explain_report import build_report, to_text
 from virtpolicy.outputs.report import report_header
-from virtpolicy.sources.build import Build
+from virtpolicy.sources.context import Build
 
 
 def check_report(built: Build, result: Solution | Conflict, max_conflicts: int) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from virtpolicy.core.explain import ConflictExplainer, Explanation
 from virtpolicy.core.problem import Constraint, Source
 from virtpolicy.core.solve import Conflict, Solution
 from virtpolicy.outputs.report import report_header
-from virtpolicy.sources.build import Build
+from virtpolicy.sources.context import Build
 
 SCHEMA = "virtpolicy-explain/1"
 KIND_COLOURS = {

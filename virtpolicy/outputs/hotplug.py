@@ -23,7 +23,7 @@ from virtpolicy.knowledge.catalog import catalog
 from virtpolicy.knowledge.pci import table
 from virtpolicy.outputs.render import render
 from virtpolicy.sources.build import Build, build
-from virtpolicy.sources.compile import SelectedProfile
+from virtpolicy.sources.context import SelectedProfile
 
 
 @dataclass

@@ -22,9 +22,9 @@ from virtpolicy.knowledge.catalog import ClassVariable, catalog
 from virtpolicy.knowledge.machines import family_of
 from virtpolicy.knowledge.pci import table
 from virtpolicy.outputs.topology import Placement, TopologyBuilder, check_controllers
-from virtpolicy.sources.build import Build, Instance, _bind
-from virtpolicy.sources.compile import apply_actions
-from virtpolicy.sources.pci import pci_element
+from virtpolicy.sources.context import Build, Instance, bind
+from virtpolicy.sources.placement import pci_element
+from virtpolicy.sources.profiles import apply_actions
 
 # Where new top-level elements go, relative to their siblings (libvirt's own output order).
 TOP_LEVEL_ORDER = (
@@ -298,7 +298,7 @@ class Renderer:
         path = path.rstrip("/")
         if path.startswith(".."):
             return  # written by the class's own constructor (the virtio-serial controller)
-        target, _ = _bind(element, var.xml)
+        target, _ = bind(element, var.xml)
         if target is None:
             target = etree.SubElement(element, path) if path else element
         current = target.get(attr)

@@ -9,7 +9,7 @@ from typing import Any
 
 from virtpolicy.core.problem import Constraint, Source
 from virtpolicy.core.solve import Conflict, Solution
-from virtpolicy.sources.build import Build
+from virtpolicy.sources.context import Build
 
 REPORT_SCHEMA_VERSION = 1
 

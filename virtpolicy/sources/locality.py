@@ -14,6 +14,7 @@ _filter_pools_for_numa_cells), as constraint strengths on the device's guest nod
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from virtpolicy.core.problem import Provenance, Source
@@ -22,8 +23,18 @@ from virtpolicy.inputs.hostdevices import HostPciDevice, source_address
 from virtpolicy.inputs.nodeset import parse_nodeset
 
 if TYPE_CHECKING:
-    from virtpolicy.sources.build import Builder, Instance
-    from virtpolicy.sources.pci import Affinity
+    from virtpolicy.sources.context import BuildContext, Instance
+
+
+@dataclass
+class Affinity:
+    """An app's wish to place a device on a guest NUMA node (metadata), with Nova's policy names."""
+
+    xpath: str
+    node: int | None  # a guest node; None: the node of the hostdev's host device
+    policy: str
+    where: str
+
 
 Wish = tuple[set[str], str, Provenance]  # allowed guest nodes, what the wish says, where it came from
 
@@ -31,10 +42,9 @@ Wish = tuple[set[str], str, Provenance]  # allowed guest nodes, what the wish sa
 class HostLocality:
     """Guest cells, the host nodes under them, and the sockets of those nodes, for one build."""
 
-    def __init__(self, builder: Builder) -> None:
-        self.b = builder
-        self.host = builder.host
-        root = builder.domain.root
+    def __init__(self, ctx: BuildContext) -> None:
+        self.host = ctx.host
+        root = ctx.domain.root
         self.memnodes: dict[int, set[int]] = {}
         self.all_cells: set[int] | None = None
         self.where = "identity (guest cell i on host node i; no <numatune>)"

@@ -30,7 +30,7 @@ from virtpolicy.results import Requirement
 if TYPE_CHECKING:
     from virtpolicy.engine import Engine, XmlInput
     from virtpolicy.profiles.model import Profile
-    from virtpolicy.sources.build import Build
+    from virtpolicy.sources.context import Build
 
 DEFAULT_DOMAIN = b"""<domain type='kvm'><name>whatif</name><memory unit='MiB'>2048</memory><vcpu>2</vcpu>
 <os><type arch='x86_64'>hvm</type></os><devices>

@@ -9,7 +9,7 @@ output when its condition holds in the solution.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from lxml import etree
@@ -19,48 +19,53 @@ from virtpolicy.errors import ProfileError
 from virtpolicy.profiles import snippets
 from virtpolicy.profiles.expr import ExprError, Expression, Value
 from virtpolicy.profiles.facts import Facts
-from virtpolicy.profiles.model import Profile, Rule, Snippet
+from virtpolicy.profiles.model import Rule
+from virtpolicy.sources.context import SelectedProfile, XmlAction
 
 if TYPE_CHECKING:
-    from virtpolicy.sources.build import Builder
+    from virtpolicy.sources.context import BuildContext
 
 PROFILE_SOFT_BASE = 100  # above lenient guest support and engine defaults
-
-
-@dataclass(frozen=True)
-class SelectedProfile:
-    profile: Profile
-    priority: int
-    where: str  # the metadata XPath or "--profile" that selected it
-
-
-@dataclass
-class XmlAction:
-    """Unmodelled XML a rule applies to the output once the solution is known."""
-
-    rule: Rule
-    profile: SelectedProfile
-    condition: Callable[[dict[str, str]], bool]
-    snippet: Snippet | None = None
-    fragment: etree._Element | None = None
-    derive: dict[str, Expression] = field(default_factory=dict)
 
 
 Condition = Callable[[dict[str, str]], bool]
 
 
 class ProfileCompiler:
-    def __init__(self, builder: Builder, facts: Facts) -> None:
-        self.b = builder
-        self.facts = facts
-        self.actions: list[XmlAction] = []
-        self.functions = facts.functions()
+    """The profiles' rules as constraints (and XML actions), and the driver packs they declare."""
+
+    name = "profiles"
+
+    def __init__(self, ctx: BuildContext) -> None:
+        self.ctx = ctx
+        self.facts = ctx.facts
+        self.actions = ctx.actions
+        self.functions = ctx.facts.functions()
+
+    def declare(self) -> None:
+        """Profiles may declare driver packs (virtio-win): the guest then drives those devices."""
+        declared = self.drivers(self.ctx.profiles)
+        if declared:
+            ids = frozenset(d for d, _ in declared)
+            rules = ", ".join(sorted({f"{r.profile}:{r.id}" for _, r in declared}))
+            guest = self.ctx.guest
+            self.ctx.amend_guest(
+                replace(
+                    guest,
+                    device_ids=guest.device_ids | ids,
+                    short_id=guest.short_id,
+                    source=f"{guest.source} + drivers declared by {rules}",
+                )
+            )
+
+    def constrain(self) -> None:
+        self.compile(self.ctx.profiles)
 
     # --- conditions --------------------------------------------------------------------------------
     def _solver_refs(self, rule: Rule) -> list[str]:
         refs: list[str] = []
         if rule.when is not None:
-            known = set(self.b.problem.variables) | set(self._class_refs())
+            known = set(self.ctx.problem.variables) | set(self._class_refs())
             refs += sorted(n for n in rule.when.names() if n in known)
         if rule.match is not None:
             modelled, _ = snippets.modelled_parts(rule.match.root, "match")
@@ -68,13 +73,13 @@ class ProfileCompiler:
         return refs
 
     def _class_refs(self) -> set[str]:
-        return {f"{i.cls.name}.{v}" for i in self.b.instances for v in i.cls.variables}
+        return {f"{i.cls.name}.{v}" for i in self.ctx.instances for v in i.cls.variables}
 
     def _static_match(self, rule: Rule) -> bool:
         if rule.match is None:
             return True
         _, rest = snippets.modelled_parts(rule.match.root, "match")
-        return snippets.contains(self.b.domain.root, rest)
+        return snippets.contains(self.ctx.domain.root, rest)
 
     def _condition(self, rule: Rule, refs: list[str], mapping: dict[str, str]) -> Condition | bool:
         """True/False when the facts decide it; otherwise a test over solver values."""
@@ -127,7 +132,7 @@ class ProfileCompiler:
 
     # --- one rule ----------------------------------------------------------------------------------
     def _expand(self, refs: list[str]) -> Iterator[dict[str, str]]:
-        yield from self.b._expand(refs)  # noqa: SLF001 - the builder owns instance expansion
+        yield from self.ctx.expand(refs)
 
     def _rule(self, sel: SelectedProfile, rule: Rule) -> None:
         refs = self._solver_refs(rule)
@@ -149,9 +154,9 @@ class ProfileCompiler:
         for kind, ref, values, only_unset in effects:
             for mapping in self._expand([ref, *refs]):
                 var = mapping[ref]
-                if var not in self.b.problem.variables:
+                if var not in self.ctx.problem.variables:
                     continue
-                if only_unset and self.b.app_wrote(var):
+                if only_unset and self.ctx.app_wrote(var):
                     continue  # 'default' fills only what the app left open
                 condition = self._condition(rule, refs, mapping)
                 if condition is False:
@@ -179,7 +184,7 @@ class ProfileCompiler:
         refs: list[str],
         mapping: dict[str, str],
     ) -> None:
-        domain = self.b.problem.variables[var].values
+        domain = self.ctx.problem.variables[var].values
         file, _, line = rule.where.rpartition(":")
         prov = Provenance(
             Source.PROFILE,
@@ -211,7 +216,7 @@ class ProfileCompiler:
             cid = f"profile:{sel.profile.name}:{rule.id}:{var}={'|'.join(wish)}"
             group = f"profile:{sel.profile.name}:{rule.id}:{var}" if kind == "prefer" else ""
             if condition is True:
-                self.b._add_forbid(  # noqa: SLF001
+                self.ctx.forbid(
                     cid,
                     [(var, frozenset(v for v in domain if v not in wish))],
                     message,
@@ -231,7 +236,7 @@ class ProfileCompiler:
             ) -> bool:
                 return not _c(values) or values[_v] in _a
 
-            self.b.add_constraint(
+            self.ctx.add(
                 Predicate(
                     id=cid,
                     variables=variables,

@@ -8,7 +8,6 @@ so running out is a conflict that names the numbers rather than a libvirt define
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lxml import etree
@@ -27,10 +26,10 @@ from virtpolicy.knowledge.pci import (
     addressing,
     table,
 )
-from virtpolicy.sources.locality import HostLocality
+from virtpolicy.sources.locality import Affinity, HostLocality
 
 if TYPE_CHECKING:
-    from virtpolicy.sources.build import Builder, Instance
+    from virtpolicy.sources.context import BuildContext, Instance
 
 ROOT_PORTS_ON_PCIE_ROOT = 27 * 8  # slots 0x02-0x1e without 0x1b and 0x1d, 8 functions each
 BUS_NUMBERS = 255  # bus 0 .. 254 below the highest expander
@@ -38,27 +37,20 @@ NOVA = "nova/virt/hardware.py _get_numa_topology_auto: vCPUs and memory must div
 NOVA_DEFAULT_POLICY = "legacy"  # nova/objects/fields.py PCINUMAAffinityPolicy: the default when none is asked
 
 
-@dataclass
-class Affinity:
-    """An app's wish to place a device on a guest NUMA node (metadata), with Nova's policy names."""
-
-    xpath: str
-    node: int | None  # a guest node; None: the node of the hostdev's host device
-    policy: str
-    where: str
-
-
 def cells_in(domain_root: etree._Element) -> int:
     return len(domain_root.findall("cpu/numa/cell"))
 
 
 class PciPlanner:
-    """Adds the PCI and NUMA variables and their constraints to a Builder's problem."""
+    """The PCI and NUMA placement variables, their capacity and affinity constraints, and libvirt's own
+    placement habits as preferences."""
 
-    def __init__(self, builder: Builder) -> None:
-        self.b = builder
+    name = "placement"
+
+    def __init__(self, ctx: BuildContext) -> None:
+        self.ctx = ctx
         self.slots = table()["slots"]
-        self.devices: list[tuple[Instance, str]] = []  # (instance, the variable that decides its slot)
+        self.devices = ctx.pci_devices  # (instance, the variable that decides its slot)
         self.never_pci: set[str] = set()  # prefixes of instances libvirt never gives a PCI address
         self._controllers_by_index: dict[int, etree._Element] | None = None
 
@@ -68,14 +60,14 @@ class PciPlanner:
                 return var
         return None
 
-    def add_variables(self) -> None:
-        p = self.b.problem
-        app_cells = cells_in(self.b.domain.root)
+    def declare(self) -> None:
+        p = self.ctx.problem
+        app_cells = cells_in(self.ctx.domain.root)
         cells = [str(k) for k in range(1, max(MAX_CELLS, app_cells) + 1)]
         p.add_variable("numa.cells", cells, "guest NUMA cells")
         p.add_variable("hotplug.ports", HOTPLUG_PORTS, "spare hot-plug root ports (q35), free PCI slots (pc)")
         numa = app_cells > 1 or self._numa_wanted()
-        for inst in self.b.instances:
+        for inst in self.ctx.instances:
             var = self._driver_var(inst)
             if var is None:
                 continue
@@ -89,19 +81,19 @@ class PciPlanner:
         """Node variables cost search time: only where NUMA can matter (profiles, affinity metadata)."""
         if self.affinities():
             return True
-        if self.b.host.host_numa_cells > 1 and self.b.domain.root.find("devices/hostdev[@type='pci']") is not None:
+        if self.ctx.host.host_numa_cells > 1 and self.ctx.domain.root.find("devices/hostdev[@type='pci']") is not None:
             return True  # a passed-through device has a host node of its own
         return any(
             any(v.startswith("numa.") or v.endswith(".node") for v in (*r.require, *r.prefer, *r.forbid, *r.equal))
             or (r.when is not None and any(n.startswith("numa.") for n in r.when.names()))
-            for sel in self.b.profiles
+            for sel in self.ctx.profiles
             for r in sel.profile.rules
         )
 
     def affinities(self) -> list[Affinity]:
         """The app's wishes from metadata; a hostdev's wish may leave out the node (its host node decides)."""
         found = []
-        for el in self.b.domain.root.iterfind(f"metadata/{{{VIRTPOLICY_NS}}}numa/{{{VIRTPOLICY_NS}}}device"):
+        for el in self.ctx.domain.root.iterfind(f"metadata/{{{VIRTPOLICY_NS}}}numa/{{{VIRTPOLICY_NS}}}device"):
             policy = el.get("policy", "required")
             node = el.get("node")
             from_host = node is None and "/hostdev" in el.get("xpath", "")
@@ -109,15 +101,15 @@ class PciPlanner:
                 from virtpolicy.errors import InputError
 
                 raise InputError(
-                    f"{self.b.domain.source}:{el.sourceline}: {xpath_of(el)}: node='{node or ''}' "
+                    f"{self.ctx.domain.source}:{el.sourceline}: {xpath_of(el)}: node='{node or ''}' "
                     f"policy='{policy}' (node is a number, left out only for a hostdev, whose host node "
                     f"decides; policy one of {', '.join(POLICIES)})"
                 )
             found.append(Affinity(el.get("xpath", ""), None if from_host else int(node or 0), policy, xpath_of(el)))
         return found
 
-    def add_constraints(self) -> None:
-        p = self.b.problem
+    def constrain(self) -> None:
+        p = self.ctx.problem
         structural = Provenance(
             Source.STRUCTURAL,
             "pci-slot-types",
@@ -137,19 +129,19 @@ class PciPlanner:
                 self.never_pci.add(inst.prefix)
                 if not self._slot_rows_say_none(inst, var):
                     # one fact, whatever the model: ramfb, usb-net, an unassigned hostdev, a non-PCI address
-                    self.b._add_forbid(  # noqa: SLF001
+                    self.ctx.forbid(
                         f"structural:pci-slot:{inst.var('slot')}",
                         [(inst.var("slot"), frozenset(s for s in SLOT_VALUES if s != "none"))],
                         f"{inst.prefix} ({kind.element}) never takes a PCI address",
                         _addressing_provenance(kind),
                     )
-                    self.b.add_constraint(_node_in_cells(inst.var("node")))
+                    self.ctx.add(_node_in_cells(inst.var("node")))
                     continue
             for value in p.variables[driver].values:
                 row = self.slots[f"{inst.cls.name}.{var}"].get(value)
                 for fam in families:
                     allowed = _allowed_slots(_root(fam), row, kind, at)
-                    self.b._add_forbid(  # noqa: SLF001
+                    self.ctx.forbid(
                         f"structural:pci-slot:{inst.var('slot')}:{value}:{fam}",
                         [
                             (driver, frozenset([value])),
@@ -160,13 +152,13 @@ class PciPlanner:
                         structural,
                     )
             # a device's node is a guest cell
-            self.b.add_constraint(_node_in_cells(inst.var("node")))
+            self.ctx.add(_node_in_cells(inst.var("node")))
         self._app_cells()
         self._app_controllers_need_their_bus_kind()
         self._even_split()
         self._affinity()
         self._existing_addresses()
-        if self.b.focus is not None:
+        if self.ctx.focus is not None:
             self._hotplug_slots()
         else:
             self._capacity()
@@ -175,7 +167,7 @@ class PciPlanner:
         """Whether the [slots] row of the value the app wrote already puts the device in no PCI slot (a USB
         tablet, model='none'): then those rows decide, as they do for the same device the engine adds, so that
         re-solving an output records the same reason."""
-        from virtpolicy.sources.build import read_explicit
+        from virtpolicy.sources.context import read_explicit
 
         written = read_explicit(inst.element, inst.cls.variables[var])
         row = self.slots[f"{inst.cls.name}.{var}"].get(written.value) if written is not None else None
@@ -188,7 +180,7 @@ class PciPlanner:
         virtio-serial controller without the agent's channel is just a controller (it serves other channels)."""
         if inst.element is None:
             return None
-        return pci_element(inst, self.b.domain.root)
+        return pci_element(inst, self.ctx.domain.root)
 
     def _app_controllers_need_their_bus_kind(self) -> None:
         """PCIe controllers the app wrote exist only on PCIe machines, and pci-root/pxb only on pc (libvirt's
@@ -202,8 +194,8 @@ class PciPlanner:
             "pcie-switch-downstream-port",
             "dmi-to-pci-bridge",
         }
-        families = self.b.problem.variables["machine"].values
-        for el in self.b.domain.root.iterfind("devices/controller[@type='pci']"):
+        families = self.ctx.problem.variables["machine"].values
+        for el in self.ctx.domain.root.iterfind("devices/controller[@type='pci']"):
             model = el.get("model", "")
             if model in pcie_only:
                 allowed = [f for f in families if _root(f) == "pcie"]
@@ -214,25 +206,27 @@ class PciPlanner:
             else:
                 continue
             here = Explicit(model, xpath_of(el) + "/@model")
-            self.b._pin(
+            self.ctx.pin(
                 "machine", allowed, here, f"a {model} controller needs a {' or '.join(allowed) or 'different'} machine"
             )  # noqa: SLF001
 
     def _app_cells(self) -> None:
-        numa = self.b.domain.root.find("cpu/numa")
+        numa = self.ctx.domain.root.find("cpu/numa")
         if numa is not None:
-            self.b.warnings.extend(check_app_cells(self.b.domain.root, self.b.domain.source, self.b.domain.vcpus))
-            count = str(cells_in(self.b.domain.root))
+            self.ctx.warnings.extend(
+                check_app_cells(self.ctx.domain.root, self.ctx.domain.source, self.ctx.domain.vcpus)
+            )
+            count = str(cells_in(self.ctx.domain.root))
             here = Explicit(count, xpath_of(numa))
-            self.b._pin("numa.cells", [count], here, f"the domain has {count} NUMA cell(s)")  # noqa: SLF001
-        elif self.b.realized:
+            self.ctx.pin("numa.cells", [count], here, f"the domain has {count} NUMA cell(s)")  # noqa: SLF001
+        elif self.ctx.realized:
             here = Explicit("1", "/domain/cpu (no <numa> in a laid-out domain)")
-            self.b._pin("numa.cells", ["1"], here, "a laid-out domain keeps its single NUMA cell")  # noqa: SLF001
+            self.ctx.pin("numa.cells", ["1"], here, "a laid-out domain keeps its single NUMA cell")  # noqa: SLF001
 
     def _possible_families(self) -> list[str]:
         """Machine families the app's own machine attribute still allows (all, when it wrote none)."""
-        machine = self.b.app_machine
-        families = list(self.b.problem.variables["machine"].values)
+        machine = self.ctx.app_machine
+        families = list(self.ctx.problem.variables["machine"].values)
         if machine is None:
             return families
         from virtpolicy.knowledge.machines import family_of
@@ -241,13 +235,13 @@ class PciPlanner:
         return [fam.name] if fam is not None and fam.name in families else families
 
     def _even_split(self) -> None:
-        if cells_in(self.b.domain.root):
+        if cells_in(self.ctx.domain.root):
             return
-        vcpus = self.b.domain.vcpus
-        memory = self.b.facts.resolve("domain.memory_mib")
-        uneven = [c for c in self.b.problem.variables["numa.cells"].values if vcpus % int(c) or int(memory) % int(c)]  # type: ignore[call-overload]
+        vcpus = self.ctx.domain.vcpus
+        memory = self.ctx.facts.resolve("domain.memory_mib")
+        uneven = [c for c in self.ctx.problem.variables["numa.cells"].values if vcpus % int(c) or int(memory) % int(c)]  # type: ignore[call-overload]
         if uneven:
-            self.b._add_forbid(  # noqa: SLF001
+            self.ctx.forbid(
                 "structural:numa-even-split",
                 [("numa.cells", frozenset(uneven))],
                 f"{vcpus} vCPUs and {memory} MiB cannot be split evenly into {'/'.join(uneven)} cells",
@@ -264,11 +258,11 @@ class PciPlanner:
         by_xpath = {inst.xpath: inst for inst, _ in self.devices}
         wishes = self.affinities()
         for aff in wishes:
-            if aff.xpath not in by_xpath and self.b.focus is None:
+            if aff.xpath not in by_xpath and self.ctx.focus is None:
                 from virtpolicy.errors import InputError
 
                 raise InputError(
-                    f"{self.b.domain.source}: {aff.where}: xpath='{aff.xpath}' names no PCI device "
+                    f"{self.ctx.domain.source}: {aff.where}: xpath='{aff.xpath}' names no PCI device "
                     f"(known: {', '.join(sorted(by_xpath))})"
                 )
         wished = {aff.xpath for aff in wishes}
@@ -277,14 +271,14 @@ class PciPlanner:
                 continue  # not in the guest's PCI topology (an unassigned host device): no node to wish for
             if inst.cls.name == "hostdev" and inst.xpath not in wished:
                 wishes.append(Affinity(inst.xpath, None, NOVA_DEFAULT_POLICY, ""))  # Nova's default
-        locality = HostLocality(self.b)
+        locality = HostLocality(self.ctx)
         self._host_devices(locality)
         for aff in wishes:
             inst = by_xpath.get(aff.xpath)
             if inst is None:
                 continue  # hot-plug: a laid-out device's wish, already where it is
             name = inst.var("node")
-            domain = self.b.problem.variables[name].values
+            domain = self.ctx.problem.variables[name].values
             wish = locality.allowed(inst, aff, domain)
             if wish is None:
                 continue
@@ -292,7 +286,7 @@ class PciPlanner:
             strength = Strength.SOFT if aff.policy == "preferred" else Strength.HARD
             # a host node matters only to a guest with NUMA cells (Nova: no NUMA topology, no PCI affinity)
             numa = [] if aff.node is not None else [("numa.cells", frozenset(self._multi_cell()))]
-            self.b._add_forbid(  # noqa: SLF001
+            self.ctx.forbid(
                 f"{prov.source.value}:{aff.where or prov.where}:{inst.prefix}",
                 [(name, frozenset(v for v in domain if v not in allowed)), *numa],
                 f"{inst.prefix} {text} ({aff.policy})",
@@ -302,11 +296,11 @@ class PciPlanner:
             )
 
     def _multi_cell(self) -> list[str]:
-        return [v for v in self.b.problem.variables["numa.cells"].values if v != "1"]
+        return [v for v in self.ctx.problem.variables["numa.cells"].values if v != "1"]
 
     def _host_devices(self, locality: HostLocality) -> None:
         """A passed-through device is PCIe or conventional as the host says, and must exist on the host."""
-        if not self.b.host.pci_devices:
+        if not self.ctx.host.pci_devices:
             return  # a bundle without nodedev data: libvirt decides at start, as it does without us
         for inst, _ in self.devices:
             if inst.cls.name != "hostdev" or inst.element is None:
@@ -314,14 +308,14 @@ class PciPlanner:
             address = source_address(inst.element)
             dev = locality.device(inst)
             if dev is None:
-                self.b._add_forbid(  # noqa: SLF001
+                self.ctx.forbid(
                     f"host:nodedev:{inst.prefix}",
-                    [(inst.var("link"), frozenset(self.b.problem.variables[inst.var("link")].values))],
+                    [(inst.var("link"), frozenset(self.ctx.problem.variables[inst.var("link")].values))],
                     f"{inst.prefix}: the host has no PCI device {address} "
-                    f"({len(self.b.host.pci_devices)} listed in {NODEDEV_FILE})",
+                    f"({len(self.ctx.host.pci_devices)} listed in {NODEDEV_FILE})",
                     Provenance(
                         Source.HOST,
-                        f"{self.b.host.name}/{NODEDEV_FILE}",
+                        f"{self.ctx.host.name}/{NODEDEV_FILE}",
                         f"no {address}",
                         data=(
                             ("device", address or ""),
@@ -331,12 +325,12 @@ class PciPlanner:
                 )
                 continue
             link = "pcie" if dev.pcie else "pci"
-            self.b._add_forbid(  # noqa: SLF001
+            self.ctx.forbid(
                 f"host:nodedev-link:{inst.prefix}",
                 [
                     (
                         inst.var("link"),
-                        frozenset(v for v in self.b.problem.variables[inst.var("link")].values if v != link),
+                        frozenset(v for v in self.ctx.problem.variables[inst.var("link")].values if v != link),
                     )
                 ],
                 f"{inst.prefix}: host {dev.address} is {'a PCI Express' if dev.pcie else 'a conventional PCI'} device",
@@ -349,7 +343,7 @@ class PciPlanner:
         pcie = [(i.var("slot"), i.var("node")) for i, _ in self.devices]
         if not pcie:
             return
-        most_spare = max(int(v) for v in self.b.problem.variables["hotplug.ports"].values)
+        most_spare = max(int(v) for v in self.ctx.problem.variables["hotplug.ports"].values)
         # root ports exist on q35 only: on pc, hotplug.ports counts free PCI slots, which pci-bridges provide
         on_pcie = self._root_kind() != "pci"
         pcie_root_can_fill = on_pcie and len(pcie) + most_spare > ROOT_PORTS_ON_PCIE_ROOT
@@ -361,7 +355,7 @@ class PciPlanner:
             data=(("rule", "pcie-root-ports"), ("file", "pci.toml"), ("line", 0)),
         )
         if pcie_root_can_fill:  # a count that can never exceed its limit only slows the search
-            self.b.add_constraint(
+            self.ctx.add(
                 BusBudget(
                     "structural:pcie-root-port-capacity",
                     pcie,
@@ -375,7 +369,7 @@ class PciPlanner:
             )
         for node, bus_nr, upper in self._fixed_expanders():
             limit = upper - bus_nr - 1
-            self.b.add_constraint(
+            self.ctx.add(
                 BusBudget(
                     f"app:expander-capacity:{node}",
                     pcie,
@@ -402,11 +396,11 @@ class PciPlanner:
         from virtpolicy.knowledge.machines import family_of
         from virtpolicy.outputs.topology import TopologyBuilder
 
-        root = self.b.domain.root
-        fam = family_of(self.b.app_machine.value) if self.b.app_machine else None
+        root = self.ctx.domain.root
+        fam = family_of(self.ctx.app_machine.value) if self.ctx.app_machine else None
         if fam is None or fam.root not in ("pcie", "pci") or root.find("devices/controller[@index='0']") is None:
             raise InputError(
-                f"{self.b.domain.source}: /domain/os/type/@machine: hot-plug needs a laid-out q35 or pc domain "
+                f"{self.ctx.domain.source}: /domain/os/type/@machine: hot-plug needs a laid-out q35 or pc domain "
                 "(with its machine and PCI controllers, as `virtpolicy solve` or `virsh dumpxml` writes it)"
             )
         topology = TopologyBuilder(root.find("devices"), fam.name, cells_in(root), 0)
@@ -424,14 +418,14 @@ class PciPlanner:
             if inst.prefix in self.never_pci or (el is not None and el.find("address[@type='pci']") is not None):
                 continue  # takes no new slot: never a PCI one (usb-net), or one it has (the agent's controller)
             slot_var, node_var = inst.var("slot"), inst.var("node")
-            nodes = self.b.problem.variables[node_var].values
+            nodes = self.ctx.problem.variables[node_var].values
             pairs: set[tuple[str, str]] = set()
             for slot in slots:
                 if slot.node is not None:
                     pairs.add((slot.slot_type, str(slot.node)))
                 elif len(nodes) == 1 or inst.xpath not in hard:
                     pairs |= {(slot.slot_type, n) for n in nodes}
-            self.b.add_constraint(
+            self.ctx.add(
                 _pairs_in(
                     f"app:hotplug-slots:{inst.prefix}",
                     slot_var,
@@ -451,7 +445,7 @@ class PciPlanner:
     def _fixed_expanders(self) -> list[tuple[int, int, int]]:
         """(node, busNr, next higher busNr or 256) of expanders the app wrote itself."""
         found = []
-        for el in self.b.domain.root.iterfind("devices/controller[@model='pcie-expander-bus']"):
+        for el in self.ctx.domain.root.iterfind("devices/controller[@model='pcie-expander-bus']"):
             node = el.findtext("target/node")
             bus_nr = el.find("target").get("busNr") if el.find("target") is not None else None
             if node and bus_nr and node.isdigit() and bus_nr.isdigit():
@@ -461,18 +455,18 @@ class PciPlanner:
 
     def _existing_addresses(self) -> None:
         """A device that already has a PCI address keeps it: its slot type and node follow from where it is."""
-        if self.b.focus is not None:
+        if self.ctx.focus is not None:
             here = Explicit("0", "/domain/devices (a running domain gains no controllers)")
-            self.b.problem.add_variable("hotplug.ports", ["0"])
-            self.b._pin("hotplug.ports", ["0"], here, "hot-plug adds no root ports")  # noqa: SLF001
-        elif self.b.realized:
+            self.ctx.problem.add_variable("hotplug.ports", ["0"])
+            self.ctx.pin("hotplug.ports", ["0"], here, "hot-plug adds no root ports")  # noqa: SLF001
+        elif self.ctx.realized:
             empty = self._spare_of_laid_out()
             here = Explicit(str(empty), "/domain/devices (spare hot-plug slots of a laid-out domain)")
-            self.b.problem.add_variable("hotplug.ports", [str(empty)])
+            self.ctx.problem.add_variable("hotplug.ports", [str(empty)])
             what = "spare root port(s)" if self._root_kind() == "pcie" else "free hot-plug PCI slot(s)"
-            self.b._pin("hotplug.ports", [str(empty)], here, f"{empty} {what} stay as they are")  # noqa: SLF001
+            self.ctx.pin("hotplug.ports", [str(empty)], here, f"{empty} {what} stay as they are")  # noqa: SLF001
         controllers = {
-            int(c.get("index", "-1")): c for c in self.b.domain.root.iterfind("devices/controller[@type='pci']")
+            int(c.get("index", "-1")): c for c in self.ctx.domain.root.iterfind("devices/controller[@type='pci']")
         }
         nodes = {bus: _node_of_bus(bus, controllers) for bus in controllers}
         for inst, _ in self.devices:
@@ -488,7 +482,7 @@ class PciPlanner:
             here = Explicit(",".join(slots), xpath_of(addr))
             refused = _refused_address(addr, controllers)
             if refused is not None:
-                self.b._add_forbid(  # noqa: SLF001
+                self.ctx.forbid(
                     f"app:{xpath_of(addr)}:bus",
                     [(inst.var("slot"), frozenset(SLOT_VALUES))],
                     f"{inst.prefix}: {refused}",
@@ -500,21 +494,21 @@ class PciPlanner:
                         data=(("xpath", xpath_of(addr)), ("value", _address_text(addr))),
                     ),
                 )
-            self.b._pin(inst.var("slot"), slots, here, f"{inst.prefix} keeps its PCI address")  # noqa: SLF001
+            self.ctx.pin(inst.var("slot"), slots, here, f"{inst.prefix} keeps its PCI address")  # noqa: SLF001
             node = nodes.get(bus)
-            if node is not None and str(node) in self.b.problem.variables[inst.var("node")].values:
-                self.b._pin(inst.var("node"), [str(node)], here, f"{inst.prefix} stays on node {node}")  # noqa: SLF001
+            if node is not None and str(node) in self.ctx.problem.variables[inst.var("node")].values:
+                self.ctx.pin(inst.var("node"), [str(node)], here, f"{inst.prefix} stays on node {node}")  # noqa: SLF001
 
     def _existing_agent_controller(self, inst: Instance) -> None:
         """An agent channel the engine may add attaches to the virtio-serial controller already there: if it is
         added (model not none), its model and slot are that controller's, which keeps its address."""
         if inst.cls.name != "agent" or inst.element is not None:
             return
-        controller = self.b.domain.root.find("devices/controller[@type='virtio-serial']")
+        controller = self.ctx.domain.root.find("devices/controller[@type='virtio-serial']")
         if controller is None:
             return
         model_var = inst.var("model")
-        models = self.b.problem.variables[model_var].values
+        models = self.ctx.problem.variables[model_var].values
         written = controller.get("model")
         addr = controller.find("address[@type='pci']")
         if written is not None:
@@ -528,7 +522,7 @@ class PciPlanner:
             Source.APP, where, f"'{written or 'virtio'}'", data=(("xpath", where), ("value", written or "virtio"))
         )
         added = frozenset(m for m in models if m != "none")
-        self.b._add_forbid(  # noqa: SLF001
+        self.ctx.forbid(
             f"app:{where}:agent-model",
             [(model_var, frozenset(m for m in added if m not in same))],
             f"an added agent channel attaches to the existing virtio-serial controller ({written or 'virtio'})",
@@ -537,7 +531,7 @@ class PciPlanner:
         if addr is None:
             return
         slots = _slots_at(addr, self._controllers())
-        self.b._add_forbid(  # noqa: SLF001
+        self.ctx.forbid(
             f"app:{xpath_of(addr)}:agent-slot",
             [(model_var, added), (inst.var("slot"), frozenset(s for s in SLOT_VALUES if s not in slots))],
             "an added agent channel uses the existing virtio-serial controller, at its PCI address",
@@ -547,7 +541,7 @@ class PciPlanner:
     def _controllers(self) -> dict[int, etree._Element]:
         """The PCI controllers the app wrote, by index (read once: the app's XML does not change in a build)."""
         if self._controllers_by_index is None:
-            found = self.b.domain.root.iterfind("devices/controller[@type='pci']")
+            found = self.ctx.domain.root.iterfind("devices/controller[@type='pci']")
             self._controllers_by_index = {int(c.get("index", "-1")): c for c in found}
             kind = self._root_kind()
             if 0 not in self._controllers_by_index and kind in ("pci", "pcie"):
@@ -569,18 +563,18 @@ class PciPlanner:
         from virtpolicy.knowledge.machines import family_of
         from virtpolicy.outputs.topology import TopologyBuilder
 
-        root = self.b.domain.root
-        fam = family_of(self.b.app_machine.value) if self.b.app_machine else None
+        root = self.ctx.domain.root
+        fam = family_of(self.ctx.app_machine.value) if self.ctx.app_machine else None
         if fam is not None and fam.root == "pci" and root.find("devices/controller[@index='0']") is not None:
             count = len(TopologyBuilder(root.find("devices"), fam.name, cells_in(root), 0).hotplug_slots())
         else:
             count = _spare_ports_of(root)
-        recorded = self.b.domain.previous_decisions().get("hotplug.ports")
+        recorded = self.ctx.domain.previous_decisions().get("hotplug.ports")
         if recorded is not None and recorded[0].isdigit():
             count = min(count, int(recorded[0]))
         return count
 
-    def add_preferences(self) -> None:
+    def prefer(self) -> None:
         """Lowest preferences, taken after the device models are decided (a slot follows from a model)."""
         self._prefer(
             "numa.cells", "1", "engine.numa-cells:1", "prefer one guest NUMA cell unless asked", "engine.numa-cells"
@@ -601,13 +595,13 @@ class PciPlanner:
                 f"prefer {slot} = pcie: a root port of its own, as libvirt gives",
                 f"engine.slot:{slot}",
             )
-            if len(self.b.problem.variables[node].values) > 1:
+            if len(self.ctx.problem.variables[node].values) > 1:
                 self._prefer(node, "0", f"engine.node:{node}=0", f"prefer {node} = 0", f"engine.node:{node}")
 
     def _prefer(self, name: str, value: str, cid: str, message: str, group: str) -> None:
         """An engine default: soft, lowest priority, `name = value`."""
-        domain = self.b.problem.variables[name].values
-        self.b._add_forbid(  # noqa: SLF001
+        domain = self.ctx.problem.variables[name].values
+        self.ctx.forbid(
             cid,
             [(name, frozenset(v for v in domain if v != value))],
             message,

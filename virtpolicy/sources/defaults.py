@@ -1,0 +1,111 @@
+"""The engine's own defaults (knowledge/data/engine-defaults.toml): the weakest source, soft preferences only.
+
+They decide what nothing else decides, in libvirt's and virt-install's spirit (virtio where the guest
+drives it, q35, UEFI where the OS supports it), and the Hyper-V enlightenments for Windows guests.
+"""
+
+from __future__ import annotations
+
+from virtpolicy.core.problem import Forbid, Provenance, Source, Strength
+from virtpolicy.knowledge.tables import engine_defaults
+from virtpolicy.sources.app import hyperv_written
+from virtpolicy.sources.context import BuildContext
+
+
+class DefaultsSource:
+    name = "defaults"
+
+    def __init__(self, ctx: BuildContext) -> None:
+        self.ctx = ctx
+
+    def declare(self) -> None:
+        _, features = engine_defaults()
+        app_hyperv = self.ctx.domain.root.find("features/hyperv")
+        if not self.ctx.guest.is_windows and app_hyperv is None:
+            return
+        for feature in features:
+            if not self.ctx.guest.is_windows and hyperv_written(self.ctx.domain, feature) is None:
+                continue
+            self.ctx.hyperv.append(feature)
+            self.ctx.problem.add_variable(f"hyperv.{feature.feature}", ("on", "off"), f"Hyper-V {feature.feature}")
+
+    def prefer(self) -> None:
+        prefs, _ = engine_defaults()
+        variables = self.ctx.problem.variables
+        # (domain, value) -> the rest of the domain: twenty disks share one domain, so one set serves them all
+        others: dict[tuple[tuple[str, ...], str], frozenset[str]] = {}
+        for pref in prefs:
+            if any(getattr(self.ctx.guest, k) not in v for k, v in pref.when_guest.items()):
+                continue
+            # one provenance per preference (frozen, so shared): a 40-device domain makes ~600 of these
+            prov = Provenance(Source.ENGINE, pref.id, pref.where, data=(("preference", pref.id),))
+            for mapping in self.ctx.expand([pref.variable, *pref.when]):
+                name = mapping[pref.variable]
+                if name not in variables:
+                    continue
+                domain = variables[name].values
+                when = [(mapping[w], self.ctx.values(mapping[w], vals)) for w, vals in pref.when.items()]
+                group = f"{pref.id}:{name}"
+                # what _add_forbid would make of the `when` part, worked out once for all values (it is the
+                # same for each); a shape it does not cover (a missing or repeated variable) goes through it
+                names = [w for w, _ in when]
+                plain = name not in names and len(set(names)) == len(names) and all(w in variables for w in names)
+                if plain and any(not vals for _, vals in when):
+                    continue  # can never be violated, whatever the value
+                kept = [(w, vals) for w, vals in when if not vals.issuperset(variables[w].values)] if plain else []
+                kept_names = (*(w for w, _ in kept), name)
+                kept_sets = tuple(vals for _, vals in kept)
+                for value in pref.order:
+                    if value not in domain:
+                        continue
+                    rest = others.get((domain, value))
+                    if rest is None:
+                        rest = others[(domain, value)] = frozenset(v for v in domain if v != value)
+                    cid, message = f"{group}={value}", f"prefer {name} = {value}: {pref.why}"
+                    if not plain:
+                        self.ctx.forbid(cid, [*when, (name, rest)], message, prov, strength=Strength.SOFT, group=group)
+                    elif rest:  # else the domain is this value alone: never violated
+                        # `rest` never covers the domain (it lacks `value`), so it always stays
+                        self.ctx.forbid_sets(
+                            cid, kept_names, (*kept_sets, rest), message, prov, Strength.SOFT, 0, (), group
+                        )
+        for feature in self.ctx.hyperv:
+            name = f"hyperv.{feature.feature}"
+            self.ctx.forbid(
+                f"engine.hyperv:{name}=on",
+                [(name, frozenset(["off"]))],
+                f"prefer Hyper-V {feature.feature} on for Windows guests, where the host offers it",
+                Provenance(Source.ENGINE, "engine.hyperv", "engine-defaults.toml [[hyperv]]"),
+                strength=Strength.SOFT,
+            )
+        self._order_domains()
+
+    def _order_domains(self) -> None:
+        """Put each variable's preferred values first, so the first search already finds good witnesses."""
+        preferred: dict[str, list[str]] = {}
+        variables = self.ctx.problem.variables
+        # (domain, forbidden set) -> the one value left, or None: preferences share their sets (one per
+        # domain and value), so twenty disks' preferences are worked out once
+        only: dict[tuple[tuple[str, ...], frozenset[str]], str | None] = {}
+        for c in self.ctx.problem.constraints:
+            if c.strength is Strength.HARD or not isinstance(c, Forbid):
+                continue
+            for name, forbidden in zip(c.variables, c.sets, strict=True):
+                values = variables[name].values
+                if len(values) - len(forbidden) > 1:
+                    continue  # at least two values stay allowed: not a preference for one value
+                key = (values, forbidden) if isinstance(forbidden, frozenset) else None  # a set: not kept
+                if key is not None and key in only:
+                    one = only[key]
+                else:
+                    allowed = [v for v in values if v not in forbidden]
+                    one = allowed[0] if len(allowed) == 1 else None
+                    if key is not None:
+                        only[key] = one
+                order = preferred.setdefault(name, [])
+                if one is not None and one not in order:
+                    order.append(one)
+        for name, order in preferred.items():
+            var = self.ctx.problem.variables[name]
+            order += [v for v in var.values if v not in order]
+            self.ctx.problem.variables[name] = type(var)(var.name, tuple(order), var.label)

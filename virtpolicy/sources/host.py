@@ -1,0 +1,150 @@
+"""The host's capabilities and domcapabilities: what this host offers for each machine and domain type.
+
+The only source that differs between the hosts of a fleet. A fact missing for one domain type is a
+constraint on that type; missing for every type the host offers, one constraint says so for all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+
+from virtpolicy.core.problem import Constraint, Provenance, Source
+from virtpolicy.inputs.host import DomainCaps
+from virtpolicy.knowledge.machines import family_of
+from virtpolicy.knowledge.tables import host_enums
+from virtpolicy.sources.context import BuildContext
+
+
+class HostSource:
+    name = "host"
+
+    def __init__(self, ctx: BuildContext) -> None:
+        self.ctx = ctx
+        self._host_lacks: dict[str, dict[str, str]] = {}  # fact -> virt type -> file lacking it
+        self._host_per_type: dict[str, list[Constraint]] = {}  # fact -> its per-virt-type constraints so far
+        self._superseded: set[int] = set()  # ids of per-virt-type constraints a merged one replaced
+        self._lacking: dict[tuple[str, str], list[tuple[str, str, DomainCaps, tuple[str, ...]]]] = {}
+        self._lacking_over: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # the values _lacking is for
+
+    def _caps(self) -> Iterator[tuple[str, str, DomainCaps | None]]:
+        for fam in self.ctx.problem.variables["machine"].values:
+            for vt in self.ctx.problem.variables["domain.type"].values:
+                yield fam, vt, self.ctx.host.domcaps_for(self.ctx.arch, vt, fam)
+
+    def _host_where(self) -> str:
+        return self.ctx.host.source.rsplit("/", 1)[-1]
+
+    def constrain(self) -> None:
+        offered = self.ctx.host.virt_types(self.ctx.arch)
+        for vt in self.ctx.problem.variables["domain.type"].values:
+            if vt not in offered:
+                self.ctx.forbid(
+                    f"host:domain-type:{vt}",
+                    [("domain.type", frozenset([vt]))],
+                    f"the host offers no '{vt}' domains for {self.ctx.arch} (it offers {', '.join(offered) or 'none'})",
+                    Provenance(Source.HOST, f"{self._host_where()}/capabilities.xml", f"guest arch {self.ctx.arch}"),
+                )
+        for fam, vt, caps in self._caps():
+            if vt not in offered:
+                continue
+            if caps is None:
+                self.ctx.forbid(
+                    f"host:machine:{fam}:{vt}",
+                    [("machine", frozenset([fam])), ("domain.type", frozenset([vt]))],
+                    f"the host describes no {fam} machine for {self.ctx.arch} {vt} domains",
+                    Provenance(Source.HOST, self._host_where(), f"no domcapabilities for {fam}/{vt}"),
+                )
+                continue
+            if self.ctx.domain.vcpus > caps.vcpu_max:
+                self._forbid_on_host(
+                    f"vcpu-max:{fam}",
+                    [("machine", frozenset([fam]))],
+                    vt,
+                    f"{self.ctx.domain.vcpus} vCPUs exceed the {caps.vcpu_max} that {caps.machine} allows",
+                    Provenance(Source.HOST, caps.source, f"vcpu max='{caps.vcpu_max}'"),
+                )
+            self._host_lists_app_machine(fam, vt)
+        for row in host_enums():
+            for mapping in self.ctx.expand([row.variable]):
+                name = mapping[row.variable]
+                if name not in self.ctx.problem.variables:
+                    continue
+                for value in self.ctx.problem.variables[name].values:
+                    if value in row.not_a_device or (row.value_map and value not in row.value_map):
+                        continue
+                    wanted = row.value_map.get(value, value)
+                    self._host_offers(name, value, row.key, wanted)
+        for feature in self.ctx.hyperv:
+            self._host_offers(f"hyperv.{feature.feature}", "on", "features/hyperv/features", feature.domcaps)
+        if self._superseded:  # one pass, not one per merged fact
+            self.ctx.problem.constraints = [c for c in self.ctx.problem.constraints if id(c) not in self._superseded]
+            self._superseded.clear()
+
+    def _host_lists_app_machine(self, fam: str, vt: str) -> None:
+        """The app's versioned machine name must exist on the host (its ABI is that exact version)."""
+        app_family = family_of(self.ctx.app_machine.value) if self.ctx.app_machine else None
+        if self.ctx.app_machine is None or app_family is None or app_family.name != fam:
+            return
+        if self.ctx.app_machine.value in (m.name for m in self.ctx.host.machines.get((self.ctx.arch, vt), [])):
+            return
+        self._forbid_on_host(
+            "machine-name",
+            [("machine", frozenset([fam]))],
+            vt,
+            f"the host lists no machine '{self.ctx.app_machine.value}' for {self.ctx.arch}",
+            Provenance(Source.HOST, f"{self._host_where()}/capabilities.xml", "guest/arch/machine"),
+        )
+
+    def _caps_lacking(self, key: str, wanted: str) -> list[tuple[str, str, DomainCaps, tuple[str, ...]]]:
+        """(machine, virt type, domcaps, enum) of every domcaps whose `key` enum lacks `wanted`.
+
+        Every device of a class asks the same question (20 disks: 20 times per value), so the answer is kept
+        for as long as the machine and domain-type values it was computed over stay the same.
+        """
+        over = (self.ctx.problem.variables["machine"].values, self.ctx.problem.variables["domain.type"].values)
+        if over != self._lacking_over:
+            self._lacking, self._lacking_over = {}, over
+        found = self._lacking.get((key, wanted))
+        if found is None:
+            found = []
+            for fam, vt, caps in self._caps():
+                enum = caps.enum(key) if caps is not None else None
+                if caps is not None and enum is not None and wanted not in enum:
+                    found.append((fam, vt, caps, enum))
+            self._lacking[(key, wanted)] = found
+        return found
+
+    def _host_offers(self, name: str, value: str, key: str, wanted: str) -> None:
+        """Forbid `name == value` on every (machine, virt type) whose domcaps enum lacks `wanted`."""
+        for fam, vt, caps, enum in self._caps_lacking(key, wanted):
+            listed = ", ".join(enum) or "nothing"
+            self._forbid_on_host(
+                f"{name}={value}:{fam}",
+                [(name, frozenset([value])), ("machine", frozenset([fam]))],
+                vt,
+                f"the host's {fam} domcapabilities do not offer {key} '{wanted}' (they list {listed})",
+                Provenance(Source.HOST, caps.source, f"enum {key}", data=(("enum", key), ("value", wanted))),
+            )
+
+    def _forbid_on_host(
+        self, key: str, conds: list[tuple[str, frozenset[str]]], vt: str, message: str, prov: Provenance
+    ) -> None:
+        """A host fact for one virt type; when every virt type lacks it, one constraint says so for all."""
+        lacking = self._host_lacks.setdefault(key, {})
+        lacking[vt] = prov.where
+        offered = set(self.ctx.host.virt_types(self.ctx.arch)) & set(self.ctx.problem.variables["domain.type"].values)
+        if set(lacking) >= offered:
+            self._superseded.update(id(c) for c in self._host_per_type.pop(key, []))
+            order = self.ctx.problem.variables["domain.type"].values
+            files = tuple(dict.fromkeys(lacking[v] for v in order if v in lacking))
+            merged = replace(prov, where=", ".join(files), data=(*prov.data, ("files", files)))
+            self.ctx.forbid(f"host:{key}", conds, message, merged)
+        else:
+            one = replace(prov, data=(*prov.data, ("files", (prov.where,))))
+            count = len(self.ctx.problem.constraints)
+            self.ctx.forbid(
+                f"host:{key}:{vt}", [*conds, ("domain.type", frozenset([vt]))], f"{message} ({vt} domains)", one
+            )
+            if len(self.ctx.problem.constraints) > count:
+                self._host_per_type.setdefault(key, []).append(self.ctx.problem.constraints[-1])

@@ -1,0 +1,64 @@
+"""libvirt/QEMU structural facts (knowledge/data/structural.toml), expanded over the domain's devices.
+
+Hard: a structural rule is why libvirt or QEMU would refuse the domain; each row names its file:line
+and its citation in libvirt's or QEMU's source.
+"""
+
+from __future__ import annotations
+
+from virtpolicy.core.problem import AtMost, Provenance, Source
+from virtpolicy.knowledge.tables import structural
+from virtpolicy.sources.context import BuildContext
+
+
+class StructuralSource:
+    name = "structural"
+
+    def __init__(self, ctx: BuildContext) -> None:
+        self.ctx = ctx
+
+    def constrain(self) -> None:
+        _, rules = structural()
+        for rule in rules.values():
+            file, _, line = rule.where.rpartition(":")
+            prov = Provenance(
+                Source.STRUCTURAL,
+                rule.id,
+                rule.where,
+                rule.citation,
+                data=(("rule", rule.id), ("file", file), ("line", int(line or 0))),
+            )
+            if rule.at_most:
+                refs = list(rule.at_most["variables"])  # type: ignore[arg-type]
+                names = [
+                    i.var(r.split(".")[1]) for r in refs for i in self.ctx.instances if i.cls.name == r.split(".")[0]
+                ]
+                if names:
+                    self.ctx.problem.add(
+                        AtMost(
+                            id=f"structural:{rule.id}",
+                            variables=tuple(names),
+                            message=rule.text,
+                            provenance=prov,
+                            value=str(rule.at_most["value"]),
+                            limit=int(rule.at_most["limit"]),  # type: ignore[call-overload]
+                        )
+                    )
+                continue
+            if rule.forbid_values:
+                for ref in rule.variables:
+                    for mapping in self.ctx.expand([ref, *rule.when]):
+                        conds = [(mapping[w], self.ctx.values(mapping[w], vals)) for w, vals in rule.when.items()]
+                        conds.append((mapping[ref], frozenset(rule.forbid_values)))
+                        self.ctx.forbid(f"structural:{rule.id}:{mapping[ref]}", conds, rule.text, prov)
+                continue
+            refs = list(rule.forbid) + list(rule.when) + list(rule.require)
+            for mapping in self.ctx.expand(refs, rule.only_where_missing):
+                conds = [(mapping[r], self.ctx.values(mapping[r], vals)) for r, vals in rule.forbid.items()]
+                conds += [(mapping[r], self.ctx.values(mapping[r], vals)) for r, vals in rule.when.items()]
+                for r, vals in rule.require.items():
+                    name = mapping[r]
+                    domain = self.ctx.problem.variables[name].values if name in self.ctx.problem.variables else ()
+                    conds.append((name, frozenset(v for v in domain if v not in vals)))
+                suffix = ",".join(sorted({n for n, _ in conds} - {r for r in refs}))
+                self.ctx.forbid(f"structural:{rule.id}" + (f":{suffix}" if suffix else ""), conds, rule.text, prov)
