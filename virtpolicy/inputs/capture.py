@@ -1,21 +1,34 @@
-"""Capturing a host bundle from a live libvirt (`virtpolicy host capture`, `--connect URI`).
+"""Capturing a host bundle from a live libvirt (`virtpolicy host capture`, `--connect URI`), and asking a
+live libvirt for a CPU baseline (`virsh hypervisor-cpu-baseline`).
 
 Uses the `virsh` client rather than libvirt's Python binding, so the package keeps its three
-dependencies; what is captured is exactly what `virsh capabilities` / `domcapabilities` print.
+dependencies; what is captured is exactly what `virsh capabilities` / `domcapabilities` print. The
+bundle's host.toml records the URI (planning asks that libvirt again), the libvirt and hypervisor
+versions (`virsh version --daemon`) and, when the URI names this machine, the kernel release
+(`uname -r`): libvirt itself reports no kernel release.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from virtpolicy.errors import HostError, InputError
 from virtpolicy.inputs.host import Host, load_host_bundle
 from virtpolicy.inputs.hostdevices import NODEDEV_FILE
+from virtpolicy.inputs.hostmeta import HOST_META, HostMeta, format_meta
 from virtpolicy.knowledge.machines import families
 
 VIRSH_TIMEOUT = 60
+
+
+class Unreachable(HostError):
+    """The libvirt at a URI does not answer at all (as opposed to answering with an error)."""
 
 
 def _virsh(uri: str, *args: str) -> str:
@@ -70,7 +83,56 @@ def capture(uri: str, directory: Path) -> list[Path]:
             out = directory / f"domcaps-{arch}-{fam.name}-{vt}.xml"
             _write(out, _virsh(uri, "domcapabilities", "--arch", arch, "--machine", canonical, "--virttype", vt))
             written.append(out)
+    meta, notes = describe(uri)
+    _write(directory / HOST_META, format_meta(meta, notes))
+    written.append(directory / HOST_META)
     return written
+
+
+def is_local(uri: str) -> bool:
+    """Whether the URI's daemon runs on this machine (no host part, or localhost), so that `uname -r` here is
+    its host's kernel release. The test driver has no host at all."""
+    parts = urlsplit(uri)
+    return parts.scheme.split("+")[0] not in ("test", "") and parts.hostname in (None, "", "localhost")
+
+
+def describe(uri: str) -> tuple[HostMeta, dict[str, str]]:
+    """The host.toml facts for a live libvirt, and a note per key saying where it came from."""
+    version = dict(
+        (line.split(":", 1)[0].strip(), line.split(":", 1)[1].strip())
+        for line in _virsh(uri, "version", "--daemon").splitlines()
+        if ":" in line
+    )
+    notes = {"libvirt": "virsh version --daemon", "hypervisor": "virsh version --daemon"}
+    kernel = ""
+    if is_local(uri):
+        kernel = os.uname().release
+        notes["kernel"] = "uname -r on the machine that ran host capture: the URI is local"
+    else:
+        notes["kernel"] = 'unknown: libvirt reports no kernel release; add kernel = "$(uname -r)" from the host'
+    meta = HostMeta(
+        connect=uri,
+        captured=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        libvirt=version.get("Running against daemon", ""),
+        hypervisor=version.get("Running hypervisor", ""),
+        kernel=kernel,
+    )
+    return meta, notes
+
+
+def hypervisor_cpu_baseline(uri: str, cpus: list[str], arch: str, virt_type: str, machine: str) -> str:
+    """`virsh hypervisor-cpu-baseline --migratable` over these <cpu> elements (virConnectBaselineHypervisorCPU):
+    the richest CPU compatible with all of them that this libvirt's hypervisor can provide; its XML.
+    HostError with libvirt's message when it cannot answer; Unreachable when it does not answer at all."""
+    try:
+        _virsh(uri, "uri")
+    except HostError as exc:
+        raise Unreachable(str(exc)) from None
+    with tempfile.TemporaryDirectory(prefix="virtpolicy-baseline-") as tmp:
+        path = Path(tmp) / "cpus.xml"
+        path.write_text("\n".join(cpus) + "\n")
+        args = ["hypervisor-cpu-baseline", str(path), "--migratable", "--arch", arch, "--virttype", virt_type]
+        return _virsh(uri, *args, *(("--machine", machine) if machine else ()))
 
 
 def _capture_nodedevs(uri: str, out: Path) -> Path:

@@ -17,6 +17,7 @@ from lxml import etree
 from virtpolicy.errors import HostError
 from virtpolicy.inputs.domain import memory_kib
 from virtpolicy.inputs.hostdevices import NODEDEV_FILE, HostPciDevice, read_nodedevs
+from virtpolicy.inputs.hostmeta import HostMeta, read_host_meta
 from virtpolicy.inputs.xmlsafe import expect_root, parse_file
 from virtpolicy.knowledge.machines import family_of
 
@@ -42,6 +43,7 @@ class DomainCaps:
     host_model_features: frozenset[str] = frozenset()  # its policy='require' features
     host_model_disabled: frozenset[str] = frozenset()  # its policy='disable' features
     usable_models: tuple[str, ...] = ()  # cpu/mode[@name='custom']/model[@usable='yes']
+    host_model_vendor: str = ""  # cpu/mode[@name='host-model']/vendor
 
     def enum(self, key: str) -> tuple[str, ...] | None:
         """Values of an enum, or None when libvirt did not report that element (unknown, not empty).
@@ -121,6 +123,7 @@ def _read_domcaps(path: Path) -> DomainCaps:
         usable_models=tuple(
             (m.text or "").strip() for m in root.findall("cpu/mode[@name='custom']/model") if m.get("usable") == "yes"
         ),
+        host_model_vendor=(root.findtext("cpu/mode[@name='host-model']/vendor") or "").strip(),
     )
 
 
@@ -169,6 +172,9 @@ class Host:
     cells: dict[int, HostCell] = field(default_factory=dict)  # host cell -> its CPUs, memory and huge pages
     pci_devices: dict[str, HostPciDevice] = field(default_factory=dict)  # 0000:3b:00.0 -> the device
     caps_source: str = ""
+    kernel: str = ""  # the host's kernel release (host.toml or the inventory), "" when not known
+    kernel_features: dict[str, bool] = field(default_factory=dict)  # declared host-kernel features
+    connect: str = ""  # the libvirt URI the bundle was captured from, "" when not known
     _index: dict[tuple[str, str, str], DomainCaps] | None = field(default=None, repr=False)
 
     @property
@@ -271,6 +277,7 @@ def load_host_bundle(path: Path) -> Host:
         raise HostError(f"{path}: host bundle lacks capabilities.xml")
     host = Host(source=str(path), arch="")
     _read_capabilities(caps_file, host)
+    apply_meta(host, read_host_meta(path))
     if (path / NODEDEV_FILE).exists():
         host.pci_devices = read_nodedevs(path / NODEDEV_FILE)
     for file in sorted(path.glob("*.xml")):
@@ -280,6 +287,11 @@ def load_host_bundle(path: Path) -> Host:
     if not host.domcaps:
         raise HostError(f"{path}: host bundle has no domcapabilities files")
     return host
+
+
+def apply_meta(host: Host, meta: HostMeta) -> None:
+    """The bundle's host.toml (or an inventory entry): kernel release, declared kernel features, URI."""
+    host.kernel, host.kernel_features, host.connect = meta.kernel, meta.declared, meta.connect
 
 
 def embedded_host() -> Host:

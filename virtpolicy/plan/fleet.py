@@ -13,6 +13,12 @@ host) or from an inventory file:
     bundle = "bundles/qemu-7.2"      # relative to the inventory file; or connect = "qemu+ssh://h/system"
     labels = { rack = "r1", zone = "a" }
     count = 12                        # twelve identical hosts: r1-h01-1 ... r1-h01-12
+    kernel = "5.14.0-503.el9.x86_64"  # uname -r on the host (over the bundle's host.toml)
+    kernel_features = { virtio-net-uso = true }   # what the release does not show (a backport)
+
+Hosts whose kernels differ in a host-kernel-dependent feature (knowledge/data/host-kernel-features.toml)
+are different classes even when their libvirt XML is identical: the fingerprint covers the status of each
+such feature, not the release.
 """
 
 from __future__ import annotations
@@ -26,11 +32,12 @@ from pathlib import Path
 from lxml import etree
 
 from virtpolicy.errors import HostError, InputError
-from virtpolicy.inputs.host import Host, load_host_bundle
+from virtpolicy.inputs.host import Host, apply_meta, load_host_bundle
+from virtpolicy.inputs.hostmeta import HostMeta, parse_meta, read_host_meta
 from virtpolicy.inputs.xmlsafe import parse_bytes, read_file
 
 MAX_HOSTS = 1_000_000
-HOST_KEYS = {"name", "bundle", "connect", "labels", "count"}
+HOST_KEYS = {"name", "bundle", "connect", "labels", "count", "kernel", "kernel_features"}
 VOLATILE = ("host/uuid",)  # capabilities fields that differ between otherwise identical hosts
 
 
@@ -58,8 +65,9 @@ class Fleet:
         self.hosts.append(FleetHost(name, fingerprint, tuple(sorted(labels.items())), source))
 
 
-def fingerprint(path: Path) -> str:
-    """A short digest of the bundle's normalised host data: equal for hosts with identical capabilities."""
+def fingerprint(path: Path, meta: HostMeta | None = None) -> str:
+    """A short digest of the bundle's normalised host data: equal for hosts with identical capabilities.
+    `meta` (default: the bundle's host.toml) adds the host's kernel-dependent features, when known."""
     digest = hashlib.sha256()
     files = [path] if path.is_file() else sorted(path.glob("*.xml"))
     for file in files:
@@ -74,6 +82,9 @@ def fingerprint(path: Path) -> str:
                 el.tail = None
         etree.strip_tags(root, etree.Comment)
         digest.update(file.name.encode() + b"\0" + etree.tostring(root, method="c14n") + b"\0")
+    kernel = (meta if meta is not None else read_host_meta(path)).signature()
+    if kernel:
+        digest.update(b"kernel-features\0" + kernel + b"\0")
     return digest.hexdigest()[:16]
 
 
@@ -96,9 +107,15 @@ def _from_directory(path: Path) -> Fleet:
     return fleet
 
 
-def _add_bundle(fleet: Fleet, name: str, bundle: Path, labels: dict[str, str], count: int = 1) -> None:
-    digest = fingerprint(bundle)
-    host = fleet.classes.get(digest) or load_host_bundle(bundle)
+def _add_bundle(
+    fleet: Fleet, name: str, bundle: Path, labels: dict[str, str], count: int = 1, entry: HostMeta | None = None
+) -> None:
+    meta = read_host_meta(bundle).merged(entry) if entry is not None else read_host_meta(bundle)
+    digest = fingerprint(bundle, meta)
+    host = fleet.classes.get(digest)
+    if host is None:
+        host = load_host_bundle(bundle)
+        apply_meta(host, meta)
     for i in range(count):
         fleet.add(name if count == 1 else f"{name}-{i + 1}", host, digest, labels, str(bundle))
 
@@ -141,21 +158,25 @@ def _from_inventory(path: Path) -> Fleet:
         bundle, uri = entry.get("bundle"), entry.get("connect")
         if (bundle is None) == (uri is None) or not isinstance(bundle or uri, str):
             raise InputError(f"{where} ({name}): give exactly one of 'bundle' (a path) or 'connect' (a libvirt URI)")
+        try:
+            meta = parse_meta(entry, f"{where} ({name})", frozenset({"kernel", "kernel_features"}))
+        except HostError as exc:
+            raise InputError(str(exc)) from None
         if bundle is not None:
-            _add_bundle(fleet, name, (path.parent / bundle), labels, count)
+            _add_bundle(fleet, name, (path.parent / bundle), labels, count, meta)
         else:
-            _add_live(fleet, name, str(uri), labels, count)
+            _add_live(fleet, name, str(uri), labels, count, meta)
     return fleet
 
 
-def _add_live(fleet: Fleet, name: str, uri: str, labels: dict[str, str], count: int) -> None:
+def _add_live(fleet: Fleet, name: str, uri: str, labels: dict[str, str], count: int, meta: HostMeta) -> None:
     import tempfile
 
     from virtpolicy.inputs.capture import capture
 
     with tempfile.TemporaryDirectory(prefix="virtpolicy-fleet-") as tmp:
-        capture(uri, Path(tmp))
-        _add_bundle(fleet, name, Path(tmp), labels, count)
+        capture(uri, Path(tmp))  # its host.toml names the URI, so the class's host can be asked again
+        _add_bundle(fleet, name, Path(tmp), labels, count, meta)
     for i in range(1, count + 1):  # the bundle was temporary: name the URI as the source
         index = len(fleet.hosts) - i
         fleet.hosts[index] = FleetHost(fleet.hosts[index].name, fleet.hosts[index].host_class,
