@@ -517,7 +517,8 @@ def cmd_plan_common(args: argparse.Namespace) -> int:
                   f"--min-hosts {args.min_hosts}", file=sys.stderr)  # fmt: skip
             return EXIT_CONFLICT
         classes = list(choice.chosen)
-    plan = plan_common(engine, classes, data, source, args.profile, args.os_id, args.guest_support)
+    names = {c: names_of(fleet, c) for c in classes}
+    plan = plan_common(engine, classes, data, source, args.profile, args.os_id, args.guest_support, names=names)
     report = plan.to_dict()
     if choice is not None:
         report["left_out"] = [
@@ -527,25 +528,42 @@ def cmd_plan_common(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, sort_keys=True))
     elif plan.feasible:
         sys.stdout.write(report["xml"])
-    names = {c: names_of(fleet, c) for c in classes}
     if not plan.result.feasible:
         print(plan.result.summary(), file=sys.stderr)
         return EXIT_CONFLICT
-    cpu = (
-        f"custom CPU {plan.cpu.model} + {len(plan.cpu.features)} feature(s)" if plan.cpu else "CPU as the template says"
-    )
     print(
         f"virtpolicy: plan common: one domain for {sum(len(fleet.members(c)) for c in classes)} of "
         f"{len(fleet.hosts)} host(s) in {len(classes)} class(es): "
-        f"machine {report['machine']}, {cpu}",
+        f"machine {report['machine']}, {_cpu_summary(plan)}",
         file=sys.stderr,
     )
+    choice_cpu = plan.cpu_choice
+    if choice_cpu is not None and choice_cpu.cpu is not None and choice_cpu.reason:
+        print(f"  cpu: {choice_cpu.reason}", file=sys.stderr)
+    if choice_cpu is not None and choice_cpu.agrees is False:
+        print(f"  cpu: the engine's cpu_map baseline differs from libvirt's: only the engine's provides "
+              f"{', '.join(choice_cpu.only_engine) or '-'}; only libvirt's {', '.join(choice_cpu.only_libvirt) or '-'}",
+              file=sys.stderr)  # fmt: skip
+    for verdict in plan.kernel:
+        if verdict.status in ("pinned-off", "unpinnable"):
+            state = "pinned off" if verdict.status == "pinned-off" else "NOT pinned off"
+            print(f"  kernel feature {verdict.feature.id}: {state}: {verdict.message}", file=sys.stderr)
     for c, fits in plan.fits.items():
         print(f"  {'fits' if fits else 'DOES NOT FIT'} class {c}: {names[c]}", file=sys.stderr)
     for row in report.get("left_out", ()):
         lost = ", ".join(row["would_lose"][:5]) + (" ..." if len(row["would_lose"]) > 5 else "")
         print(f"  left out class {row['class']} ({row['hosts']}): keeping it would lose {lost}", file=sys.stderr)
     return EXIT_OK if plan.feasible else EXIT_CONFLICT
+
+
+def _cpu_summary(plan: Any) -> str:
+    choice = plan.cpu_choice
+    if choice is None or choice.cpu is None:
+        why = f" ({choice.reason})" if choice is not None and choice.reason else ""
+        return f"CPU as the template says{why}"
+    cpu = choice.cpu
+    disabled = f" - {len(cpu.disabled)} disabled" if cpu.disabled else ""
+    return f"custom CPU {cpu.model} + {len(cpu.features)} feature(s){disabled} ({choice.method})"
 
 
 def names_of(fleet: Any, host_class: str) -> str:
@@ -586,6 +604,8 @@ def cmd_plan_migrate(args: argparse.Namespace) -> int:
             print(f"  {'yes' if v.ok else 'no '} {names[v.host_class]} (class {v.host_class})")
             for reason in v.reasons:
                 print(f"      {reason['check']}: {reason['message']}")
+            for warning in v.warnings:
+                print(f"      warning: {warning['check']}: {warning['message']}")
     return EXIT_OK if report["can_migrate_to"] else EXIT_CONFLICT
 
 

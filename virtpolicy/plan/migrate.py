@@ -6,7 +6,13 @@ comparison of qemuMigrationCookie): the exact machine type must exist there; the
 provided by the destination CPU (host-passthrough only between identical host CPUs; host-model as the
 source expanded it; custom: the model usable there and every required feature present); and the domain,
 exactly as it is (device models, Hyper-V features, addresses), must fit the destination, which is
-`Engine.check` on that host.
+`Engine.check` on that host. A custom model libvirt reports not usable as it stands still fits when the
+features the domain disables cover what the host lacks (libvirt's baseline disables a model's blockers).
+
+Host-kernel-dependent features (knowledge/data/host-kernel-features.toml) are checked too: a destination
+whose kernel lacks a virtio-net offload the source offers the guest refuses the device state (QEMU:
+"Features 0x... unsupported", "saved image requires TUN_F_UFO support"). That is a reason when both
+hosts' status is known, a warning when one is not.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from lxml import etree
 
 from virtpolicy.inputs.host import DomainCaps, Host
+from virtpolicy.plan.kernel import migration_reasons
 
 if TYPE_CHECKING:
     from virtpolicy.engine import Engine
@@ -29,13 +36,14 @@ SCHEMA = "virtpolicy-plan-migrate/1"
 class Destination:
     host_class: str
     reasons: list[dict[str, str]] = field(default_factory=list)  # {"check", "message"}
+    warnings: list[dict[str, str]] = field(default_factory=list)  # what could not be decided
 
     @property
     def ok(self) -> bool:
         return not self.reasons
 
     def to_dict(self) -> dict[str, Any]:
-        return {"class": self.host_class, "can_migrate": self.ok, "reasons": self.reasons}
+        return {"class": self.host_class, "can_migrate": self.ok, "reasons": self.reasons, "warnings": self.warnings}
 
 
 def _cpu_features(caps: DomainCaps) -> frozenset[str]:
@@ -81,10 +89,14 @@ def cpu_reasons(root: etree._Element, source: Host | None, dest: Host) -> list[s
 
     model = (cpu.findtext("model") or "").strip()
     reasons = []
-    if model and model not in dest_caps.usable_models:
-        reasons.append(f"CPU model {model} is not usable on this host's CPU")
     models = cpu_models("x86") if dest_caps.arch in ("x86_64", "i686") else {}
     wanted = {f.get("name", "") for f in cpu.iterfind("feature") if f.get("policy") in ("require", "force")}
+    disabled = {f.get("name", "") for f in cpu.iterfind("feature") if f.get("policy") in ("disable", "forbid")}
+    if model and model not in dest_caps.usable_models:
+        lacking = sorted((models[model].features - disabled) - _cpu_features(dest_caps)) if model in models else []
+        if model not in models or lacking:
+            also = f" (it needs {', '.join(lacking)}, which the domain does not disable)" if lacking else ""
+            reasons.append(f"CPU model {model} is not usable on this host's CPU{also}")
     missing = sorted(wanted - _cpu_features(dest_caps) - (models[model].features if model in models else set()))
     if missing:
         reasons.append(f"required CPU feature(s) missing on this host: {', '.join(missing)}")
@@ -127,6 +139,9 @@ def plan_migrate(
         verdict = Destination(dest)
         verdict.reasons += [{"check": "machine", "message": m} for m in machine_reasons(root, host)]
         verdict.reasons += [{"check": "cpu", "message": m} for m in cpu_reasons(root, src_host, host)]
+        kernel, unsure = migration_reasons(root, src_host, host)
+        verdict.reasons += [{"check": "kernel", "message": m} for m in kernel]
+        verdict.warnings += [{"check": "kernel", "message": m} for m in unsure]
         if not any(r["check"] == "machine" for r in verdict.reasons):
             result = engine.check(domain, os=os, host=dest, source=source_name)
             for conflict in result.conflicts:
