@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hostvariants import no_hyperv, no_secure_boot, variant
 from libvirt_harness import LibvirtHarness
+from livecpu import runnable_cpu
 from lxml import etree
 from support import cli, partial_domain
 
@@ -81,8 +82,13 @@ def test_common_domain_for_the_local_host_starts(libvirt: LibvirtHarness, tmp_pa
     template.write_text(partial_domain("vp-plan-common", "http://fedoraproject.org/fedora/37", None, devices))
     proc = cli("plan", "common", str(template), "--fleet", str(fleet))
     assert proc.returncode == 0, proc.stderr
-    started = libvirt.define_and_start(proc.stdout.decode(), tmp_path)
-    assert "<cpu" in started.live_xml
+    assert b"(libvirt hypervisor-cpu-baseline)" in proc.stderr, "a live host: libvirt's own baseline"
+    cpu = etree.fromstring(proc.stdout).find("cpu")
+    assert cpu is not None and cpu.get("mode") == "custom", "never this host's host-passthrough"
+    xml, notes = runnable_cpu(proc.stdout.decode())
+    started = libvirt.define_and_start(xml, tmp_path)
+    live = etree.fromstring(started.live_xml.encode()).find("cpu")
+    assert live is not None and live.findtext("model") == cpu.findtext("model"), (notes, started.live_xml)
 
 
 def test_engine_from_the_fleet_is_reused(mixed_fleet: Path) -> None:
