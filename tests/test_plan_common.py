@@ -145,3 +145,27 @@ def test_min_hosts_agrees_with_brute_force(tmp_path: Path) -> None:
         assert choice is not None and choice.capability == best, (k, choice, best)
         assert sum(weights[c] for c in choice.chosen) >= k
     assert choose_classes(fleet.classes, weights, 11) is None
+
+
+def test_hosts_of_two_cpu_vendors_get_no_custom_cpu_and_no_host_cpu(tmp_path: Path) -> None:
+    """libvirt has no baseline of an Intel and an AMD host-model CPU ("CPU vendors do not match"), and neither
+    has the engine; the common domain then leaves the CPU to QEMU's default model, the same on both, never
+    a host-passthrough or host-model CPU that differs per host."""
+    import json
+
+    from corpus import corpus_host_bundle, require_corpus
+
+    require_corpus()
+    fleet = tmp_path / "fleet"
+    fleet.mkdir()
+    for version in ("4.2.0", "6.2.0"):  # Skylake-Client-IBRS (Intel), EPYC-Rome (AMD)
+        shutil.move(str(corpus_host_bundle(tmp_path, version)), fleet / f"qemu-{version}")
+    proc = cli("plan", "common", "benchmarks/typical.xml", "--fleet", str(fleet), "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["cpu"] is None and "CPU vendors differ (AMD, Intel)" in report["cpu_note"], report["cpu_note"]
+    cpu = etree.fromstring(report["xml"].encode()).find("cpu")
+    assert cpu is None or cpu.get("mode") not in ("host-passthrough", "host-model", "maximum"), etree.tostring(cpu)
+    for bundle in sorted(fleet.iterdir()):
+        again = cli("solve", "-q", "--host", str(bundle), "-", stdin=report["xml"].encode())
+        assert again.returncode == 0 and again.stdout.decode() == report["xml"], (bundle.name, again.stderr)
