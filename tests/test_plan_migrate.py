@@ -4,6 +4,7 @@ go anywhere in it."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -83,3 +84,27 @@ def test_a_domain_planned_for_the_fleet_migrates_anywhere_in_it(fleet: Path) -> 
     report = _migrate(common.stdout, "--from", str(fleet / "qemu-8.0.0"), "--fleet", str(fleet))
     assert report["can_migrate_to"] == ["qemu-6.2.0"], report
     assert all(d["can_migrate"] for d in report["destinations"]), report
+
+
+def test_a_custom_model_fits_where_the_features_it_disables_are_its_blockers(tmp_path: Path) -> None:
+    """libvirt's hypervisor baseline names a model the host reports not usable, and disables the model's
+    features the host lacks (this machine's EPYC-Milan: pni, sse4.1, ...): that CPU runs there. Without those
+    disables it does not, and the reason names what the model needs."""
+    from virtpolicy.inputs.host import load_host_bundle
+    from virtpolicy.plan.cpu import BaselineCpu
+
+    caps = load_host_bundle(EMBEDDED_BUNDLE).domcaps_for("x86_64", "kvm", "q35")
+    assert caps.host_model not in caps.usable_models and caps.host_model_disabled, "the premise: blockers"
+    root = etree.fromstring(_laid_out(EMBEDDED_BUNDLE))
+
+    def verdict(cpu: BaselineCpu) -> dict:  # type: ignore[type-arg]
+        domain = copy.deepcopy(root)
+        domain.replace(domain.find("cpu"), cpu.element())
+        return _migrate(etree.tostring(domain), "--to", str(EMBEDDED_BUNDLE))["destinations"][0]
+
+    required = tuple(sorted(caps.host_model_features))
+    fits = verdict(BaselineCpu(caps.host_model, required, tuple(sorted(caps.host_model_disabled))))
+    assert not [r for r in fits["reasons"] if r["check"] == "cpu"], fits
+    blocked = verdict(BaselineCpu(caps.host_model, required))
+    (reason,) = [r["message"] for r in blocked["reasons"] if r["check"] == "cpu"]
+    assert f"CPU model {caps.host_model} is not usable" in reason and sorted(caps.host_model_disabled)[0] in reason
