@@ -14,11 +14,12 @@
 # additionally checks the orig tarball's sha256 against the .dsc's Checksums-Sha256 itself, so a cached
 # tarball that was tampered with or truncated is caught on later runs too.
 #
-# Only upstream test data is extracted (from the orig tarball; Debian's patches do not touch tests/):
+# Only upstream files are extracted (from the orig tarball; Debian's patches do not touch tests/):
 #   tests/qemuxml2xmloutdata/*.xml     libvirt's post-parse output domains (the corpus)
 #   tests/qemuxml2argvdata/*.xml       their inputs, for reference
 #   tests/domaincapsdata/qemu_{4.2.0..8.0.0}*.x86_64.xml   domain capabilities per QEMU version
 #   tests/qemucapabilitiesdata/caps_{4.2.0..8.0.0}.x86_64.{xml,replies}   QEMU capabilities
+#   src/conf/*.c src/qemu/*.c          the sources the knowledge tables cite (tests check each citation)
 #
 # Idempotent: when CACHE_DIR/.complete matches this script's extraction spec, it exits at once.
 # stdout stays clean; progress goes to stderr.
@@ -36,6 +37,8 @@ QEMU_VERSIONS=(4.2.0 5.0.0 5.1.0 5.2.0 6.0.0 6.1.0 6.2.0 7.0.0 7.1.0 7.2.0 8.0.0
 PATTERNS=(
   'tests/qemuxml2xmloutdata/*.xml'
   'tests/qemuxml2argvdata/*.xml'
+  'src/conf/*.c'
+  'src/qemu/*.c'
 )
 for v in "${QEMU_VERSIONS[@]}"; do
   PATTERNS+=("tests/domaincapsdata/qemu_${v}*.x86_64.xml" "tests/qemucapabilitiesdata/caps_${v}.x86_64.*")
@@ -124,8 +127,9 @@ for p in "${PATTERNS[@]}"; do WILD+=("*/$p"); done
 log "extracting ${#PATTERNS[@]} patterns from $(basename "$ORIG")"
 tar -xJf "$ORIG" -C "$TMP" --strip-components=1 --wildcards --no-wildcards-match-slash "${WILD[@]}" ||
   die "extraction failed"
-rm -rf "$DEST/tests"
+rm -rf "$DEST/tests" "$DEST/src"
 mv "$TMP/tests" "$DEST/tests"
+mv "$TMP/src" "$DEST/src"
 for d in qemuxml2xmloutdata qemuxml2argvdata domaincapsdata qemucapabilitiesdata; do
   log "$d: $(find "$DEST/tests/$d" \( -type f -o -type l \) | wc -l) files (symlinks included)"
 done

@@ -1,6 +1,6 @@
 """PCI placement facts (data/pci.toml) and the vocabulary of the PCI/NUMA solver variables.
 
-Kept in the models layer so that profiles (rules) can name `numa.cells`, `hotplug.ports`,
+Kept in the knowledge layer so that profiles can name `numa.cells`, `hotplug.ports`,
 `interface.slot` or `interface.node` without depending on the solver.
 """
 
@@ -26,6 +26,71 @@ TAKES = ("pcie", "pci", "virtio", "host", "bus", "none")  # what an [[addressing
 @cache
 def table() -> dict[str, Any]:
     return tomllib.loads(DATA.read_text())
+
+
+@dataclass(frozen=True)
+class BusRule:
+    """One [buses] row: a PCI controller model's slot range, whether endpoints plug in, what hot-plugs in."""
+
+    model: str
+    first_slot: int
+    last_slot: int
+    endpoints: bool
+    hotplug: str  # "pcie" | "pci" | "" (no hot-plug)
+
+
+@cache
+def bus_rules() -> dict[str, BusRule]:
+    return {
+        model: BusRule(model, row["slots"][0], row["slots"][1], row["endpoints"], row.get("hotplug", ""))
+        for model, row in table()["buses"].items()
+    }
+
+
+def bus_rule(model: str) -> BusRule:
+    """The row of a controller model; a model libvirt's table does not name is taken as a conventional
+    bridge (slots 1-31, endpoints, no hot-plug)."""
+    return bus_rules().get(model) or BusRule(model, 1, 31, True, "")
+
+
+def controller_families(model: str, arch: str, families: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The machine families (of `families`) on which an app's PCI controller of `model` can exist, or None
+    when the table says nothing about the model."""
+    row = table().get("controllers", {}).get(model)
+    if row is None:
+        return None
+    if arch not in row.get("arches", [arch]):
+        return ()
+    return tuple(f for f in families if f in row["families"])
+
+
+@dataclass(frozen=True)
+class Capacity:
+    limit: int
+    where: str  # pci.toml:line
+    cite: str
+
+
+def _line_of(marker: str) -> int:
+    lines = DATA.read_text().splitlines()
+    return next((n for n, line in enumerate(lines, 1) if line.strip() == marker), 0)
+
+
+@cache
+def root_port_capacity() -> Capacity:
+    """The pcie-root-ports pcie-root holds, derived from the bus's slot range and the fixed slots."""
+    row = table()["capacity"]["pcie-root-ports"]
+    bus = bus_rule(row["bus"])
+    fixed = table()["fixed"][row["family"]]
+    taken = {int(fixed["video"], 16), *(int(s, 16) for s in fixed["reserved"])}
+    slots = [s for s in range(bus.first_slot, bus.last_slot + 1) if s not in taken]
+    where = f"pci.toml:{_line_of('[capacity.pcie-root-ports]')}"
+    return Capacity(len(slots) * row["functions_per_slot"], where, row["cite"])
+
+
+def first_port_slot(family: str) -> int:
+    """The first bus-0 slot the engine gives a new controller, after the chipset's fixed devices."""
+    return int(table()["fixed"].get(family, {}).get("first_port_slot", "0x02"), 16)
 
 
 def pci_variables() -> dict[str, tuple[str, ...]]:

@@ -69,7 +69,7 @@ def add_device(
 
 
 def _attachable_live(domain: Domain, device: etree._Element) -> None:
-    """libvirt attaches only some devices to a running domain (qemu_hotplug.c)."""
+    """libvirt attaches only some devices to a running domain (qemu_driver.c qemuDomainAttachDeviceLive)."""
     kinds = [cls for cls in catalog().classes.values() if device in domain.devices(cls.element)]
     if not kinds:
         raise InputError(
@@ -79,7 +79,7 @@ def _attachable_live(domain: Domain, device: etree._Element) -> None:
     if kinds[0].name not in table()["hotplug"]["classes"]:
         raise InputError(
             f"{domain.source}: <{device.tag}>: libvirt cannot hot-plug a {kinds[0].label} into a running domain "
-            f"(qemu_hotplug.c: live attach of device '{device.tag}' is not supported); add it with "
+            f"(libvirt qemu_driver.c: live attach of device '{device.tag}' is not supported); add it with "
             "`virtpolicy solve` and restart the domain"
         )
 

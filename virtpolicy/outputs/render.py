@@ -185,13 +185,19 @@ class Renderer:
         define) and the engine's record added; nothing else is touched."""
         type_el = self.root.find("os/type")
         machine = type_el.get("machine") if type_el is not None else None
-        if type_el is not None and machine and _is_alias(machine):
+        if type_el is not None and machine and self._is_alias(machine):
             name = self.built.host.default_machine(self.built.arch, self.values["domain.type"], self.values["machine"])
             if name:
                 type_el.set("machine", name)
         self._record()
         etree.indent(self.tree, space="  ")  # the parser kept no blank text: one layout for every output
         return self.tree
+
+    def _is_alias(self, machine: str) -> bool:
+        """An alias is a machine name the host resolves to another (q35 -> pc-q35-7.2), as libvirt's
+        qemuCanonicalizeMachine does from the host's capabilities (virQEMUCapsGetCanonicalMachine)."""
+        canonical = self.built.host.canonical(self.built.arch, self.values["domain.type"], machine)
+        return canonical is not None and canonical != machine
 
     # --- global decisions --------------------------------------------------------------------------
     def _domain_type_and_machine(self) -> None:
@@ -207,7 +213,7 @@ class Renderer:
         family = self.values["machine"]
         app = self.built.app_machine
         app_family = family_of(app.value) if app else None
-        keep_app = app is not None and app_family is not None and app.value != family and not _is_alias(app.value)
+        keep_app = app is not None and app_family is not None and app.value != family and not self._is_alias(app.value)
         if not keep_app:
             name = self.built.host.default_machine(self.built.arch, self.values["domain.type"], family)
             type_el.set("machine", name or family)
@@ -450,10 +456,6 @@ class Renderer:
 
 
 DECISION_TAG = f"{{{VIRTPOLICY_NS}}}decision"
-
-
-def _is_alias(machine: str) -> bool:
-    return machine in ("q35", "pc", "virt", "pseries", "s390-ccw-virtio")
 
 
 # --- constructors for devices the engine adds ----------------------------------------------------

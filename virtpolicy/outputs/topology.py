@@ -18,10 +18,8 @@ from lxml import etree
 from virtpolicy.errors import InputError
 from virtpolicy.inputs.domain import xpath_of
 from virtpolicy.knowledge.machines import family_named
-from virtpolicy.knowledge.pci import table
+from virtpolicy.knowledge.pci import bus_rule, first_port_slot, table
 
-FIRST_PORT_SLOT = 0x02
-LAST_SLOT = 0x1F
 EXPANDER_HEADROOM = 4  # bus numbers kept free under each expander, for devices added to that cell later
 
 
@@ -63,6 +61,13 @@ class Bus:
     def free_slot(self) -> int | None:
         free = self.free_slots()
         return free[0] if free else None
+
+    def next_slot(self) -> int:
+        """The first free slot of a bus the caller knows has one (slot 0 included: a pxb's first is 0)."""
+        slot = self.free_slot()
+        if slot is None:
+            raise TopologyError(f"PCI bus {self.index} is full")
+        return slot
 
 
 @dataclass(frozen=True)
@@ -134,15 +139,6 @@ def check_controllers(devices: etree._Element | None, source: str = "") -> None:
         )
 
 
-HOTPLUG_BUSES = {  # libvirt domain_addr.c: buses whose slots carry VIR_PCI_CONNECT_HOTPLUGGABLE
-    "pcie-root-port": "pcie",
-    "pcie-switch-downstream-port": "pcie",
-    "pcie-to-pci-bridge": "pci",
-    "pci-bridge": "pci",
-    "pci-root": "pci",
-}
-
-
 class _BusGraph:
     """Buses and what plugs into them: the few graph operations the builder needs (networkx's DiGraph API
     for them, without importing networkx on every solve: it was a sixth of a CLI run's start-up)."""
@@ -200,6 +196,7 @@ class TopologyBuilder:
         fixed = table()["fixed"].get(family, {})
         self.reserved = {int(s, 16) for s in fixed.get("reserved", [])}
         self.video_slot = int(fixed.get("video", "0x02"), 16)
+        self.first_port_slot = first_port_slot(family)
         self._read_existing()
 
     # --- hot-plug: only what is there ----------------------------------------------------------------
@@ -207,9 +204,9 @@ class TopologyBuilder:
         """Every free slot this domain can hot-plug into, in address order (a running domain gains no buses)."""
         found = []
         for index, bus in sorted(self.buses.items()):
-            kind = HOTPLUG_BUSES.get(bus.model)
+            kind = bus_rule(bus.model).hotplug
             element = self.graph.nodes[("bus", index)]["element"]
-            if kind is None or element.find("target[@hotplug='off']") is not None:
+            if not kind or element.find("target[@hotplug='off']") is not None:
                 continue
             node = self.node_of_bus(index)
             found += [HotplugSlot(index, slot, kind, node, bus.model) for slot in bus.free_slots()]
@@ -282,17 +279,8 @@ class TopologyBuilder:
         return ("device", id(el))
 
     def _add_bus(self, index: int, model: str, el: etree._Element) -> None:
-        first, last = {
-            "pcie-root": (1, LAST_SLOT),
-            "pci-root": (1, LAST_SLOT),
-            "pcie-root-port": (0, 0),
-            "pcie-switch-downstream-port": (0, 0),
-            "pcie-to-pci-bridge": (1, LAST_SLOT),
-            "pci-bridge": (1, LAST_SLOT),
-            "pcie-expander-bus": (0, LAST_SLOT),
-            "pci-expander-bus": (1, LAST_SLOT),
-        }.get(model, (1, LAST_SLOT))
-        bus = Bus(index, model, first, last, reserved=set(self.reserved) if index == 0 else set())
+        rule = bus_rule(model)
+        bus = Bus(index, model, rule.first_slot, rule.last_slot, reserved=set(self.reserved) if index == 0 else set())
         self.buses[index] = bus
         self.graph.add_node(("bus", index), model=model, element=el)
 
@@ -360,7 +348,7 @@ class TopologyBuilder:
         """A new pcie-root-port on `parent`, packed into multifunction slots like libvirt does."""
         bus = self.buses[parent]
         slot_function = None
-        for slot in range(max(bus.first_slot, FIRST_PORT_SLOT if parent == 0 else 0), bus.last_slot + 1):
+        for slot in range(max(bus.first_slot, self.first_port_slot if parent == 0 else 0), bus.last_slot + 1):
             if parent == 0 and (slot == self.video_slot or slot in bus.reserved):
                 continue
             used_here = bus.functions.get(slot, set())
@@ -446,7 +434,7 @@ class TopologyBuilder:
             slot = next(
                 (
                     s
-                    for s in range(FIRST_PORT_SLOT, LAST_SLOT + 1)
+                    for s in range(self.first_port_slot, bus.last_slot + 1)
                     if s not in bus.reserved and s != self.video_slot and s not in bus.functions
                 ),
                 None,
@@ -486,7 +474,7 @@ class TopologyBuilder:
             if self.root_kind == "pcie":
                 if bridge is None or self.buses[bridge].free_slot() is None:
                     bridge = self._bridge("pcie", parent)
-                self._address(p.element, bridge, self.buses[bridge].free_slot() or 1)
+                self._address(p.element, bridge, self.buses[bridge].next_slot())
                 continue
             current = bridge if bridge is not None else parent
             free = self.buses[current].free_slots()
@@ -496,7 +484,7 @@ class TopologyBuilder:
             if len(free) == 1 and (remaining > 1 or self.hotplug_ports):
                 # the last slot takes a bridge with 31 more (also to keep spare hot-plug slots)
                 bridge = current = self._bridge("pci", current)
-            self._address(p.element, current, self.buses[current].free_slot() or 1)
+            self._address(p.element, current, self.buses[current].next_slot())
 
     def _expanders(self, nodes: list[int], by_node: dict[int | None, list[Placement]]) -> dict[int, int]:
         found: dict[int, int] = {}

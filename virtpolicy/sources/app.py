@@ -11,6 +11,7 @@ from lxml import etree
 from virtpolicy.errors import InputError
 from virtpolicy.inputs.domain import Domain, Explicit, xpath_of
 from virtpolicy.knowledge.catalog import DeviceClass
+from virtpolicy.knowledge.firmware import firmware_inferences
 from virtpolicy.knowledge.machines import families, family_of
 from virtpolicy.knowledge.tables import HypervFeature
 from virtpolicy.knowledge.vocabulary import global_variables
@@ -125,21 +126,12 @@ class AppSource:
             self._app_device_constraints(inst)
 
     def _app_firmware(self) -> tuple[list[str], Explicit] | None:
-        dom = self.ctx.domain
-        os_fw = dom.attr("os", "firmware")
-        loader = dom.root.find("os/loader")
-        secure_feature = dom.root.find("os/firmware/feature[@name='secure-boot']")
-        if secure_feature is not None:
-            on = secure_feature.get("enabled") == "yes"
-            return (["efi-secure"] if on else ["efi"]), Explicit(
-                secure_feature.get("enabled", ""), xpath_of(secure_feature) + "/@enabled"
-            )
-        if loader is not None and (loader.get("secure") == "yes" or "secboot" in (loader.text or "")):
-            return ["efi-secure"], Explicit(loader.get("secure", loader.text or ""), xpath_of(loader))
-        if loader is not None and loader.get("type") == "pflash":
-            return ["efi"], Explicit(loader.text or "pflash", xpath_of(loader))
-        if os_fw is not None:
-            return (["efi", "efi-secure"] if os_fw.value == "efi" else [os_fw.value]), os_fw
+        """The firmware the app's <os> already asks for: the first firmware.toml row that matches."""
+        for row in firmware_inferences():
+            found = row.read(self.ctx.domain.root)
+            if found is not None:
+                el, value, step = found
+                return row.allowed(value), Explicit(value, xpath_of(el) + (step if row.points_at == "value" else ""))
         if self.ctx.realized:
             return ["bios"], Explicit("bios", "/domain/os (no firmware in a realized domain)")
         return None

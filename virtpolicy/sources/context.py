@@ -21,7 +21,7 @@ from virtpolicy.inputs.guestos import GuestOS
 from virtpolicy.inputs.host import Host
 from virtpolicy.knowledge.catalog import Catalog, ClassVariable, DeviceClass, catalog
 from virtpolicy.knowledge.completeness import Completeness, completeness
-from virtpolicy.knowledge.tables import HypervFeature
+from virtpolicy.knowledge.tables import HypervFeature, structural
 from virtpolicy.profiles.expr import Expression
 from virtpolicy.profiles.facts import Facts
 from virtpolicy.profiles.model import Profile, Rule, Snippet
@@ -153,6 +153,14 @@ def read_explicit(element: etree._Element | None, variable: ClassVariable) -> Ex
     if target is None or target.get(attr) is None:
         return None
     return Explicit(target.get(attr, ""), f"{xpath_of(target)}/@{attr}")
+
+
+def structural_provenance(rule_id: str) -> Provenance:
+    """The provenance of a structural.toml row: its id, file:line and citation."""
+    rule = structural()[1][rule_id]
+    file, _, line = rule.where.rpartition(":")
+    data = (("rule", rule.id), ("file", file), ("line", int(line or 0)))
+    return Provenance(Source.STRUCTURAL, rule.id, rule.where, rule.citation, data=data)
 
 
 def supplemented(guest: GuestOS, cat: Catalog) -> GuestOS:

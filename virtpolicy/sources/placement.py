@@ -24,15 +24,16 @@ from virtpolicy.knowledge.pci import (
     SLOT_VALUES,
     Addressing,
     addressing,
+    controller_families,
+    root_port_capacity,
     table,
 )
+from virtpolicy.sources.context import structural_provenance
 from virtpolicy.sources.locality import Affinity, HostLocality
 
 if TYPE_CHECKING:
     from virtpolicy.sources.context import BuildContext, Instance
 
-ROOT_PORTS_ON_PCIE_ROOT = 27 * 8  # slots 0x02-0x1e without 0x1b and 0x1d, 8 functions each
-BUS_NUMBERS = 255  # bus 0 .. 254 below the highest expander
 NOVA = "nova/virt/hardware.py _get_numa_topology_auto: vCPUs and memory must divide evenly by nodes"
 NOVA_DEFAULT_POLICY = "legacy"  # nova/objects/fields.py PCINUMAAffinityPolicy: the default when none is asked
 
@@ -183,28 +184,15 @@ class PciPlanner:
         return pci_element(inst, self.ctx.domain.root)
 
     def _app_controllers_need_their_bus_kind(self) -> None:
-        """PCIe controllers the app wrote exist only on PCIe machines, and pci-root/pxb only on pc (libvirt's
-        'pcie-expander-bus controllers are not supported with this machine type')."""
-        pcie_only = {
-            "pcie-root",
-            "pcie-root-port",
-            "pcie-expander-bus",
-            "pcie-to-pci-bridge",
-            "pcie-switch-upstream-port",
-            "pcie-switch-downstream-port",
-            "dmi-to-pci-bridge",
-        }
+        """A PCI controller the app wrote exists only on the machine families pci.toml [controllers] names
+        for its model (libvirt's 'pcie-expander-bus controllers are not supported with this machine type')."""
         families = self.ctx.problem.variables["machine"].values
         for el in self.ctx.domain.root.iterfind("devices/controller[@type='pci']"):
             model = el.get("model", "")
-            if model in pcie_only:
-                allowed = [f for f in families if _root(f) == "pcie"]
-            elif model == "pci-root":  # i440fx, pSeries PHBs, s390 zPCI: every machine without pcie-root
-                allowed = [f for f in families if _root(f) != "pcie"]
-            elif model == "pci-expander-bus":  # 'only supported on 440fx-based machinetypes'
-                allowed = [f for f in families if f == "pc"]
-            else:
+            found = controller_families(model, self.ctx.arch, families)
+            if found is None:
                 continue
+            allowed = list(found)
             here = Explicit(model, xpath_of(el) + "/@model")
             self.ctx.pin(
                 "machine", allowed, here, f"a {model} controller needs a {' or '.join(allowed) or 'different'} machine"
@@ -346,13 +334,15 @@ class PciPlanner:
         most_spare = max(int(v) for v in self.ctx.problem.variables["hotplug.ports"].values)
         # root ports exist on q35 only: on pc, hotplug.ports counts free PCI slots, which pci-bridges provide
         on_pcie = self._root_kind() != "pci"
-        pcie_root_can_fill = on_pcie and len(pcie) + most_spare > ROOT_PORTS_ON_PCIE_ROOT
+        ports = root_port_capacity()
+        pcie_root_can_fill = on_pcie and len(pcie) + most_spare > ports.limit
+        file, _, line = ports.where.partition(":")
         prov = Provenance(
             Source.STRUCTURAL,
             "pcie-root-ports",
-            "pci.toml",
-            "libvirt domain_addr.c: pcie-root slots 1-31, 8 functions each; 0x1b/0x1d/0x1f reserved",
-            data=(("rule", "pcie-root-ports"), ("file", "pci.toml"), ("line", 0)),
+            ports.where,
+            ports.cite,
+            data=(("rule", "pcie-root-ports"), ("file", file), ("line", int(line))),
         )
         if pcie_root_can_fill:  # a count that can never exceed its limit only slows the search
             self.ctx.add(
@@ -361,9 +351,9 @@ class PciPlanner:
                     pcie,
                     None,
                     "hotplug.ports",
-                    ROOT_PORTS_ON_PCIE_ROOT,
+                    ports.limit,
                     "PCIe devices plus spare hot-plug ports need one root port each; "
-                    f"pcie-root has room for {ROOT_PORTS_ON_PCIE_ROOT}",
+                    f"pcie-root has room for {ports.limit}",
                     prov,
                 )
             )
@@ -714,14 +704,7 @@ def _node_in_cells(node_var: str) -> Constraint:
         id=f"structural:node-in-cells:{node_var}",
         variables=(node_var, "numa.cells"),
         message=f"{node_var} must be one of the guest's NUMA cells",
-        provenance=Provenance(
-            Source.STRUCTURAL,
-            "node-in-cells",
-            "qemu_postparse.c",
-            "libvirt qemuDomainControllerDefPostParse: 'configured for a NUMA node not present "
-            "in the domain's <cpu><numa> array'",
-            data=(("rule", "node-in-cells"), ("file", "qemu_postparse.c"), ("line", 0)),
-        ),
+        provenance=structural_provenance("node-in-cells"),
         test=lambda v, _n=node_var: int(v[_n]) < int(v["numa.cells"]),
     )
 
@@ -778,8 +761,8 @@ def check_app_cells(root: etree._Element, source: str, vcpus: int) -> list[str]:
             return [
                 f"{source}:{numa.sourceline}: /domain/cpu/numa: the cells hold {total_kib / 1024:g} MiB{modules} "
                 f"but /domain/memory is {domain_kib / 1024:g} MiB; libvirt takes the sum "
-                f"({(total_kib + modules_kib) / 1024:g} MiB) at define (qemuDomainDefPostParse, "
-                "virDomainDefSetMemoryTotal)"
+                f"({(total_kib + modules_kib) / 1024:g} MiB) at define (libvirt "
+                "virDomainDefPostParseMemory, src/conf/domain_postparse.c:44-53)"
             ]
     return []
 

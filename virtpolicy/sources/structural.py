@@ -6,9 +6,9 @@ and its citation in libvirt's or QEMU's source.
 
 from __future__ import annotations
 
-from virtpolicy.core.problem import AtMost, Provenance, Source
+from virtpolicy.core.problem import AtMost
 from virtpolicy.knowledge.tables import structural
-from virtpolicy.sources.context import BuildContext
+from virtpolicy.sources.context import BuildContext, structural_provenance
 
 
 class StructuralSource:
@@ -20,14 +20,7 @@ class StructuralSource:
     def constrain(self) -> None:
         _, rules = structural()
         for rule in rules.values():
-            file, _, line = rule.where.rpartition(":")
-            prov = Provenance(
-                Source.STRUCTURAL,
-                rule.id,
-                rule.where,
-                rule.citation,
-                data=(("rule", rule.id), ("file", file), ("line", int(line or 0))),
-            )
+            prov = structural_provenance(rule.id)
             if rule.at_most:
                 refs = list(rule.at_most["variables"])  # type: ignore[arg-type]
                 names = [
