@@ -92,12 +92,6 @@ class Constraint(ABC):
     def is_hard(self) -> bool:
         return self.strength is Strength.HARD
 
-    def allowed_unary(self, domain: Sequence[str]) -> list[str] | None:
-        """For a one-variable constraint: the surviving values; None when not unary."""
-        if len(self.variables) != 1:
-            return None
-        return [v for v in domain if self.holds(v)]
-
     def to_json(self) -> dict[str, object]:
         return {
             "id": self.id,

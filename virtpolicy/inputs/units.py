@@ -45,6 +45,3 @@ def to_kib(value: str, unit: str | None, default_unit: str = "KiB") -> int:
     return -(-total // 1024)
 
 
-def to_mib(value: str, unit: str | None, default_unit: str = "KiB") -> int:
-    """A scaled size in whole MiB (rounded down), for the rules that speak in MiB."""
-    return to_kib(value, unit, default_unit) // 1024

@@ -55,6 +55,12 @@ def _by_name() -> dict[str, MachineFamily]:
     return {fam.name: fam for fam in reversed(families())}  # reversed: the first of a name wins, as a scan
 
 
+def root_of(family: str) -> str:
+    """A family's root bus kind (pcie | pci | ccw); a machine no family names is taken as conventional PCI."""
+    found = _by_name().get(family)
+    return found.root if found is not None else "pci"
+
+
 def family_named(name: str) -> MachineFamily:
     try:
         return _by_name()[name]

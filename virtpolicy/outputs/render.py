@@ -21,6 +21,7 @@ from virtpolicy.inputs.domain import VIRTPOLICY_NS, Domain
 from virtpolicy.knowledge.catalog import ClassVariable, catalog
 from virtpolicy.knowledge.machines import family_of
 from virtpolicy.knowledge.pci import table
+from virtpolicy.knowledge.templates import new_device
 from virtpolicy.outputs.topology import Placement, TopologyBuilder, check_controllers
 from virtpolicy.sources.context import Build, Instance, bind
 from virtpolicy.sources.placement import pci_element
@@ -290,9 +291,7 @@ class Renderer:
         if element is None:
             if main == "none" and not inst.cls.explicit_none:
                 return None
-            element = _NEW_DEVICE[inst.cls.name](self, values, devices)
-            if element is None:
-                return None
+            element = _new_device(inst.cls.name, values, devices)
         for var in inst.cls.variables.values():
             self._write(element, var, values[var.name])
         return element
@@ -463,68 +462,13 @@ def _append(devices: etree._Element, el: etree._Element) -> etree._Element:
     return _insert_ordered(devices, el, DEVICE_ORDER)
 
 
-def _new_graphics(r: Renderer, values: dict[str, str], devices: etree._Element) -> etree._Element:
-    el = etree.Element("graphics", type=values["type"], autoport="yes")
-    etree.SubElement(el, "listen", type="address")
-    return _append(devices, el)
-
-
-def _new_video(r: Renderer, values: dict[str, str], devices: etree._Element) -> etree._Element:
-    el = etree.Element("video")
-    etree.SubElement(el, "model", type=values["model"])
-    return _append(devices, el)
-
-
-def _new_usb(r: Renderer, values: dict[str, str], devices: etree._Element) -> etree._Element:
-    model = values["model"]
-    el = _append(devices, etree.Element("controller", type="usb", index="0", model=model))
-    if model == "qemu-xhci" or model == "nec-xhci":
-        el.set("ports", "15")
-    if model == "ich9-ehci1":  # USB 1.1 companions, as libvirt and virt-install lay out ICH9 USB 2
-        for n, port in ((1, "0"), (2, "2"), (3, "4")):
-            companion = etree.Element("controller", type="usb", index="0", model=f"ich9-uhci{n}")
-            etree.SubElement(companion, "master", startport=port)
-            devices.insert(devices.index(el) + n, companion)
-    return el
-
-
-def _new_tablet(r: Renderer, values: dict[str, str], devices: etree._Element) -> etree._Element:
-    return _append(devices, etree.Element("input", type="tablet", bus=values["bus"]))
-
-
-def _new_memballoon(r: Renderer, values: dict[str, str], devices: etree._Element) -> etree._Element:
-    return _append(devices, etree.Element("memballoon", model=values["model"]))
-
-
-def _new_rng(r: Renderer, values: dict[str, str], devices: etree._Element) -> etree._Element:
-    el = etree.Element("rng", model=values["model"])
-    backend = etree.SubElement(el, "backend", model="random")
-    backend.text = "/dev/urandom"
-    return _append(devices, el)
-
-
-def _new_agent(r: Renderer, values: dict[str, str], devices: etree._Element) -> etree._Element:
-    el = etree.Element("channel", type="unix")
-    etree.SubElement(el, "target", type="virtio", name="org.qemu.guest_agent.0")
-    return _append(devices, el)
-
-
-def _new_tpm(r: Renderer, values: dict[str, str], devices: etree._Element) -> etree._Element:
-    el = etree.Element("tpm", model=values["model"])
-    etree.SubElement(el, "backend", type="emulator", version="2.0")
-    return _append(devices, el)
-
-
-_NEW_DEVICE = {
-    "graphics": _new_graphics,
-    "video": _new_video,
-    "usb": _new_usb,
-    "tablet": _new_tablet,
-    "memballoon": _new_memballoon,
-    "rng": _new_rng,
-    "agent": _new_agent,
-    "tpm": _new_tpm,
-}
+def _new_device(cls: str, values: dict[str, str], devices: etree._Element) -> etree._Element:
+    """A device from its template (knowledge/data/templates.toml), placed in libvirt's device order."""
+    first, *rest = new_device(cls, values)
+    _append(devices, first)
+    for n, follower in enumerate(rest, 1):
+        devices.insert(devices.index(first) + n, follower)
+    return first
 
 
 def render(built: Build, solution: Solution) -> etree._ElementTree:

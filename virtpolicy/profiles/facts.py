@@ -15,7 +15,6 @@ from lxml import etree
 from virtpolicy.inputs.domain import Domain
 from virtpolicy.inputs.guestos import GuestOS
 from virtpolicy.inputs.host import Host
-from virtpolicy.knowledge.machines import family_of
 from virtpolicy.profiles.expr import ExprError, Value
 
 FACT_NAMES: dict[str, str] = {
@@ -157,6 +156,3 @@ class Facts:
         return str(result)
 
 
-def machine_family(name: str) -> str:
-    fam = family_of(name)
-    return fam.name if fam else name

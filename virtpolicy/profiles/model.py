@@ -106,7 +106,7 @@ def read_profile_bytes(path: Path) -> bytes:
 
 
 
-def variable_values(where: str, effect: str, mapping: object, allow_order: bool = False) -> dict[str, tuple[str, ...]]:
+def variable_values(where: str, effect: str, mapping: object) -> dict[str, tuple[str, ...]]:
     if not isinstance(mapping, dict):
         raise ProfileError(f"{where}: '{effect}' must be a table of variable = [values]")
     known = profile_vocabulary()

@@ -10,7 +10,7 @@ import re
 
 from virtpolicy.core.problem import Forbid, Provenance, Source, Strength
 from virtpolicy.knowledge.catalog import ClassVariable, GuestDevice
-from virtpolicy.knowledge.machines import family_named
+from virtpolicy.knowledge.machines import family_named, root_of
 from virtpolicy.knowledge.tables import structural
 from virtpolicy.sources.context import VIRTIO_MODELS, BuildContext, Instance
 
@@ -215,7 +215,7 @@ class GuestSource:
             by_mode: dict[str, list[str]] = {}
             rule_of: dict[str, str] = {}
             for fam in machines:
-                root = _root_of(fam)
+                root = root_of(fam)
                 for row in modes:
                     if row.model == model and row.root in (root, "*"):
                         by_mode.setdefault(row.mode, []).append(fam)
@@ -225,8 +225,3 @@ class GuestSource:
         return found
 
 
-def _root_of(family: str) -> str:
-    try:
-        return family_named(family).root
-    except KeyError:
-        return "pci"

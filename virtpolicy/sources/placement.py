@@ -16,7 +16,7 @@ from virtpolicy.core.budget import BusBudget
 from virtpolicy.core.problem import Constraint, Provenance, Source, Strength
 from virtpolicy.inputs.domain import VIRTPOLICY_NS, Explicit, xpath_of
 from virtpolicy.inputs.hostdevices import NODEDEV_FILE, source_address
-from virtpolicy.knowledge.machines import family_named
+from virtpolicy.knowledge.machines import root_of
 from virtpolicy.knowledge.pci import (
     HOTPLUG_PORTS,
     MAX_CELLS,
@@ -141,7 +141,7 @@ class PciPlanner:
             for value in p.variables[driver].values:
                 row = self.slots[f"{inst.cls.name}.{var}"].get(value)
                 for fam in families:
-                    allowed = _allowed_slots(_root(fam), row, kind, at)
+                    allowed = _allowed_slots(root_of(fam), row, kind, at)
                     self.ctx.forbid(
                         f"structural:pci-slot:{inst.var('slot')}:{value}:{fam}",
                         [
@@ -544,7 +544,7 @@ class PciPlanner:
 
     def _root_kind(self) -> str:
         """pcie or pci when every machine the app's XML still allows has that root bus, else 'either'."""
-        roots = {_root(f) for f in self._possible_families()}
+        roots = {root_of(f) for f in self._possible_families()}
         return roots.pop() if len(roots) == 1 else "either"
 
     def _spare_of_laid_out(self) -> int:
@@ -690,11 +690,6 @@ def _refused_address(addr: etree._Element, controllers: dict[int, etree._Element
     return None
 
 
-def _root(fam: str) -> str:
-    try:
-        return family_named(fam).root
-    except KeyError:
-        return "pci"
 
 
 def _node_in_cells(node_var: str) -> Constraint:
