@@ -28,8 +28,8 @@ from virtpolicy.profiles.library import find_profile
 from virtpolicy.sources.build import Build, build
 from virtpolicy.sources.context import SelectedProfile
 
-REPO = Path(__file__).resolve().parent.parent
-GOLDEN = Path(__file__).parent / "golden" / "explain"
+REPO = Path(__file__).resolve().parents[2]
+GOLDEN = REPO / "tests" / "golden" / "explain"
 DISK = "<disk type='file' device='disk'><source file='/var/lib/libvirt/images/x.qcow2'/></disk>"
 NIC = "<interface type='user'/>"
 VP = "http://virtpolicy.org/xmlns/domain/1.0"

@@ -17,9 +17,9 @@ from support import cli, partial_domain, run
 from virtpolicy.inputs.domain import Domain
 from virtpolicy.knowledge.completeness import completeness
 
-REPO = Path(__file__).resolve().parents[1]
-FIDELITY = Path(__file__).parent / "data" / "fidelity"
-ADDRESSING = {"ramfb.xml", "usbnet.xml", "unassigned.xml", "vserial-no-agent.xml"}  # tests/test_addressing.py
+REPO = Path(__file__).resolve().parents[2]
+FIDELITY = REPO / "tests" / "data" / "fidelity"
+ADDRESSING = {"ramfb.xml", "usbnet.xml", "unassigned.xml", "vserial-no-agent.xml"}  # tests/sources/test_addressing.py
 
 
 @pytest.mark.parametrize("path", sorted(FIDELITY.glob("*.xml")), ids=lambda p: p.stem)

@@ -16,7 +16,7 @@ from lxml import etree
 from qemu_qtree import numa_node_of_devices
 from support import assert_minimal, run
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 VP = "http://virtpolicy.org/xmlns/domain/1.0"
 LIBOSINFO = "http://libosinfo.org/xmlns/libvirt/domain/1.0"
 

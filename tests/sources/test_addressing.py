@@ -22,8 +22,8 @@ from virtpolicy.inputs.domain import VIRTPOLICY_NS, Domain
 from virtpolicy.knowledge.pci import TAKES, addressing, addressing_rows
 from virtpolicy.outputs.hotplug import Hotplugged, add_device
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "tests" / "data"
 FIDELITY = [DATA / "fidelity" / name for name in ("ramfb.xml", "usbnet.xml", "unassigned.xml", "vserial-no-agent.xml")]
 FALSE_CONFLICTS = sorted((DATA / "addressing").glob("*.xml"))
 REFUSED = {  # explicit addresses libvirt refuses, and the part of libvirt's error the engine repeats
