@@ -57,3 +57,23 @@ def test_unreachable_libvirt_is_one_line_error():
     assert done.returncode == 1
     lines = done.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("virtpolicy: error: --connect"), lines
+
+
+def test_capture_records_the_uri_versions_and_this_machines_kernel(libvirt: LibvirtHarness, tmp_path: Path):
+    """host.toml: the URI planning asks again (hypervisor-cpu-baseline), the daemon's versions, and the kernel
+    release, known only because the URI is local (libvirt reports none)."""
+    import os
+
+    from virtpolicy.inputs.capture import is_local
+    from virtpolicy.inputs.hostmeta import read_host_meta
+
+    done = _cli("host", "capture", "--connect", URI, str(tmp_path / "bundle"))
+    assert done.returncode == 0, done.stderr.decode()
+    assert str(tmp_path / "bundle" / "host.toml") in done.stdout.decode()
+    meta = read_host_meta(tmp_path / "bundle")
+    assert meta.connect == URI and meta.kernel == os.uname().release, meta
+    assert meta.libvirt == "9.0.0" and meta.hypervisor.startswith("QEMU "), meta
+    host = load_host_bundle(tmp_path / "bundle")
+    assert (host.connect, host.kernel) == (URI, os.uname().release)
+    assert is_local("qemu:///system") and is_local("qemu+unix:///system?socket=/x")
+    assert not is_local("qemu+ssh://h01/system") and not is_local("test:///default")

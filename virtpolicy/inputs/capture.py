@@ -98,10 +98,12 @@ def is_local(uri: str) -> bool:
 
 def describe(uri: str) -> tuple[HostMeta, dict[str, str]]:
     """The host.toml facts for a live libvirt, and a note per key saying where it came from."""
+    try:
+        text = _virsh(uri, "version", "--daemon")
+    except HostError:  # a driver without a daemon (test:///) reports no versions: the bundle is still good
+        text = ""
     version = dict(
-        (line.split(":", 1)[0].strip(), line.split(":", 1)[1].strip())
-        for line in _virsh(uri, "version", "--daemon").splitlines()
-        if ":" in line
+        (line.split(":", 1)[0].strip(), line.split(":", 1)[1].strip()) for line in text.splitlines() if ":" in line
     )
     notes = {"libvirt": "virsh version --daemon", "hypervisor": "virsh version --daemon"}
     kernel = ""
