@@ -41,6 +41,7 @@ class StructuralRule:
     variables: tuple[str, ...] = ()
     at_most: dict[str, object] = field(default_factory=dict)
     only_where_missing: str = ""  # applies only to device instances lacking this child element
+    arches: tuple[str, ...] = ()  # applies only to guests of these architectures (none: every one)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ def structural() -> tuple[tuple[VirtioMode, ...], dict[str, StructuralRule]]:
             variables=tuple(r.get("variables", ())),
             at_most=dict(r.get("at_most", {})),
             only_where_missing=r.get("only_where_missing", ""),
+            arches=tuple(r.get("arches", ())),
         )
     return modes, rules
 

@@ -20,6 +20,8 @@ class StructuralSource:
     def constrain(self) -> None:
         _, rules = structural()
         for rule in rules.values():
+            if rule.arches and self.ctx.arch not in rule.arches:
+                continue  # a fact of other architectures
             prov = structural_provenance(rule.id)
             if rule.at_most:
                 refs = list(rule.at_most["variables"])  # type: ignore[arg-type]
