@@ -291,3 +291,19 @@ def test_a_bad_inventory_kernel_entry_names_the_entry(tmp_path: Path) -> None:
     assert proc.returncode == 1
     (line,) = proc.stderr.decode().strip().splitlines()
     assert f"{inventory}: [[host]] #1 (h): kernel_features.uso: unknown feature" in line, line
+
+
+def test_min_hosts_leaves_out_the_el9_host_to_keep_uso(tmp_path: Path) -> None:
+    """A kernel feature is capability like any other: with K = n-1 the optimiser leaves out the host that
+    lacks it, says it would cost USO, and the plan keeps the newest machine."""
+    fleet = tmp_path / "fleet"
+    qemu90_bundle(fleet / "a", kernel="6.8.0-45-generic")
+    qemu90_bundle(fleet / "b", kernel="6.8.0-47-generic")
+    qemu90_bundle(fleet / "el9", kernel="5.14.0-503.el9.x86_64")
+    proc = cli("plan", "common", str(_template(tmp_path)), "--fleet", str(fleet), "--min-hosts", "2",
+               "--format", "json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    (left,) = report["left_out"]
+    assert left["hosts"] == "el9" and left["would_lose"] == ["kernel-feature=virtio-net-uso"], left
+    assert report["machine"] == "pc-q35-9.0" and _feature(report, "virtio-net-uso")["status"] == "all-have"

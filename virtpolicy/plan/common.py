@@ -290,8 +290,11 @@ def _settle(
 
 def capability_tokens(host: Host) -> frozenset[str]:
     """Everything a host offers, one token per fact: machine names, every domcapabilities enum value,
-    loader, CPU mode and model, Hyper-V feature and host-model CPU feature, per machine family. What a
-    set of hosts can share is the intersection of their tokens."""
+    loader, CPU mode and model, Hyper-V feature and host-model CPU feature, per machine family, and each
+    host-kernel-dependent feature the host has (or is taken to have). What a set of hosts can share is the
+    intersection of their tokens."""
+    from virtpolicy.knowledge.kernel_features import kernel_features
+
     tokens = {f"machine:{arch}:{vt}:{m.name}" for (arch, vt), ms in host.machines.items() for m in ms}
     for caps in host.domcaps:
         fam = family_of(caps.machine)
@@ -302,6 +305,8 @@ def capability_tokens(host: Host) -> frozenset[str]:
         tokens |= {f"{where}:cpu-model={v}" for v in caps.usable_models}
         tokens |= {f"{where}:cpu-feature={v}" for v in caps.host_model_features}
     tokens |= {f"numa-cells>={n}" for n in range(1, host.host_numa_cells + 1)}
+    has = [f for f in kernel_features() if f.assumed_has(f.status(host.kernel, host.kernel_features))]
+    tokens |= {f"kernel-feature={f.id}" for f in has}
     return frozenset(tokens)
 
 
