@@ -9,7 +9,7 @@ import pytest
 from libvirt_harness import LibvirtHarness
 from lxml import etree
 from support import run
-from test_topology import FEDORA, controllers, disks, domain, nics, node_of
+from topology_helpers import FEDORA, controllers, disks, domain, nics, node_of
 
 from virtpolicy.core.solve import Conflict
 from virtpolicy.errors import InputError

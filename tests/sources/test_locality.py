@@ -8,7 +8,7 @@ import pytest
 from libvirt_harness import LibvirtHarness
 from lxml import etree
 from support import assert_minimal, run
-from test_topology import FEDORA, addresses_libvirt_moved, controllers, domain, node_of
+from topology_helpers import FEDORA, addresses_libvirt_moved, controllers, domain, node_of
 
 from virtpolicy.core.explain import ConflictExplainer
 from virtpolicy.core.solve import Conflict
