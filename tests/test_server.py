@@ -2,9 +2,13 @@
 
 End to end: a server process on a free port answers the CLI's documents as JSON, problem details for
 bad input (400 with a location), unknown hosts and profiles (404), over-size bodies (413), conflicts
-(422 with `conflicts` and `corrections`) and missing tokens (401). In process: a request that runs past
-its time bound or loses its worker answers 503 and the next one succeeds; schemathesis checks every
-endpoint against the OpenAPI document.
+(422 with `conflicts` and `corrections`), missing tokens (401) and a full queue (429 with Retry-After).
+Every what-if and planning command runs as a job whose result is the CLI's --format json document. A
+worker killed under a request answers 503 and the next requests succeed. The load test sends
+$VIRTPOLICY_LOAD_REQUESTS solves (default 2,000; benchmarks/bench_server.py runs the issue's 10,000)
+at 32 concurrent and reports p50/p99. In process: a request that runs past its time bound or loses
+its worker answers 503 and the next one succeeds; schemathesis checks every endpoint against the
+OpenAPI document.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import asyncio
 import itertools
 import json
 import os
+import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,9 +33,11 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from virtpolicy.inputs.host import EMBEDDED_BUNDLE  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
-BUNDLE = REPO / "virtpolicy" / "data" / "hosts" / "x86_64-kvm-qemu7.2"
+BUNDLE = EMBEDDED_BUNDLE
 PROBLEM_JSON = "application/problem+json"
 HOSTILE = (
     '<?xml version="1.0"?>\n<!DOCTYPE lolz [<!ENTITY lol "lol">'
@@ -46,12 +54,17 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, *extra: str) -> None:
+    def __init__(self, *extra: str, env: dict[str, str] | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "virtpolicy.cli", "serve", "--port", str(self.port), *extra]
         self.process = subprocess.Popen(
-            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
         deadline = time.monotonic() + 60
         while True:
@@ -75,6 +88,18 @@ class Server:
             os.killpg(self.process.pid, signal.SIGKILL)
             out, _ = self.process.communicate()
         return out.decode(errors="replace")
+
+    def workers(self) -> list[int]:
+        """The worker processes: the zygote's children (the zygote is the server's child)."""
+        children: dict[int, list[int]] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                children.setdefault(ppid, []).append(int(entry.name))
+        return sorted(w for z in children.get(self.process.pid, []) for w in children.get(z, []))
 
 
 @pytest.fixture(scope="module")
@@ -232,8 +257,8 @@ def test_profiles(server: Server) -> None:
 
 
 def test_profiles_check(server: Server) -> None:
-    shipped = REPO / "virtpolicy" / "profiles" / "library"
-    texts = {p.name: p.read_text() for p in (shipped / "modern-q35.toml", shipped / "legacy-pc.toml")}
+    library = _library()
+    texts = {p.name: p.read_text() for p in (library["modern-q35"], library["legacy-pc"])}
     texts["broken.toml"] = "this is = = not toml"
     response = server.client.post("/v1/profiles/check", json={"profiles": texts})
     assert response.status_code == 200, response.text
@@ -245,30 +270,102 @@ def test_profiles_check(server: Server) -> None:
     _problem(server.client.post("/v1/profiles/check", json={"profiles": {"../x.toml": ""}}), 400)
 
 
+def _typical(rng: random.Random, i: int) -> bytes:
+    """A request body: benchmarks/typical.xml varied (name, memory, vCPUs, guest OS), never the same twice."""
+    text = (REPO / "benchmarks" / "typical.xml").read_text()
+    os_id = rng.choice(
+        ("fedoraproject.org/fedora/37", "redhat.com/rhel/9.0", "debian.org/debian/11", "ubuntu.com/ubuntu/22.04")
+    )
+    text = text.replace("fedoraproject.org/fedora/37", os_id).replace("<name>bench</name>", f"<name>vm-{i}</name>")
+    text = text.replace(">2048<", f">{rng.choice((1024, 2048, 4096))}<").replace(
+        "<vcpu>2<", f"<vcpu>{rng.choice((1, 2, 4))}<"
+    )
+    return json.dumps({"domain": text}).encode()
+
+
+async def _solve_many(port: int, bodies: list[bytes], concurrency: int) -> tuple[list[float], dict[int, int]]:
+    """POST /v1/solve for every body over `concurrency` keep-alive connections (a small HTTP/1.1 client,
+    lighter than httpx, so the load generator leaves the cores to the server): latencies, statuses."""
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    pending = iter(bodies)
+
+    async def connection() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for body in pending:
+                start = time.perf_counter()
+                head = "POST /v1/solve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                status = int((await reader.readline()).split()[1])
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                answer = await reader.readexactly(length)
+                latencies.append(time.perf_counter() - start)
+                if status == 200 and b'"status":"solved"' not in answer:
+                    status = -200  # a 200 that is not a solved document
+                statuses[status] = statuses.get(status, 0) + 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(connection() for _ in range(concurrency)))
+    return latencies, statuses
+
+
 def test_load(server: Server) -> None:
-    """Bounded: 400 solves at 32 concurrent, no errors; p50/p99 reported."""
-    domain = {"domain": (REPO / "benchmarks" / "typical.xml").read_text()}
-
-    async def run() -> list[float]:
-        limits = httpx.Limits(max_connections=32)
-        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
-            gate = asyncio.Semaphore(32)
-
-            async def one() -> float:
-                async with gate:
-                    start = time.perf_counter()
-                    response = await client.post("/v1/solve", json=domain)
-                    assert response.status_code == 200, response.text
-                    return time.perf_counter() - start
-
-            return await asyncio.gather(*(one() for _ in range(400)))
-
+    """The issue's load test, bounded: $VIRTPOLICY_LOAD_REQUESTS solves (default 2,000; the benchmark runs
+    10,000) at 32 concurrent on 2 workers, every one a different typical VM: no errors; p50/p99 reported."""
+    count = int(os.environ.get("VIRTPOLICY_LOAD_REQUESTS", "2000"))
+    rng = random.Random(13)
+    bodies = [_typical(rng, i) for i in range(count)]
+    load = os.getloadavg()[0]
     started = time.perf_counter()
-    latencies = sorted(asyncio.run(run()))
+    latencies, statuses = asyncio.run(_solve_many(server.port, bodies, 32))
     elapsed = time.perf_counter() - started
-    p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
-    rate = 400 / elapsed
-    print(f"\n400 solves at 32 concurrent on 2 workers: {rate:.0f}/s, p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
+    latencies.sort()
+    p50, p99 = latencies[len(latencies) // 2], latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    print(
+        f"\n{count} solves at 32 concurrent on 2 workers: {count / elapsed:.0f}/s, p50 {p50 * 1000:.0f} ms, "
+        f"p99 {p99 * 1000:.0f} ms (load average {load:.2f} before, {os.getloadavg()[0]:.2f} after)"
+    )
+    assert statuses == {200: count}
+
+
+def test_a_killed_worker_answers_503_and_the_next_succeed(server: Server) -> None:
+    """On the real server: the request in flight when its worker is killed gets 503; the worker is
+    replaced and the next requests succeed."""
+    library = {"profiles": {p.name: p.read_text() for p in sorted(_library().values())[:16]}}
+    workers = server.workers()
+    assert len(workers) >= 2, workers
+
+    async def run() -> httpx.Response:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            pending = asyncio.create_task(client.post("/v1/profiles/check", json=library))  # seconds of work
+            deadline = time.monotonic() + 30
+            while (await client.get("/v1")).json()["load"]["in_flight"] < 1:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+            return await pending
+
+    before = server.client.get("/v1").json()["load"]["workers_replaced"]
+    body = _problem(asyncio.run(run()), 503)
+    assert "worker" in body["detail"] and body["type"].endswith("worker-lost")
+    for i in range(4):
+        solved = server.client.post("/v1/solve", json={"domain": _example("windows10.xml")})
+        assert solved.status_code == 200, (i, solved.text)
+    assert server.client.get("/v1").json()["load"]["workers_replaced"] >= before + 1
+    assert not set(server.workers()) & set(workers)
+
+
+def _library() -> dict[str, Path]:
+    from virtpolicy import Engine
+
+    return Engine().profiles()
 
 
 def _wait_for(server: Server, location: str) -> dict:
@@ -304,6 +401,136 @@ def test_whatif_and_plan_jobs(server: Server) -> None:
     _problem(server.client.post("/v1/whatif/combinations", json={"profiles": ["nope"]}), 404)
     _problem(server.client.post("/v1/plan/hosts", json={"domain": "<domain/>", "hosts": ["nowhere"]}), 404)
     _problem(server.client.get("/v1/jobs/no-such-job"), 404)
+
+
+def _cli_json(*args: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", "virtpolicy.cli", *args, "--format", "json"], cwd=REPO, capture_output=True
+    )
+    assert done.returncode in (0, 2), done.stderr.decode()
+    return json.loads(done.stdout)
+
+
+def _bundle_json(bundle: Path) -> dict:
+    return {
+        "capabilities": (bundle / "capabilities.xml").read_text(),
+        "domcapabilities": {p.name: p.read_text() for p in sorted(bundle.glob("domcaps-*.xml"))},
+        "nodedev": (bundle / "nodedev-pci.xml").read_text(),
+    }
+
+
+def test_every_whatif_and_plan_command_is_a_job_with_the_cli_json(server: Server, tmp_path: Path) -> None:
+    """whatif compare, plan common, plan migrate and plan capacity: 202 with Location, progress, and the
+    result `virtpolicy ... --format json` prints for the same hosts (named by id here, by bundle there)."""
+    default = server.client.get("/v1").json()["default_host"]
+    assert server.client.put("/v1/hosts/zz-rack-b", json=_bundle_json(BUNDLE)).status_code == 201
+    fleet = tmp_path / "fleet"
+    for name in (default, "zz-rack-b"):
+        shutil.copytree(BUNDLE, fleet / name)
+    laid_out = tmp_path / "running.xml"
+    laid_out.write_text(server.client.post("/v1/solve", json={"domain": _example("windows10.xml")}).json()["xml"])
+    try:
+        names = ["rhel6-on-q35.xml", "windows10.xml", "rhel5-on-q35-conflict.xml"]
+        compare = {"domains": {n: _example(n) for n in names}, "after": {"os": "rhel9.0"}}
+        typical = (REPO / "benchmarks" / "typical.xml").read_text()
+        cli_compare = ["whatif", "compare", *[f"examples/{n}" for n in names], "--after-os", "rhel9.0"]
+        common = ["plan", "common", "examples/rhel6-on-q35.xml", "--fleet", str(fleet), "--min-hosts", "1"]
+        migrate = ["plan", "migrate", str(laid_out), "--from", str(BUNDLE), "--to", str(fleet / "zz-rack-b")]
+        capacity = ["plan", "capacity", "benchmarks/typical.xml", "--fleet", str(fleet), "--cpu-ratio", "4"]
+        jobs = {
+            "whatif/compare": (compare, cli_compare),
+            "plan/common": ({"domain": _example("rhel6-on-q35.xml"), "min_hosts": 1}, common),
+            "plan/migrate": ({"domain": laid_out.read_text(), "from": default, "to": ["zz-rack-b"]}, migrate),
+            "plan/capacity": ({"templates": {"typical.xml": typical}, "cpu_ratio": 4.0}, capacity),
+        }
+        accepted = {}
+        for path, (body, _cli) in jobs.items():
+            response = server.client.post(f"/v1/{path}", json=body)
+            assert response.status_code == 202, (path, response.text)
+            assert response.headers["location"] == f"/v1/jobs/{response.json()['id']}"
+            assert response.json()["kind"] == path
+            accepted[path] = response.headers["location"]
+        for path, (_body, cli) in jobs.items():
+            job = _wait_for(server, accepted[path])
+            assert job["status"] == "done", (path, job)
+            assert job["progress"]["done"] == job["progress"]["total"] >= 1, job["progress"]
+            expected, result = _cli_json(*cli), job["result"]
+            if path == "whatif/compare":  # the CLI names domains by path, the request by name
+                assert job["progress"]["total"] == 3
+                for row in expected["domains"]:
+                    row["source"] = Path(row["source"]).name
+                    row["error"] = row["error"].replace("examples/", "")
+            elif path == "plan/migrate":
+                expected["domain"] = result["domain"]
+            elif path == "plan/capacity":
+                for row in expected["templates"]:
+                    row["template"] = Path(row["template"]).name
+            assert result == expected, path
+    finally:
+        server.client.delete("/v1/hosts/zz-rack-b")
+
+
+def test_job_requests_are_checked_before_they_are_queued(server: Server) -> None:
+    same = {"domains": {"a.xml": _example("windows10.xml")}, "before": {"os": "win10"}, "after": {"os": "win10"}}
+    assert _problem(server.client.post("/v1/whatif/compare", json=same), 400)["location"] == "body.after"
+    nowhere = {"domains": {"a.xml": "<domain/>"}, "after": {"host": "nowhere"}}
+    assert _problem(server.client.post("/v1/whatif/compare", json=nowhere), 404)["location"] == "after.host"
+    path = {"domains": {"../etc/passwd": "<domain/>"}, "after": {"os": "win10"}}
+    _problem(server.client.post("/v1/whatif/compare", json=path), 400)
+    many = {"domain": "<domain/>", "min_hosts": 5}
+    assert _problem(server.client.post("/v1/plan/common", json=many), 400)["location"] == "body.min_hosts"
+    assert _problem(server.client.post("/v1/plan/migrate", json={"domain": "<domain/>", "from": "x"}), 404)
+    usage = {"templates": {"t.xml": "<domain/>"}, "usage": {"nowhere": {"cpus": 1}}}
+    assert _problem(server.client.post("/v1/plan/capacity", json=usage), 404)["location"] == "usage.nowhere"
+    ratio = {"templates": {"t.xml": "<domain/>"}, "cpu_ratio": 0}
+    _problem(server.client.post("/v1/plan/capacity", json=ratio), 400)
+    bad = server.client.post("/v1/plan/common", json={"domain": "<domain><name>x</name"})
+    problem = _wait_for(server, bad.headers["location"])["problem"]
+    assert problem["status"] == 400 and problem["location"], problem
+
+
+def test_saturated_server_answers_429_with_retry_after() -> None:
+    """A real server with a queue of one waiting request and two unfinished jobs: the next request and
+    the next job are refused at once (429, Retry-After), and what was accepted still completes."""
+    running = Server("--workers", "1", env={"VIRTPOLICY_SERVE_QUEUE": "1", "VIRTPOLICY_SERVE_JOB_QUEUE": "2"})
+    library = {"profiles": {p.name: p.read_text() for p in sorted(_library().values())[:16]}}
+    domain = {"domain": _example("rhel6-on-q35.xml")}
+
+    async def run() -> tuple[list[httpx.Response], httpx.Response]:
+        async with httpx.AsyncClient(base_url=running.url, timeout=120) as client:
+
+            async def load() -> dict:
+                return (await client.get("/v1")).json()["load"]
+
+            async def until(key: str, value: int) -> None:
+                deadline = time.monotonic() + 60
+                while (await load())[key] < value:
+                    assert time.monotonic() < deadline, await load()
+                    await asyncio.sleep(0.01)
+
+            slow = asyncio.create_task(client.post("/v1/profiles/check", json=library))  # seconds in the worker
+            await until("in_flight", 1)
+            queued = asyncio.create_task(client.post("/v1/solve", json=domain))
+            await until("waiting", 1)
+            refused = await client.post("/v1/solve", json=domain)
+            assert (await load())["in_flight"] == 1  # the slow one still runs: the refusal was the queue's
+            return [await slow, await queued], refused
+
+    try:
+        accepted, refused = asyncio.run(run())
+        body = _problem(refused, 429)
+        assert body["type"] == "urn:virtpolicy:problem:saturated"
+        assert int(refused.headers["retry-after"]) >= 1
+        assert [r.status_code for r in accepted] == [200, 200], [r.text[:300] for r in accepted]
+        combos = {"oses": ["fedora37", "rhel6.10", "win10"]}
+        jobs = [running.client.post("/v1/whatif/combinations", json=combos) for _ in range(3)]
+        assert [j.status_code for j in jobs] == [202, 202, 429], [j.text[:300] for j in jobs]
+        assert int(jobs[2].headers["retry-after"]) >= 1
+        _problem(jobs[2], 429)
+        assert _wait_for(running, jobs[0].headers["location"])["status"] == "done"
+    finally:
+        log = running.stop()
+    assert "Traceback" not in log, log
 
 
 def test_host_upload_solve_delete(server: Server) -> None:
@@ -362,7 +589,11 @@ def test_service_and_openapi(server: Server) -> None:
         ("/v1/profiles/{name}", "get"),
         ("/v1/profiles/check", "post"),
         ("/v1/whatif/combinations", "post"),
+        ("/v1/whatif/compare", "post"),
         ("/v1/plan/hosts", "post"),
+        ("/v1/plan/common", "post"),
+        ("/v1/plan/migrate", "post"),
+        ("/v1/plan/capacity", "post"),
         ("/v1/jobs/{job_id}", "get"),
         ("/v1/hosts", "get"),
         ("/v1/hosts/{host_id}", "put"),
@@ -415,8 +646,7 @@ def app():
     try:
         yield application
     finally:
-        application.state.virtpolicy.pool.shutdown()
-        application.state.virtpolicy.jobs_pool.shutdown()
+        application.state.virtpolicy.shutdown()
 
 
 def _post(app, path: str, body: dict) -> httpx.Response:
@@ -449,7 +679,15 @@ def test_fleet_hosts_are_loaded_by_name(tmp_path: Path) -> None:
         assert len({h["fingerprint"] for h in hosts.json()}) == 1
         assert solved.status_code == 200, solved.text
     finally:
-        application.state.virtpolicy.pool.shutdown()
+        application.state.virtpolicy.shutdown()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def test_time_bound_answers_503_and_replaces_the_worker(app) -> None:
@@ -457,34 +695,38 @@ def test_time_bound_answers_503_and_replaces_the_worker(app) -> None:
     domain = {"domain": _example("windows10.xml")}
     assert _post(app, "/v1/solve", domain).status_code == 200
     before = pool.replaced
-    old_workers = list(pool._pool._processes.values())
+    old_workers = pool.pids()
     pool.timeout = 0.001
     try:
         body = _problem(_post(app, "/v1/solve", domain), 503)
     finally:
         pool.timeout = 30
     assert "time bound" in body["detail"]
-    assert pool.replaced == before + 1
-    for process in old_workers:
-        process.join(5)
-        assert not process.is_alive(), "the overrunning worker still runs"
+    deadline = time.monotonic() + 10
+    while not all(_gone(pid) for pid in old_workers):
+        assert time.monotonic() < deadline, "the overrunning worker still runs"
+        time.sleep(0.02)
     assert _post(app, "/v1/solve", domain).status_code == 200
+    assert pool.replaced == before + 1
+    assert not set(pool.pids()) & set(old_workers)
 
 
 def test_a_dead_worker_answers_503_and_is_replaced(app) -> None:
     pool = app.state.virtpolicy.pool
     domain = {"domain": _example("windows10.xml")}
     assert _post(app, "/v1/solve", domain).status_code == 200
-    shipped = REPO / "virtpolicy" / "profiles" / "library"
-    library = {"profiles": {p.name: p.read_text() for p in sorted(shipped.glob("*.toml"))[:16]}}
+    library = {"profiles": {p.name: p.read_text() for p in sorted(_library().values())[:16]}}
 
     async def run() -> httpx.Response:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://in-process") as client:
             pending = asyncio.create_task(client.post("/v1/profiles/check", json=library))  # seconds of work
-            await asyncio.sleep(0.5)
-            for process in list(pool._pool._processes.values()):
-                os.kill(process.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while pool.in_flight < 1:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            for pid in pool.pids():
+                os.kill(pid, signal.SIGKILL)
             return await pending
 
     body = _problem(asyncio.run(run()), 503)
@@ -515,7 +757,7 @@ def test_schemathesis_every_endpoint(app) -> None:
         response_schema_conformance,
     ]
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 15
+    assert len(operations) == 19
     failures = []
     started = time.monotonic()
     for operation, mode in itertools.product(operations, (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)):

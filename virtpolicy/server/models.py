@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 HOST_ID = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
+HostId = Annotated[str, StringConstraints(pattern=HOST_ID)]
+DomainName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,100}$")]
 DomcapsName = Annotated[str, StringConstraints(pattern=r"^domcaps-[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,100}\.xml$")]
 
 
@@ -59,9 +61,7 @@ class WhatifRequest(_Body):
     )
     oses: list[str] = Field(default=["fedora37", "rhel6.10", "win10"], min_length=1, max_length=8)
     domain: str | None = Field(default=None, description="the domain template (default: a typical partial domain)")
-    hosts: list[Annotated[str, StringConstraints(pattern=HOST_ID)]] = Field(
-        default=[], max_length=16, description="loaded host ids (default: the default host)"
-    )
+    hosts: list[HostId] = Field(default=[], max_length=16, description="loaded host ids (default: the default host)")
     guest_support: Literal["strict", "lenient"] = "strict"
 
 
@@ -75,11 +75,65 @@ class PlanHostsRequest(_Body):
     )
 
 
+class CompareSide(_Body):
+    host: HostId | None = Field(default=None, description="a loaded host's id (default: the first)")
+    os: str | None = Field(default=None, max_length=512, description="the guest OS (default: each domain's own)")
+
+
+class WhatifCompareRequest(_Body):
+    domains: dict[DomainName, str] = Field(
+        min_length=1, max_length=10_000, description="name -> domain XML (templates or complete domains)"
+    )
+    before: CompareSide = Field(default_factory=CompareSide)
+    after: CompareSide = Field(default_factory=CompareSide, description="must differ from before in host or os")
+
+
+class PlanCommonRequest(_Body):
+    domain: str
+    profiles: list[str] = Field(default=[], max_length=64)
+    os: str | None = Field(default=None, max_length=512)
+    guest_support: Literal["strict", "lenient"] = "strict"
+    hosts: list[HostId] = Field(
+        default=[], max_length=1024, description="the fleet: loaded host ids (default: every loaded host)"
+    )
+    min_hosts: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="plan for the best set of at least this many hosts"
+    )
+
+
+class PlanMigrateRequest(_Body):
+    domain: str = Field(description="the running domain's XML (virsh dumpxml)")
+    from_: HostId | None = Field(default=None, alias="from", description="the loaded host it runs on")
+    to: list[HostId] = Field(
+        default=[], max_length=1024, description="destination host ids (default: every loaded host)"
+    )
+    os: str | None = Field(default=None, max_length=512)
+
+
+class UsageRow(_Body):
+    cpus: float = Field(default=0, ge=0, le=1e9, description="vCPUs already allocated")
+    memory_mib: float = Field(default=0, ge=0, le=1e12, description="guest memory already allocated (MiB)")
+
+
+class PlanCapacityRequest(_Body):
+    templates: dict[DomainName, str] = Field(min_length=1, max_length=256, description="name -> domain template XML")
+    hosts: list[HostId] = Field(
+        default=[], max_length=1024, description="the fleet: loaded host ids (default: every loaded host)"
+    )
+    os: str | None = Field(default=None, max_length=512)
+    cpu_ratio: float = Field(default=1.0, gt=0, le=1000, description="vCPUs per host CPU (Nova's ratio)")
+    ram_ratio: float = Field(default=1.0, gt=0, le=1000, description="guest memory per host memory")
+    usage: dict[HostId, UsageRow] = Field(default={}, max_length=1024, description="current use, per named host")
+
+
 class JobInfo(BaseModel):
     id: str
     kind: str
     status: Literal["queued", "running", "done", "failed"]
-    progress: dict[str, int] = Field(description="{done, total}")
+    progress: dict[str, int] = Field(
+        description="{done, total}: tasks (what-if cells, domains, batches of host classes; 1 for the other jobs); "
+        "total is 0 until the job says"
+    )
     elapsed_s: float
     result: dict[str, Any] | None = Field(description="when done: the CLI's --format json document")
     problem: dict[str, Any] | None = Field(description="when failed: the problem details")
@@ -144,6 +198,15 @@ class ProfileDetail(BaseModel):
     summary: list[str] = Field(description="what `virtpolicy profiles show` prints, line by line")
 
 
+class Load(BaseModel):
+    in_flight: int = Field(description="requests running in a worker")
+    waiting: int = Field(description="requests waiting for a worker")
+    queue: int = Field(description="the most requests that may wait; more are answered 429")
+    jobs_unfinished: int = Field(description="jobs queued or running")
+    job_queue: int = Field(description="the most unfinished jobs; more are answered 429")
+    workers_replaced: int = Field(description="workers replaced after a time bound or a death, since the start")
+
+
 class ServiceInfo(BaseModel):
     version: str
     engine_version: str
@@ -152,6 +215,7 @@ class ServiceInfo(BaseModel):
     default_host: str
     profile_library_digest: str
     workers: int
+    load: Load
 
 
 class Health(BaseModel):

@@ -1,33 +1,54 @@
-"""The worker side of the REST service: requests run in processes that each hold an Engine.
+"""The server's side of its workers: one zygote, pools of warm workers forked from it, a bounded queue.
 
-The pool is `virtpolicy.whatif.runner.engine_pool`: every worker unpickles the server's Engine once
-(hosts travel with it, osinfo-db is re-opened from its path). A host uploaded after the pool started
-travels with each request that names it, with its fingerprint; a worker loads it once per fingerprint.
-A worker answers with plain data (a status and the JSON document), never with an exception object, so
-nothing of the engine's internals reaches the client.
+Requests run in worker processes that each hold a copy of the server's Engine (virtpolicy.server.worker):
+the zygote loads and warms the Engine once and forks workers on demand, so a new worker costs a fork,
+not an interpreter start and a first solve. The event loop talks to each worker over its own socket
+(no threads, no executor): it writes one pickled request and reads the answer's frames as they arrive.
+
+A pool holds `size` workers. A request takes an idle worker, or waits in a queue of at most `queue`
+requests; beyond it the request is refused at once (`Saturated`: 429 with Retry-After), so nothing is
+queued without bound. A request that runs past the time bound has its worker killed (`TimedOut`); a
+worker that dies under a request fails that request only (`WorkerLost`); either way the worker is
+replaced and the other requests are not touched.
+
+A host uploaded after the zygote started travels with the first request that needs it on each worker;
+the pool knows which host versions (fingerprints) every worker holds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import math
 import os
+import pickle
 import signal
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from virtpolicy.errors import InputError, OutputRejected, UnknownOSError
+from virtpolicy.server.worker import BOOT, FORK, FRAME, READY
 
 if TYPE_CHECKING:
     from virtpolicy.engine import Engine
     from virtpolicy.inputs.host import Host
 
-_LOADED: dict[str, str] = {}  # in a worker: host id -> fingerprint of the uploaded host it holds
+MAX_ZYGOTE_FAILURES = 3  # zygotes that died before they were ready, in a row: then workers cannot start
 
 
 class Saturated(Exception):
-    """Too many requests are queued for the workers (503 with Retry-After)."""
+    """The queue is full: answer 429, and say when to retry."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(retry_after)
+        self.retry_after = retry_after
 
 
 class TimedOut(Exception):
@@ -35,169 +56,397 @@ class TimedOut(Exception):
 
 
 class WorkerLost(Exception):
-    """A worker process died under the request; the pool was replaced (503)."""
+    """The worker died under the request, or no worker can be started (503)."""
 
 
-def run_request(
-    engine: Engine, command: str, kwargs: dict[str, Any], uploads: list[tuple[str, str, Host]]
-) -> tuple[str, Any]:
-    """In a worker: one request -> ('ok' | 'conflict' | 'input' | 'rejected' | 'internal', data)."""
-    for host_id, fingerprint, host in uploads:
-        if _LOADED.get(host_id) != fingerprint:
-            engine.add_host(host_id, host)
-            _LOADED[host_id] = fingerprint
-    try:
-        if command in JOBS:
-            return "ok", JOBS[command](engine, **kwargs)
-        if command == "solve":
-            result = engine.solve(**kwargs)
-        elif command == "check":
-            result = engine.check(**kwargs)
-        elif command == "add_device":
-            result = engine.add_device(**kwargs)
-        elif command == "explain":
-            return "ok", engine.explain(**kwargs).to_dict()
-        elif command == "check_profiles":
-            return "ok", engine.check_profiles(**kwargs).to_dict()
+def _settle(future: asyncio.Future[Any], result: Any = None, error: BaseException | None = None) -> None:
+    """Give a waiting request its answer; a request whose event loop has closed meanwhile (the in-process
+    tests run one loop per request) is left alone."""
+    if future.done():
+        return
+    with contextlib.suppress(RuntimeError):
+        if error is not None:
+            future.set_exception(error)
         else:
-            return "internal", f"unknown command {command!r}"
-        document = result.to_dict()
-        if result.feasible or command == "check":
-            return "ok", document
-        return "conflict", {
-            "document": document,
-            "conflicts": [{"id": c.id, "members": [m.to_dict() for m in c.members]} for c in result.conflicts],
-            "background": [b.to_dict() for b in result.background],
-            "corrections": [
-                {"id": k.id, "cost": k.cost, "drop": list(k.drop), "actions": list(k.actions)}
-                for k in result.corrections
-            ],
-            "summary": result.summary(),
-        }
-    except InputError as exc:
-        where = exc.input
-        if isinstance(exc, UnknownOSError) and where is None:
-            where = "os"
-        location = exc.location or where or "domain"
-        return "input", {"detail": str(exc), "input": where, "line": exc.line, "location": location}
-    except OutputRejected:
-        return "rejected", None
-    except Exception as exc:  # a bug of the engine: named by its type only, never a traceback
-        return "internal", type(exc).__name__
+            future.set_result(result)
 
 
-def _whatif_combinations(engine: Engine, **kwargs: Any) -> dict[str, Any]:
-    from virtpolicy.whatif.report import analyse_combinations
-
-    return analyse_combinations(engine, workers=1, **kwargs).to_dict()
-
-
-def _plan_hosts(engine: Engine, fleet: Any, **kwargs: Any) -> dict[str, Any]:
-    """`virtpolicy plan hosts` over the hosts the request names: an Engine of the fleet's classes."""
-    from virtpolicy.engine import Engine
-    from virtpolicy.plan.hosts import plan_hosts
-
-    classes = Engine(dict(fleet.classes), osinfo_db=engine.osinfo, profile_path=engine.profile_path)
-    return plan_hosts(classes, fleet, source="domain", workers=1, **kwargs).to_dict()
+def _kill(pid: int, pidfd: int | None) -> None:
+    with contextlib.suppress(ProcessLookupError, OSError):
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
 
 
-JOBS = {"whatif_combinations": _whatif_combinations, "plan_hosts": _plan_hosts}
+class _Reader:
+    """A socket read by whichever event loop is running: callers re-bind it when the loop changes (the
+    in-process tests run each request in a loop of its own)."""
+
+    def __init__(self, sock: socket.socket, callback: Callable[[], None]) -> None:
+        self.sock = sock
+        self.callback = callback
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.loop is loop or self.sock.fileno() < 0:
+            return
+        if self.loop is not None and not self.loop.is_closed():
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self.sock.fileno())
+        loop.add_reader(self.sock.fileno(), self.callback)
+        self.loop = loop
+
+    def close(self) -> None:
+        if self.loop is not None and not self.loop.is_closed() and self.sock.fileno() >= 0:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self.sock.fileno())
+        self.loop = None
+        self.sock.close()
 
 
-def _warm(engine: Engine) -> int:
-    """A first solve loads what every later one shares (osinfo-db's index, the rules): ~0.4 s, once."""
-    from virtpolicy.cli import EMBEDDED_EXAMPLE
+class Zygote:
+    """The process the workers are forked from (virtpolicy.server.worker.zygote)."""
 
-    with contextlib.suppress(Exception):
-        engine.solve(EMBEDDED_EXAMPLE.read_bytes())
-    return os.getpid()
-
-
-class EnginePool:
-    """A process pool of Engines that is replaced when a request overruns or a worker dies."""
-
-    def __init__(self, engine: Engine, workers: int, timeout: float, queue: int) -> None:
-        self.workers = max(1, workers)
-        self.timeout = timeout
-        self.queue = queue  # requests in flight or waiting, at most
+    def __init__(self, engine: Engine, workdir: Path, hosts: Callable[[], dict[str, str]]) -> None:
         self._engine = engine
-        self._pool: ProcessPoolExecutor | None = None
-        self._fingerprints: dict[str, str] = {}  # the hosts the current pool's workers started with
-        self._pending = 0
-        self._ready: asyncio.Future[None] | None = None  # start_soon's start in its thread
-        self.replaced = 0
+        self._workdir = workdir
+        self._hosts = hosts  # host id -> fingerprint, as the server has them now
+        self._pools: dict[int, Pool] = {}
+        self._starts = 0
+        self._failures = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self.reader: _Reader | None = None
+        self.fingerprints: dict[str, str] = {}  # the hosts the zygote's Engine holds (every worker starts so)
+        self.ready = False
+        self.broken = False
 
-    def start(self, fingerprints: dict[str, str]) -> None:
-        from virtpolicy.whatif.runner import engine_pool
+    def register(self, pool: Pool) -> int:
+        tag = len(self._pools)
+        self._pools[tag] = pool
+        return tag
 
-        self._pool = engine_pool(self._engine, self.workers)
-        self._fingerprints = dict(fingerprints)
-        self.warm()  # every worker starts with the hosts of this snapshot, not with later ones
+    def start(self) -> None:
+        """Start the zygote now; it warms up while the server goes on with its own start."""
+        self._starts += 1
+        engine_file = self._workdir / f"engine-{self._starts}.pickle"
+        engine_file.write_bytes(pickle.dumps(self._engine, protocol=pickle.HIGHEST_PROTOCOL))
+        self.fingerprints = dict(self._hosts())
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        command = [sys.executable, "-c", BOOT, json.dumps(sys.path), str(theirs.fileno()), str(engine_file)]
+        self.process = subprocess.Popen(command, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        theirs.close()
+        ours.setblocking(False)
+        self.ready = False
+        self.reader = _Reader(ours, self._on_message)
 
-    def start_soon(self, fingerprints: dict[str, str]) -> None:
-        """Start the pool in a thread, so the server answers (/healthz) while the workers come up."""
-        self._ready = asyncio.get_running_loop().run_in_executor(None, self.start, fingerprints)
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.reader is not None:
+            self.reader.bind(loop)
 
-    def warm(self) -> None:
-        """Start every worker now (forkserver, Engine unpickled, a first solve), not on the first request."""
-        assert self._pool is not None
-        from virtpolicy.whatif.runner import _call
-
-        for _ in range(self.workers):
-            self._pool.submit(_call, _warm, ())
-
-    def uploads_for(self, hosts: dict[str, tuple[str, Host]]) -> list[tuple[str, str, Host]]:
-        """What a request must carry so that a worker has these hosts (id -> (fingerprint, Host)) as the
-        server has them now: the ones the pool did not start with."""
-        return [(i, fp, host) for i, (fp, host) in hosts.items() if self._fingerprints.get(i) != fp]
-
-    async def run(
-        self, command: str, kwargs: dict[str, Any], uploads: list[tuple[str, str, Host]], fingerprints: dict[str, str]
-    ) -> tuple[str, Any]:
-        from virtpolicy.whatif.runner import _call
-
-        if self._pending >= self.queue:
-            raise Saturated()
-        if self._ready is not None:
-            await self._ready  # every request waits for the same start; done, it returns at once
-        if self._pool is None:
-            self.start(fingerprints)
-        pool = self._pool
-        assert pool is not None
-        self._pending += 1
+    def fork(self, pool: Pool) -> bool:
+        """Ask for a worker for `pool`; it arrives in Pool.adopt. False: no zygote can be started."""
+        if self.broken:
+            return False
+        if self.reader is None:
+            self.start()
+        assert self.reader is not None
         try:
-            future = pool.submit(_call, run_request, (command, kwargs, uploads))
-            try:
-                return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)
-            except TimeoutError:
-                self._replace(pool, fingerprints)
-                raise TimedOut() from None
-            except BrokenProcessPool:
-                self._replace(pool, fingerprints)
-                raise WorkerLost() from None
-        finally:
-            self._pending -= 1
+            self.reader.sock.send(FORK + bytes([pool.tag]))
+        except OSError:  # the zygote is gone; _on_message will see it and start another
+            return True
+        return True
 
-    def _replace(self, pool: ProcessPoolExecutor, fingerprints: dict[str, str]) -> None:
-        """Stop every worker of `pool` (the overrunning one among them) and start a fresh pool."""
-        if pool is self._pool:
-            self.replaced += 1
-            self.start(fingerprints)
-        _terminate(pool)
+    def _on_message(self) -> None:
+        assert self.reader is not None
+        while True:
+            try:
+                message, fds, _flags, _address = socket.recv_fds(self.reader.sock, 64, 1)
+            except BlockingIOError:
+                return
+            except OSError:
+                message, fds = b"", []
+            if not message:
+                for fd in fds:
+                    os.close(fd)
+                self._died()
+                return
+            if message == READY:
+                self.ready = True
+                self._failures = 0
+                continue
+            pool = self._pools.get(message[0])
+            (pid,) = struct.unpack("!q", message[1:9])
+            if pool is None or not fds:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            pool.adopt(pid, socket.socket(fileno=fds[0]), dict(self.fingerprints))
+
+    def _died(self) -> None:
+        """The zygote ended: start another (workers it forked keep running), or give up after a few
+        that died before they were ready."""
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        if self.process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(1)
+        if not self.ready:
+            self._failures += 1
+        self.ready = False
+        if self._failures >= MAX_ZYGOTE_FAILURES:
+            self.broken = True
+            for pool in self._pools.values():
+                pool.cannot_start()
+            return
+        loop = asyncio.get_running_loop()
+        self.start()
+        self.bind(loop)
+        for pool in self._pools.values():
+            pool.forks_lost()
 
     def shutdown(self) -> None:
-        if self._pool is not None:
-            if self._pending:
-                _terminate(self._pool)  # a request still runs: stop its worker instead of waiting for it
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        for path in self._workdir.glob("engine-*.pickle"):
+            path.unlink(missing_ok=True)
+
+
+class Worker:
+    def __init__(self, pool: Pool, pid: int, sock: socket.socket, fingerprints: dict[str, str]) -> None:
+        self.pool = pool
+        self.pid = pid
+        try:
+            self.pidfd: int | None = os.pidfd_open(pid)  # signals reach this process, never a reused pid
+        except (AttributeError, OSError):
+            self.pidfd = None
+        sock.setblocking(False)
+        self.reader = _Reader(sock, self._readable)
+        self.hosts = fingerprints  # host id -> fingerprint of the version this worker holds
+        self.buffer = bytearray()
+        self.future: asyncio.Future[tuple[str, Any]] | None = None
+        self.progress: Callable[[int, int], None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.started = 0.0
+        self.alive = True
+
+    def _readable(self) -> None:
+        try:
+            while True:
+                chunk = self.reader.sock.recv(1 << 20)
+                if not chunk:
+                    self.pool.lost(self)
+                    return
+                self.buffer += chunk
+                if len(chunk) < 1 << 20:
+                    break
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.pool.lost(self)
+            return
+        while len(self.buffer) >= FRAME.size:
+            (size,) = FRAME.unpack_from(self.buffer)
+            if len(self.buffer) < FRAME.size + size:
+                return
+            message = pickle.loads(self.buffer[FRAME.size : FRAME.size + size])
+            del self.buffer[: FRAME.size + size]
+            if message[0] == "progress":
+                if self.progress is not None:
+                    self.progress(message[1], message[2])
             else:
-                self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+                self.pool.finished(self, (message[1], message[2]))
+
+    def kill(self) -> None:
+        if self.alive:
+            _kill(self.pid, self.pidfd)
+
+    def close(self) -> None:
+        self.alive = False
+        if self.timer is not None:
+            self.timer.cancel()
+        self.reader.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
 
 
-def _terminate(pool: ProcessPoolExecutor) -> None:
-    processes = list((getattr(pool, "_processes", None) or {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        if process.is_alive() and process.pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGKILL)
+class Pool:
+    """`size` workers of one kind (solves, or jobs) forked from the zygote, and a bounded queue."""
+
+    def __init__(self, zygote: Zygote, size: int, timeout: float, queue: int) -> None:
+        self.zygote = zygote
+        self.size = max(1, size)
+        self.timeout = timeout
+        self.queue = queue  # requests that may wait for a worker; more are refused (Saturated)
+        self.workers: set[Worker] = set()
+        self.idle: deque[Worker] = deque()
+        self.waiters: deque[asyncio.Future[Worker]] = deque()
+        self.starting = 0
+        self.replaced = 0  # workers replaced after a time bound or a death
+        self.served = 0
+        self._service = 0.05  # seconds a request takes in a worker (moving average), for Retry-After
+        self.tag = zygote.register(self)
+
+    # --- what the server shows ----------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        return sum(1 for w in self.workers if w.future is not None)
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for f in self.waiters if not f.done())
+
+    def pids(self) -> list[int]:
+        return sorted(w.pid for w in self.workers)
+
+    # --- workers ----------------------------------------------------------------------------------------
+    def fill(self) -> None:
+        """Ask the zygote for workers until the pool has (or expects) `size` of them."""
+        while len(self.workers) + self.starting < self.size:
+            if not self.zygote.fork(self):
+                self.cannot_start()
+                return
+            self.starting += 1
+
+    def adopt(self, pid: int, sock: socket.socket, fingerprints: dict[str, str]) -> None:
+        self.starting = max(0, self.starting - 1)
+        worker = Worker(self, pid, sock, fingerprints)
+        if len(self.workers) >= self.size:  # a late answer to a fork asked before a zygote restart
+            worker.kill()
+            worker.close()
+            return
+        self.workers.add(worker)
+        if self.zygote.reader is not None and self.zygote.reader.loop is not None:
+            worker.reader.bind(self.zygote.reader.loop)
+        self._release(worker)
+
+    def forks_lost(self) -> None:
+        """The zygote died with forks outstanding: ask its successor."""
+        self.starting = 0
+        if self.workers or self.waiters:
+            self.fill()
+
+    def cannot_start(self) -> None:
+        """No zygote runs: every waiting request fails (503); later ones fail at once."""
+        self.starting = 0
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            _settle(waiter, error=WorkerLost("no worker process can be started"))
+
+    def _release(self, worker: Worker) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done() and not waiter.get_loop().is_closed():
+                waiter.set_result(worker)
+                return
+        self.idle.append(worker)
+
+    def lost(self, worker: Worker) -> None:
+        """The worker's socket closed: it died (killed, crashed, or stopped at its time bound)."""
+        if not worker.alive:
+            return
+        self.workers.discard(worker)
+        with contextlib.suppress(ValueError):
+            self.idle.remove(worker)
+        future = worker.future
+        worker.future = None
+        worker.close()
+        self.replaced += 1
+        if future is not None:
+            _settle(future, error=WorkerLost())
+        self.fill()
+
+    def finished(self, worker: Worker, answer: tuple[str, Any]) -> None:
+        future = worker.future
+        worker.future = worker.progress = None
+        if worker.timer is not None:
+            worker.timer.cancel()
+            worker.timer = None
+        elapsed = time.monotonic() - worker.started
+        self._service += (elapsed - self._service) * 0.1
+        self.served += 1
+        if future is not None:
+            _settle(future, answer)
+        self._release(worker)
+
+    def _overrun(self, worker: Worker) -> None:
+        if worker.future is not None:
+            _settle(worker.future, error=TimedOut())
+        worker.kill()  # its socket closes; lost() replaces it
+
+    # --- requests ---------------------------------------------------------------------------------------
+    def retry_after(self) -> int:
+        """Seconds until the queue has room, at the rate requests have been taking."""
+        return max(1, math.ceil((self.waiting + 1) * self._service / self.size))
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.zygote.bind(loop)
+        for worker in list(self.workers):
+            worker.reader.bind(loop)
+
+    async def run(
+        self,
+        command: str,
+        kwargs: dict[str, Any],
+        hosts: dict[str, tuple[str, Host]],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> tuple[str, Any]:
+        """Run one request in a worker: (status, payload) as virtpolicy.server.worker.run_request says.
+
+        `hosts` are the loaded hosts the request names (id -> (fingerprint, Host)); a worker that lacks
+        one, or holds another version, gets it with the request."""
+        loop = asyncio.get_running_loop()
+        self.bind(loop)
+        worker = await self._acquire(loop)
+        if progress is not None:
+            progress(0, 0)  # running: the total is the worker's to say
+        uploads = [(i, host) for i, (fp, host) in hosts.items() if worker.hosts.get(i) != fp]
+        data = pickle.dumps((command, kwargs, uploads), protocol=pickle.HIGHEST_PROTOCOL)
+        future: asyncio.Future[tuple[str, Any]] = loop.create_future()
+        worker.future, worker.progress, worker.started = future, progress, time.monotonic()
+        worker.timer = loop.call_later(self.timeout, self._overrun, worker)
+        for host_id, (fp, _host) in hosts.items():
+            worker.hosts[host_id] = fp
+        try:
+            await loop.sock_sendall(worker.reader.sock, FRAME.pack(len(data)) + data)
+        except OSError:
+            self.lost(worker)
+        return await future
+
+    async def _acquire(self, loop: asyncio.AbstractEventLoop) -> Worker:
+        while self.idle:
+            worker = self.idle.popleft()
+            if worker.alive:
+                return worker
+        if self.zygote.broken:
+            raise WorkerLost("no worker process can be started")
+        if self.waiting >= self.queue:
+            raise Saturated(self.retry_after())
+        waiter: asyncio.Future[Worker] = loop.create_future()
+        self.waiters.append(waiter)
+        self.fill()
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release(waiter.result())  # handed a worker just as the request was cancelled
+            raise
+
+    def shutdown(self) -> None:
+        for worker in list(self.workers):
+            if worker.future is not None:
+                _settle(worker.future, error=WorkerLost())
+            worker.kill()
+            worker.close()
+        self.workers.clear()
+        self.idle.clear()
