@@ -104,18 +104,20 @@ class _BodyLimit:
         self.app = app
         self.limit = limit
 
+    def too_large(self) -> JSONResponse:
+        return problem_response(413, "too-large", f"the request body is over the limit of {self.limit} bytes")
+
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = problem_response(413, "too-large", f"the request body is over the limit of {self.limit} bytes")
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 if not value.strip().isdigit():
                     await _send_problem(send, problem_response(400, "bad-input", "Content-Length is not a number"))
                     return
                 if int(value) > self.limit:
-                    await _send_problem(send, too_large)
+                    await _send_problem(send, self.too_large())
                     return
         chunks: list[bytes] = []
         size = 0
@@ -126,7 +128,7 @@ class _BodyLimit:
             body = message.get("body", b"")
             size += len(body)
             if size > self.limit:
-                await _send_problem(send, too_large)
+                await _send_problem(send, self.too_large())
                 return
             chunks.append(body)
             if not message.get("more_body", False):
