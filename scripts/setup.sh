@@ -3,6 +3,7 @@
 #
 #   scripts/setup.sh main   osinfo-db + .venv with `pip install -e .`
 #   scripts/setup.sh test   + libvirt/QEMU/OVMF/swtpm/virt-install + `pip install -e '.[test]'`
+#                           + the aarch64, ppc64(le), s390x and riscv64 emulators and their firmware
 #                           + libvirt's test-suite corpus in .cache/ (scripts/fetch-libvirt-corpus.sh)
 #
 # CI starts from a bare image, so nothing here may assume a hand-installed package.  Re-runs must be
@@ -35,6 +36,11 @@ if [[ "$MODE" == test ]]; then
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
     qemu-system-x86 qemu-utils osinfo-db ovmf swtpm swtpm-tools virtinst hyperfine chromium fonts-dejavu-core
     xz-utils debian-archive-keyring
+    # the other architectures' emulators under TCG (tests/test_conformance_arches.py): aarch64 (qemu-system-arm,
+    # AAVMF from qemu-efi-aarch64), ppc64/ppc64le (qemu-system-ppc; SLOF is in qemu-system-data), s390x and riscv64
+    # (qemu-system-misc; riscv64 boots OpenSBI, and opensbi/u-boot-qemu give it explicit firmware too).
+    # Debian 12 has no qemu-efi-riscv64 (no UEFI for riscv64 there).
+    qemu-system-arm qemu-system-ppc qemu-system-misc qemu-efi-aarch64 opensbi u-boot-qemu
   )
 fi
 
