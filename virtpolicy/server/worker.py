@@ -375,16 +375,18 @@ def zygote(control_fd: int, engine_file: str) -> None:
     gc.collect()
     gc.freeze()  # the warm heap stays shared with the workers (no collection touches its pages)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped by the kernel
-    control.send(READY)
-    while True:
-        try:
-            message = control.recv(16)
-        except InterruptedError:
-            continue
-        if not message:
-            return
-        if message[:1] != FORK:
-            continue
+    with contextlib.suppress(OSError):  # the server has gone: so does the zygote, quietly
+        control.send(READY)
+        while _fork_one(control, engine):
+            pass
+
+
+def _fork_one(control: socket.socket, engine: Engine) -> bool:
+    """Wait for the server's next request and fork a worker for it; False when the server has gone."""
+    message = control.recv(16)
+    if not message:
+        return False
+    if message[:1] == FORK:
         ours, theirs = socket.socketpair()
         pid = os.fork()
         if pid == 0:  # the worker
@@ -399,8 +401,11 @@ def zygote(control_fd: int, engine_file: str) -> None:
             finally:
                 os._exit(code)
         theirs.close()
-        socket.send_fds(control, [message[1:2] + struct.pack("!q", pid)], [ours.fileno()])
-        ours.close()
+        try:
+            socket.send_fds(control, [message[1:2] + struct.pack("!q", pid)], [ours.fileno()])
+        finally:
+            ours.close()
+    return True
 
 
 BOOT = (
