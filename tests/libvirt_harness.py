@@ -39,6 +39,14 @@ usable), whatever else runs:
   images in any tmp dir), turns off the MAC security driver (a host AppArmor/SELinux policy is not
   what the tests are about) and writes QEMU's output straight to its log (``stdio_handler = "file"``),
   so no virtlogd is needed.  The machine's own qemu.conf is never read or written.
+* QEMU's probed capabilities are the one thing the daemons share (:data:`CAPS_CACHE`).  A libvirtd
+  probes every ``qemu-system-*`` binary before it answers: with the other architectures' emulators
+  (issue 14) that is 27 binaries and about 45 s per daemon, for each of the run's daemons.  So the
+  cache the first daemon wrote (``/var/cache/libvirt/qemu/capabilities``, one file per binary) is
+  kept in a root-only directory under ``/run`` and copied into each new tree before its daemon
+  starts.  libvirt itself checks every entry (the binary's and libvirtd's ctime, libvirt's version,
+  KVM usability, host CPU, microcode, kernel) and probes again whatever is stale, so a seeded
+  daemon reports exactly what a fresh one would; it just answers in under a second.
 * :meth:`LibvirtHarness.stop` destroys what still runs in its daemon, stops the daemon and removes the
   tree.  A tree left by a run that was killed is reaped by the next :meth:`LibvirtHarness.start`
   (its libvirtd only after ``/proc`` confirms it is that tree's daemon).  ``VIRTPOLICY_KEEP_LIBVIRT=1``
@@ -75,6 +83,7 @@ import pwd
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -88,6 +97,11 @@ from lxml import etree
 # Where per-harness trees live (root-only tmpfs on Debian), and how their names start.
 RUN_DIR = Path("/run")
 TREE_PREFIX = "virtpolicy-libvirt-"
+# QEMU capabilities probed by earlier harness daemons on this machine (see the module docstring); not a
+# TREE_PREFIX name, so never taken for a stale tree.
+CAPS_CACHE = RUN_DIR / "virtpolicy-qemu-capabilities"
+# Where libvirt's QEMU driver keeps that cache, inside a harness tree.
+_TREE_CAPS = Path("cache") / "qemu" / "capabilities"
 # The QEMU driver's compiled-in default account on Debian (see module docstring).
 QEMU_DEFAULT_ACCOUNT = "libvirt-qemu"
 # Every directory a privileged libvirtd/QEMU driver uses, and its name inside a harness tree.  The
@@ -225,6 +239,7 @@ class LibvirtHarness:
         reap_stale_trees()
         self.ensure_qemu_account()
         self._make_tree()
+        seed_capabilities_cache(self.tree / _TREE_CAPS)
         log = self.tree / "libvirtd.log"  # its stderr: libvirt logs there in the foreground
         argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _DAEMON_SCRIPT, "sh"]
         argv += [str(self.tree / "etc" / "libvirtd.conf"), str(self.tree / "libvirtd.pid")]
@@ -239,6 +254,7 @@ class LibvirtHarness:
         except BaseException:
             self.stop()  # the caller gets no harness to stop; the error already quotes the log
             raise
+        save_capabilities_cache(self.tree / _TREE_CAPS)  # it answers: every binary has been probed
 
     def stop(self) -> None:
         """Destroy what still runs in the private daemon, stop it and remove its tree.
@@ -672,6 +688,45 @@ def reap_stale_trees() -> None:
         shutil.rmtree(tree, ignore_errors=True)
 
 
+def _private_dir(path: Path) -> bool:
+    """A real directory only root can write (so nobody else can plant capabilities libvirt would trust)."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o022
+
+
+def seed_capabilities_cache(target: Path, cache: Path | None = None) -> int:
+    """Copy the shared QEMU capabilities cache into a daemon's cache directory; how many files were copied."""
+    cache = CAPS_CACHE if cache is None else cache
+    target.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if not _private_dir(cache):
+        return 0
+    copied = 0
+    for entry in cache.glob("*.xml"):
+        if entry.is_file() and not entry.is_symlink():
+            shutil.copy2(entry, target / entry.name)
+            copied += 1
+    return copied
+
+
+def save_capabilities_cache(source: Path, cache: Path | None = None) -> None:
+    """Keep a daemon's QEMU capabilities for the next harness daemons (each file replaced atomically, so
+    concurrent runs never read half a file)."""
+    cache = CAPS_CACHE if cache is None else cache
+    if not cache.exists():
+        with contextlib.suppress(FileExistsError):
+            cache.mkdir(mode=0o700)
+    if not _private_dir(cache):
+        return
+    for entry in source.glob("*.xml"):
+        with tempfile.NamedTemporaryFile(dir=cache, prefix=".", suffix=".tmp", delete=False) as tmp:
+            tmp.write(entry.read_bytes())
+        os.chmod(tmp.name, 0o600)
+        os.replace(tmp.name, cache / entry.name)
+
+
 def missing_binaries() -> list[str]:
     """What keeps the harness from running here; the session fixture skips or fails on it."""
     needed = ("virsh", "libvirtd", "qemu-img", "unshare", "mount")
@@ -679,6 +734,7 @@ def missing_binaries() -> list[str]:
 
 
 __all__ = [
+    "CAPS_CACHE",
     "URI",
     "LibvirtError",
     "LibvirtHarness",
@@ -688,5 +744,7 @@ __all__ = [
     "pid_alive",
     "private_tree",
     "reap_stale_trees",
+    "save_capabilities_cache",
+    "seed_capabilities_cache",
     "uri_for",
 ]
