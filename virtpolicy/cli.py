@@ -192,9 +192,17 @@ def _parser() -> argparse.ArgumentParser:
     capture.add_argument(
         "--connect",
         metavar="URI",
-        required=True,
         action="append",
-        help="a libvirt URI (repeatable: one bundle per host, in DIR/<host name>)",
+        help="a libvirt URI (default qemu:///system; repeatable: one bundle per host, in DIR/<host name>)",
+    )
+    capture.add_argument(
+        "--arch",
+        action="append",
+        default=[],
+        help="only this guest architecture (repeatable): its capabilities and the domcaps of its machines",
+    )
+    capture.add_argument(
+        "--virttype", action="append", default=[], help="only this virt type (repeatable): qemu (TCG), kvm, ..."
     )
     capture.add_argument("directory", type=Path)
 
@@ -631,17 +639,18 @@ def cmd_plan_capacity(args: argparse.Namespace) -> int:
 def cmd_host(args: argparse.Namespace) -> int:
     from virtpolicy.inputs.capture import bundle_name, capture
 
-    if len(args.connect) == 1:
-        for path in capture(args.connect[0], args.directory):
+    uris = args.connect or ["qemu:///system"]
+    if len(uris) == 1:
+        for path in capture(uris[0], args.directory, args.arch, args.virttype):
             print(path)
         return EXIT_OK
     names: list[str] = []
-    for uri in args.connect:
+    for uri in uris:
         name = bundle_name(uri)
         while name in names:
             name += "-2"
         names.append(name)
-        for path in capture(uri, args.directory / name):
+        for path in capture(uri, args.directory / name, args.arch, args.virttype):
             print(path)
     return EXIT_OK
 

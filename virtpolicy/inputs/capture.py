@@ -14,14 +14,18 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from lxml import etree
 
 from virtpolicy.errors import HostError, InputError
 from virtpolicy.inputs.host import Host, load_host_bundle
 from virtpolicy.inputs.hostdevices import NODEDEV_FILE
 from virtpolicy.inputs.hostmeta import HOST_META, HostMeta, format_meta
+from virtpolicy.inputs.xmlsafe import parse_bytes
 from virtpolicy.knowledge.machines import families
 
 VIRSH_TIMEOUT = 60
@@ -58,9 +62,18 @@ def _write(path: Path, text: str) -> None:
         raise InputError(f"{path}: cannot write the host bundle: {exc.strerror or exc}") from None
 
 
-def capture(uri: str, directory: Path) -> list[Path]:
+def capture(uri: str, directory: Path, arches: Sequence[str] = (), virt_types: Sequence[str] = ()) -> list[Path]:
     """Write capabilities.xml, the host's PCI devices and one domcaps file per machine family and virt type;
-    return the files."""
+    return the files.
+
+    `arches` / `virt_types` (`host capture --arch`, `--virttype`) limit the bundle to those guests:
+    capabilities.xml keeps only their <guest> elements and <domain> types (the <host> part is libvirt's, whole),
+    and only their machines get domcaps. An architecture virtpolicy has no machine family for, one the libvirt
+    has no emulator or no such machine for, or a virt type it does not offer there is bad input, reported
+    before anything is written."""
+    caps_text = _virsh(uri, "capabilities")
+    if arches or virt_types:
+        caps_text = only_guests(caps_text, uri, arches, virt_types)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -68,7 +81,7 @@ def capture(uri: str, directory: Path) -> list[Path]:
     if not directory.is_dir():
         raise InputError(f"{directory}: not a directory (host capture writes a bundle directory)")
     caps_file = directory / "capabilities.xml"
-    _write(caps_file, _virsh(uri, "capabilities"))
+    _write(caps_file, caps_text)
     written = [caps_file]
     written.append(_capture_nodedevs(uri, directory / NODEDEV_FILE))
     host = load_host_bundle_caps_only(caps_file)
@@ -87,6 +100,72 @@ def capture(uri: str, directory: Path) -> list[Path]:
     _write(directory / HOST_META, format_meta(meta, notes))
     written.append(directory / HOST_META)
     return written
+
+
+def only_guests(caps_text: str, uri: str, arches: Sequence[str], virt_types: Sequence[str]) -> str:
+    """`virsh capabilities` reduced to the hvm guests of `arches` (all when empty) and their `virt_types` (all
+    when empty); InputError naming the --arch or --virttype the libvirt at `uri` cannot capture."""
+    known = sorted({arch for fam in families() for arch in fam.arches})
+    for arch in arches:
+        if arch not in known:
+            raise InputError(
+                f"--arch {arch}: virtpolicy knows no machine family for this architecture (it knows {', '.join(known)})"
+            )
+    root = parse_bytes(caps_text.encode(), f"--connect {uri}: virsh capabilities").getroot()
+    offered: dict[str, dict[str, set[str]]] = {}  # hvm arch -> virt type -> machine names
+    for guest in root.findall("guest"):
+        arch_el = guest.find("arch")
+        if arch_el is None or (guest.findtext("os_type") or "").strip() != "hvm":
+            continue
+        base = {(m.text or "").strip() for m in arch_el.findall("machine")}
+        types = offered.setdefault(arch_el.get("name", ""), {})
+        for dom in arch_el.findall("domain"):
+            types.setdefault(dom.get("type", ""), set()).update(
+                {(m.text or "").strip() for m in dom.findall("machine")} or base
+            )
+    for arch in arches:
+        if arch not in offered:
+            raise InputError(
+                f"--arch {arch}: the libvirt at {uri} has no emulator for {arch} "
+                "(virsh capabilities lists no hvm guest for it)"
+            )
+    wanted = {arch: types for arch, types in offered.items() if not arches or arch in arches}
+    for vt in virt_types:
+        missing = [arch for arch, types in wanted.items() if vt not in types]
+        if (arches and missing) or len(missing) == len(wanted):
+            where = ", ".join(missing) if arches else "any architecture"
+            raise InputError(f"--virttype {vt}: the libvirt at {uri} offers no {vt} domains for {where}")
+    for arch in arches:
+        names = {m for vt, ms in wanted[arch].items() if not virt_types or vt in virt_types for m in ms}
+        fams = [fam for fam in families() if arch in fam.arches]
+        if not any(fam.matches(m) for fam in fams for m in names):
+            raise InputError(
+                f"--arch {arch}: the libvirt at {uri} has no {arch} machine virtpolicy decides about "
+                f"({', '.join(fam.name for fam in fams)})"
+            )
+    for guest in root.findall("guest"):
+        arch_el = guest.find("arch")
+        name = arch_el.get("name", "") if arch_el is not None else ""
+        doms = arch_el.findall("domain") if arch_el is not None else []
+        keep = [d for d in doms if not virt_types or d.get("type", "") in virt_types]
+        if (arches and name not in arches) or (guest.findtext("os_type") or "").strip() != "hvm" or not keep:
+            _remove(guest)
+            continue
+        for dom in doms:
+            if dom not in keep:
+                _remove(dom)
+    return etree.tostring(root, encoding="unicode") + "\n"
+
+
+def _remove(el: etree._Element) -> None:
+    """Drop an element and keep its neighbours' indentation (its tail is the next sibling's indent)."""
+    parent, previous = el.getparent(), el.getprevious()
+    assert parent is not None
+    if previous is not None:
+        previous.tail = el.tail
+    else:
+        parent.text = el.tail
+    parent.remove(el)
 
 
 def is_local(uri: str) -> bool:
