@@ -149,23 +149,13 @@ def only_guests(caps_text: str, uri: str, arches: Sequence[str], virt_types: Seq
         doms = arch_el.findall("domain") if arch_el is not None else []
         keep = [d for d in doms if not virt_types or d.get("type", "") in virt_types]
         if (arches and name not in arches) or (guest.findtext("os_type") or "").strip() != "hvm" or not keep:
-            _remove(guest)
+            root.remove(guest)
             continue
         for dom in doms:
             if dom not in keep:
-                _remove(dom)
+                dom.getparent().remove(dom)
+    etree.indent(root, space="  ")  # libvirt's own layout (the hardened parser drops blank text)
     return etree.tostring(root, encoding="unicode") + "\n"
-
-
-def _remove(el: etree._Element) -> None:
-    """Drop an element and keep its neighbours' indentation (its tail is the next sibling's indent)."""
-    parent, previous = el.getparent(), el.getprevious()
-    assert parent is not None
-    if previous is not None:
-        previous.tail = el.tail
-    else:
-        parent.text = el.tail
-    parent.remove(el)
 
 
 def is_local(uri: str) -> bool:
