@@ -734,6 +734,20 @@ def test_a_dead_worker_answers_503_and_is_replaced(app) -> None:
     assert _post(app, "/v1/solve", domain).status_code == 200
 
 
+def test_a_dead_zygote_is_started_again(app) -> None:
+    """The zygote and every worker killed: the next request waits for a new zygote's worker and succeeds."""
+    state = app.state.virtpolicy
+    domain = {"domain": _example("rhel6-on-q35.xml")}
+    assert _post(app, "/v1/solve", domain).status_code == 200
+    zygote = state.zygote.process.pid
+    for pid in [zygote, *state.pool.pids()]:
+        os.kill(pid, signal.SIGKILL)
+    state.zygote.process.wait(10)
+    solved = _post(app, "/v1/solve", domain)
+    assert solved.status_code == 200, solved.text
+    assert state.zygote.process.pid != zygote
+
+
 def test_schemathesis_every_endpoint(app) -> None:
     """Generated requests to every operation: no 5xx, and every answer as the OpenAPI document says."""
     schemathesis = pytest.importorskip("schemathesis")

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -266,6 +267,15 @@ class Worker:
             else:
                 self.pool.finished(self, (message[1], message[2]))
 
+    def exited(self) -> bool:
+        """Whether the process has ended (its pidfd is readable), though its socket's EOF is not read yet."""
+        if self.pidfd is None:
+            return False
+        try:
+            return bool(select.select([self.pidfd], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
+
     def kill(self) -> None:
         if self.alive:
             _kill(self.pid, self.pidfd)
@@ -426,8 +436,9 @@ class Pool:
     async def _acquire(self, loop: asyncio.AbstractEventLoop) -> Worker:
         while self.idle:
             worker = self.idle.popleft()
-            if worker.alive:
+            if worker.alive and not worker.exited():
                 return worker
+            self.lost(worker)  # died while idle: no request of it is lost
         if self.zygote.broken:
             raise WorkerLost("no worker process can be started")
         if self.waiting >= self.queue:
