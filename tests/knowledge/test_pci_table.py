@@ -42,8 +42,9 @@ def test_every_bus_row_matches_libvirt_slot_range_and_hotplug() -> None:
 def test_the_root_port_capacity_is_derived_from_the_table() -> None:
     fixed = table()["fixed"]["q35"]
     taken = {fixed["video"], *fixed["reserved"]}
-    assert root_port_capacity().limit == (31 - len(taken)) * 8 == 216
-    assert root_port_capacity().where.startswith("pci.toml:")
+    assert root_port_capacity("q35").limit == (31 - len(taken)) * 8 == 216
+    assert root_port_capacity("virt").limit == 31 * 8  # no chipset slot on bus 0
+    assert root_port_capacity("q35").where.startswith("pci.toml:")
 
 
 def test_pcie_expander_bus_is_q35_and_arm_virt_only() -> None:

@@ -19,6 +19,8 @@ class MachineFamily:
     root: str  # pcie | pci | ccw
     guest_ids: tuple[str, ...] = ()
     guest_name: str = ""
+    topology: bool = False  # the engine lays out this family's PCI topology
+    cite: str = ""
 
     def matches(self, machine: str) -> bool:
         return any(p.match(machine) for p in self.patterns)
@@ -35,6 +37,8 @@ def families() -> tuple[MachineFamily, ...]:
             root=row["root"],
             guest_ids=tuple(row.get("guest_ids", ())),
             guest_name=row.get("guest_name", ""),
+            topology=row.get("topology", False),
+            cite=row.get("cite", ""),
         )
         for name, row in data["family"].items()
     )
@@ -53,6 +57,12 @@ def family_of(machine: str) -> MachineFamily | None:
 @cache
 def _by_name() -> dict[str, MachineFamily]:
     return {fam.name: fam for fam in reversed(families())}  # reversed: the first of a name wins, as a scan
+
+
+def lays_out_topology(family: str) -> bool:
+    """Does the engine place this family's PCI devices itself (machines.toml `topology`)?"""
+    found = _by_name().get(family)
+    return found is not None and found.topology
 
 
 def root_of(family: str) -> str:

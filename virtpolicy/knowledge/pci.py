@@ -77,12 +77,15 @@ def _line_of(marker: str) -> int:
 
 
 @cache
-def root_port_capacity() -> Capacity:
-    """The pcie-root-ports pcie-root holds, derived from the bus's slot range and the fixed slots."""
+def root_port_capacity(family: str = "q35") -> Capacity:
+    """The pcie-root-ports pcie-root holds on a family, derived from the bus's slot range and the slots
+    the family keeps fixed (q35: 216; virt, with no chipset devices on bus 0: 248)."""
     row = table()["capacity"]["pcie-root-ports"]
+    if family not in row["families"]:
+        raise KeyError(family)
     bus = bus_rule(row["bus"])
-    fixed = table()["fixed"][row["family"]]
-    taken = {int(fixed["video"], 16), *(int(s, 16) for s in fixed["reserved"])}
+    fixed = table()["fixed"][family]
+    taken = {int(s, 16) for s in (fixed.get("video"), *fixed["reserved"]) if s}
     slots = [s for s in range(bus.first_slot, bus.last_slot + 1) if s not in taken]
     where = f"pci.toml:{_line_of('[capacity.pcie-root-ports]')}"
     return Capacity(len(slots) * row["functions_per_slot"], where, row["cite"])

@@ -19,7 +19,7 @@ from virtpolicy import __version__
 from virtpolicy.core.solve import Solution
 from virtpolicy.inputs.domain import VIRTPOLICY_NS, Domain
 from virtpolicy.knowledge.catalog import ClassVariable, catalog
-from virtpolicy.knowledge.machines import family_of
+from virtpolicy.knowledge.machines import family_of, lays_out_topology
 from virtpolicy.knowledge.pci import table
 from virtpolicy.knowledge.templates import new_device
 from virtpolicy.outputs.topology import Placement, TopologyBuilder, check_controllers
@@ -376,8 +376,8 @@ class Renderer:
 
     def _topology(self) -> None:
         family = self.values["machine"]
-        if family not in ("q35", "pc"):
-            return
+        if not lays_out_topology(family):
+            return  # libvirt places the devices (channel I/O, or a machine the engine has no rows for)
         fixed = table()["fixed"][family]
         placements = []
         for i, inst in enumerate(self.built.instances):
@@ -390,7 +390,7 @@ class Renderer:
             position = None
             companions: list[etree._Element] = []
             model = self.values.get(inst.var("model"), "")
-            if inst.cls.name == "video":
+            if inst.cls.name == "video" and "video" in fixed:
                 position = (int(fixed["video"], 16), 0)
             elif inst.cls.name == "usb" and model == "ich9-ehci1":
                 position = (int(fixed["ich9_usb"], 16), 7) if "ich9_usb" in fixed else None

@@ -17,7 +17,7 @@ from lxml import etree
 
 from virtpolicy.errors import InputError
 from virtpolicy.inputs.domain import xpath_of
-from virtpolicy.knowledge.machines import family_named
+from virtpolicy.knowledge.machines import family_named, lays_out_topology
 from virtpolicy.knowledge.pci import bus_rule, first_port_slot, table
 
 EXPANDER_HEADROOM = 4  # bus numbers kept free under each expander, for devices added to that cell later
@@ -182,7 +182,7 @@ class TopologyBuilder:
         self.devices = devices_el
         self.source = source
         self.family = family
-        self.root_kind = family_named(family).root if family in ("q35", "pc") else "other"
+        self.root_kind = family_named(family).root if lays_out_topology(family) else "other"
         self.cells = cells
         self.hotplug_ports = hotplug_ports
         self.graph = _BusGraph()
@@ -195,7 +195,7 @@ class TopologyBuilder:
         self.next_index = 1
         fixed = table()["fixed"].get(family, {})
         self.reserved = {int(s, 16) for s in fixed.get("reserved", [])}
-        self.video_slot = int(fixed.get("video", "0x02"), 16)
+        self.video_slot = int(fixed["video"], 16) if "video" in fixed else None  # x86 only: a fixed slot
         self.first_port_slot = first_port_slot(family)
         self._read_existing()
 

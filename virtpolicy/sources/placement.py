@@ -16,7 +16,7 @@ from virtpolicy.core.budget import BusBudget
 from virtpolicy.core.problem import Constraint, Provenance, Source, Strength
 from virtpolicy.inputs.domain import VIRTPOLICY_NS, Explicit, xpath_of
 from virtpolicy.inputs.hostdevices import NODEDEV_FILE, source_address
-from virtpolicy.knowledge.machines import root_of
+from virtpolicy.knowledge.machines import lays_out_topology, root_of
 from virtpolicy.knowledge.pci import (
     HOTPLUG_PORTS,
     MAX_CELLS,
@@ -141,7 +141,7 @@ class PciPlanner:
             for value in p.variables[driver].values:
                 row = self.slots[f"{inst.cls.name}.{var}"].get(value)
                 for fam in families:
-                    allowed = _allowed_slots(root_of(fam), row, kind, at)
+                    allowed = _allowed_slots(fam, row, kind, at)
                     self.ctx.forbid(
                         f"structural:pci-slot:{inst.var('slot')}:{value}:{fam}",
                         [
@@ -332,19 +332,21 @@ class PciPlanner:
         if not pcie:
             return
         most_spare = max(int(v) for v in self.ctx.problem.variables["hotplug.ports"].values)
-        # root ports exist on q35 only: on pc, hotplug.ports counts free PCI slots, which pci-bridges provide
+        # root ports exist on PCIe machines only: on pc, hotplug.ports counts free PCI slots, which
+        # pci-bridges provide; of several PCIe families the smallest root complex bounds the count
         on_pcie = self._root_kind() != "pci"
-        ports = root_port_capacity()
-        pcie_root_can_fill = on_pcie and len(pcie) + most_spare > ports.limit
-        file, _, line = ports.where.partition(":")
-        prov = Provenance(
-            Source.STRUCTURAL,
-            "pcie-root-ports",
-            ports.where,
-            ports.cite,
-            data=(("rule", "pcie-root-ports"), ("file", file), ("line", int(line))),
-        )
-        if pcie_root_can_fill:  # a count that can never exceed its limit only slows the search
+        pcie_families = [f for f in self._possible_families() if root_of(f) == "pcie" and lays_out_topology(f)]
+        ports = min((root_port_capacity(f) for f in pcie_families), key=lambda c: c.limit, default=None)
+        pcie_root_can_fill = on_pcie and ports is not None and len(pcie) + most_spare > ports.limit
+        if pcie_root_can_fill and ports is not None:  # a count that can never exceed its limit only slows the search
+            file, _, line = ports.where.partition(":")
+            prov = Provenance(
+                Source.STRUCTURAL,
+                "pcie-root-ports",
+                ports.where,
+                ports.cite,
+                data=(("rule", "pcie-root-ports"), ("file", file), ("line", int(line))),
+            )
             self.ctx.add(
                 BusBudget(
                     "structural:pcie-root-port-capacity",
@@ -602,9 +604,10 @@ class PciPlanner:
 
 
 def _allowed_slots(
-    root: str, row: dict[str, list[str]] | None, kind: Addressing | None, at: list[str] | None
+    family: str, row: dict[str, list[str]] | None, kind: Addressing | None, at: list[str] | None
 ) -> list[str]:
-    """The slot types a device may take on a machine whose root bus is `root`.
+    """The slot types a device may take on a machine of `family` (a [slots] row's family key, else its
+    root bus kind's).
 
     `row` is the pci.toml [slots] row of the value (how libvirt auto-places it), `kind` the [[addressing]] row
     of the app's element, `at` the slot types of the PCI address the app (or libvirt) already wrote, if any.
@@ -614,13 +617,14 @@ def _allowed_slots(
     disagrees, the address decides. A value with no row is one the engine does not model: its element's
     [[addressing]] row says what libvirt gives it; without one the device is carried through untouched
     (slot none: libvirt places it, as it would without the engine)."""
+    root = root_of(family)
     if kind is not None and kind.takes == "none":
         return ["none"]  # a device libvirt never gives a PCI address (ramfb, usb-net, unassigned, USB ...)
     if root not in ("pcie", "pci"):
         # channel I/O (s390): no PCI slot of the engine's making, but an explicit zPCI address stays
         return list(at) if at is not None else ["none"]
     if row is not None:
-        allowed = list(row.get(root, ["pcie", "pci"] if root == "pcie" else ["pci"]))
+        allowed = list(row.get(family) or row.get(root, ["pcie", "pci"] if root == "pcie" else ["pci"]))
     elif kind is not None and kind.takes in ("pcie", "virtio", "host"):
         allowed = ["pcie", "pci"] if root == "pcie" and kind.takes != "pcie" else [root]
     elif kind is not None and kind.takes == "pci":
@@ -688,8 +692,6 @@ def _refused_address(addr: etree._Element, controllers: dict[int, etree._Element
     if slot > high:
         return f"Invalid PCI address {where}. slot must be <= {high} (on a {model})"
     return None
-
-
 
 
 def _node_in_cells(node_var: str) -> Constraint:
