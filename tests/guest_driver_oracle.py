@@ -15,6 +15,12 @@ Facts (libvirt 9.0 / QEMU 7.2, confirmed on this machine with ``info pci``):
   pci-bridge, pcie-to-pci-bridge, pci-expander-bus, dmi-to-pci-bridge) or directly on a root
   complex (pcie-root, where it would be an integrated endpoint) it stays transitional.
 * virtio-gpu/virtio-vga and virtio-input force virtio 1.0: always modern.
+* Off PCI (issue 14): a virtio-ccw device (s390x, ``<address type='ccw'>``) lets the driver pick the
+  revision with CCW_CMD_SET_VIRTIO_REV (QEMU hw/s390x/virtio-ccw.c: revision 0 is legacy virtio,
+  1 and up virtio 1.0), so a legacy or a 1.0 driver works: transitional.  A virtio-mmio device
+  (``<address type='virtio-mmio'>``, aarch64/riscv64 virt without PCIe) is legacy only: QEMU's
+  virtio-mmio transport defaults to ``force-legacy=on`` (hw/virtio/virtio-mmio.c, the version 1
+  register layout), so only a legacy driver binds.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Literal
 
 from lxml import etree
 
-Mode = Literal["modern", "transitional"]
+Mode = Literal["modern", "transitional", "legacy"]
 Kind = Literal["net", "blk", "scsi", "balloon", "rng", "console", "gpu", "input"]
 
 _PCIE_PORT_MODELS = frozenset({"pcie-root-port", "pcie-switch-downstream-port"})
@@ -103,6 +109,10 @@ def _candidates(devices: etree._Element) -> Iterator[tuple[etree._Element, Kind,
 
 def _mode_from_slot(el: etree._Element, controllers: dict[int, str], xpath: str) -> Mode:
     addr = el.find("address")
+    if addr is not None and addr.get("type") == "ccw":
+        return "transitional"
+    if addr is not None and addr.get("type") == "virtio-mmio":
+        return "legacy"
     if addr is None or addr.get("type") != "pci":
         raise ValueError(
             f"{xpath}: plain virtio without a PCI address; its mode depends on the slot, "
@@ -143,13 +153,14 @@ def virtio_devices_needing_drivers(dumpxml: str) -> list[VirtioDevice]:
 
 
 def guest_can_drive(dev: VirtioDevice, osinfo_device_ids: set[str]) -> bool:
-    """A transitional device works with a legacy or a 1.0 driver; a modern one needs 1.0."""
+    """A transitional device works with a legacy or a 1.0 driver; a modern one needs 1.0, a legacy one a
+    legacy driver."""
     ids = {i.lower().rstrip("/") for i in osinfo_device_ids}
     modern = _MODERN_ID.get(dev.kind)
-    if modern is not None and pci_id_url(modern) in ids:
+    if dev.mode != "legacy" and modern is not None and pci_id_url(modern) in ids:
         return True
     legacy = _LEGACY_ID.get(dev.kind)
-    return dev.mode == "transitional" and legacy is not None and pci_id_url(legacy) in ids
+    return dev.mode != "modern" and legacy is not None and pci_id_url(legacy) in ids
 
 
 __all__ = ["VirtioDevice", "guest_can_drive", "pci_id_url", "virtio_devices_needing_drivers"]

@@ -153,3 +153,16 @@ def test_ids_match_osinfo_spelling_exactly() -> None:
     assert guest_can_drive(blk, {"http://pcisig.com/pci/1af4/1042"})
     assert not guest_can_drive(blk, {"http://pcisig.com/pci/1af4/1041"})  # net, not blk
     assert not guest_can_drive(blk, {"http://pcisig.com/pci/1b36/1042"})  # wrong vendor
+
+
+def test_virtio_ccw_is_transitional_and_virtio_mmio_legacy() -> None:
+    """Off PCI the transport decides: CCW negotiates the revision, virtio-mmio is legacy only; virtio-gpu and
+    virtio-input stay modern on CCW (they force virtio 1.0 on every transport)."""
+    ccw = "<address type='ccw' cssid='0xfe' ssid='0x0' devno='0x0001'/>"
+    s390 = "<controller type='pci' index='0' model='pci-root'/>"
+    assert one(f"<interface type='user'><model type='virtio'/>{ccw}</interface>", s390).mode == "transitional"
+    assert one(f"<video><model type='virtio'/>{ccw}</video>", s390).mode == "modern"
+    mmio = one("<disk type='file' device='disk'><target dev='vda' bus='virtio'/><address type='virtio-mmio'/></disk>")
+    assert (mmio.kind, mmio.mode) == ("blk", "legacy")
+    assert guest_can_drive(mmio, LEGACY_ONLY)
+    assert not guest_can_drive(mmio, MODERN_ONLY)
