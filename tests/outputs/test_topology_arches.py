@@ -1,7 +1,7 @@
 """The PCI topology the engine lays out on aarch64/riscv64 virt (a PCIe root complex, like q35 but with no
 chipset slot on bus 0) and on pSeries (PHB slots, then bridges): the same capacity checks and
 explanations as on q35, and addresses libvirt's schema accepts. Hosts: the real KVM capabilities of
-../shared/data/hostcaps/peer-samples (a virt-8.2 aarch64 host and a pseries-8.2 ppc64le host)."""
+tests/data/hosts/peer-samples (a virt-8.2 aarch64 host and a pseries-8.2 ppc64le host)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from lxml import etree
 
 from virtpolicy import Engine
 
-PEERS = Path(__file__).resolve().parents[3] / "shared" / "data" / "hostcaps" / "peer-samples"
+PEERS = Path(__file__).resolve().parents[1] / "data" / "hosts" / "peer-samples"
 BUNDLES = {"aarch64": ("kvm-aarch64", "virt"), "ppc64le": ("kvm-ppc64le", "pseries")}
 
 
