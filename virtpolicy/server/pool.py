@@ -60,6 +60,10 @@ class WorkerLost(Exception):
     """The worker died under the request, or no worker can be started (503)."""
 
 
+class _NotTaken(Exception):
+    """The worker died before it read the request: the request goes to another worker."""
+
+
 def _settle(future: asyncio.Future[Any], result: Any = None, error: BaseException | None = None) -> None:
     """Give a waiting request its answer; a request whose event loop has closed meanwhile (the in-process
     tests run one loop per request) is left alone."""
@@ -238,6 +242,7 @@ class Worker:
         self.progress: Callable[[int, int], None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.started = 0.0
+        self.taken = False  # the worker has read the current request
         self.alive = True
 
     def _readable(self) -> None:
@@ -261,7 +266,9 @@ class Worker:
                 return
             message = pickle.loads(self.buffer[FRAME.size : FRAME.size + size])
             del self.buffer[: FRAME.size + size]
-            if message[0] == "progress":
+            if message[0] == "taken":
+                self.taken = True
+            elif message[0] == "progress":
                 if self.progress is not None:
                     self.progress(message[1], message[2])
             else:
@@ -373,7 +380,7 @@ class Pool:
         worker.close()
         self.replaced += 1
         if future is not None:
-            _settle(future, error=WorkerLost())
+            _settle(future, error=WorkerLost() if worker.taken else _NotTaken())
         self.fill()
 
     def finished(self, worker: Worker, answer: tuple[str, Any]) -> None:
@@ -417,21 +424,28 @@ class Pool:
         one, or holds another version, gets it with the request."""
         loop = asyncio.get_running_loop()
         self.bind(loop)
-        worker = await self._acquire(loop)
-        if progress is not None:
-            progress(0, 0)  # running: the total is the worker's to say
-        uploads = [(i, host) for i, (fp, host) in hosts.items() if worker.hosts.get(i) != fp]
-        data = pickle.dumps((command, kwargs, uploads), protocol=pickle.HIGHEST_PROTOCOL)
-        future: asyncio.Future[tuple[str, Any]] = loop.create_future()
-        worker.future, worker.progress, worker.started = future, progress, time.monotonic()
-        worker.timer = loop.call_later(self.timeout, self._overrun, worker)
-        for host_id, (fp, _host) in hosts.items():
-            worker.hosts[host_id] = fp
-        try:
-            await loop.sock_sendall(worker.reader.sock, FRAME.pack(len(data)) + data)
-        except OSError:
-            self.lost(worker)
-        return await future
+        for attempt in range(3):
+            worker = await self._acquire(loop)
+            if progress is not None:
+                progress(0, 0)  # running: the total is the worker's to say
+            uploads = [(i, host) for i, (fp, host) in hosts.items() if worker.hosts.get(i) != fp]
+            data = pickle.dumps((command, kwargs, uploads), protocol=pickle.HIGHEST_PROTOCOL)
+            future: asyncio.Future[tuple[str, Any]] = loop.create_future()
+            worker.future, worker.progress, worker.started = future, progress, time.monotonic()
+            worker.taken = False
+            worker.timer = loop.call_later(self.timeout, self._overrun, worker)
+            for host_id, (fp, _host) in hosts.items():
+                worker.hosts[host_id] = fp
+            try:
+                await loop.sock_sendall(worker.reader.sock, FRAME.pack(len(data)) + data)
+            except OSError:
+                self.lost(worker)
+            try:
+                return await future
+            except _NotTaken:  # it died (killed, say) before it read the request: another worker can
+                if attempt == 2:
+                    raise WorkerLost() from None
+        raise AssertionError("unreachable")
 
     async def _acquire(self, loop: asyncio.AbstractEventLoop) -> Worker:
         while self.idle:

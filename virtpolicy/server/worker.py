@@ -7,7 +7,8 @@ fork, so a worker that died or was stopped at its time bound is replaced in mill
 
 Each worker talks to the server over its own Unix socket (the zygote hands the server its end with
 SCM_RIGHTS): length-prefixed pickled frames. A request is `(command, kwargs, uploads)`; the answer is
-`("done", status, payload)`, preceded for jobs by `("progress", done, total)` frames. The payload of a
+`("done", status, payload)`, preceded by `("taken",)` as soon as the worker has read the request and,
+for jobs, by `("progress", done, total)` frames. The payload of a
 document is its JSON, encoded here, so the server sends bytes it never decodes or re-encodes. A worker
 answers with plain data, never an exception object, so nothing of the engine's internals reaches a
 client. This module imports neither FastAPI nor anything of the server's HTTP side.
@@ -343,10 +344,13 @@ def serve(sock: socket.socket, engine: Engine) -> None:
             last = now
             send_frame(sock, ("progress", done, total))
 
+    taken = pickle.dumps(("taken",), protocol=pickle.HIGHEST_PROTOCOL)
+    taken = FRAME.pack(len(taken)) + taken
     while True:
         message = recv_frame(sock)
         if message is None:
             return
+        sock.sendall(taken)  # the server may give a request to another worker only until it hears this
         command, kwargs, uploads = message
         for host_id, host in uploads:  # hosts this worker lacks or holds in an older version
             engine.add_host(host_id, host)
