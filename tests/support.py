@@ -211,7 +211,7 @@ def one_source(
     engine = engine_for(host, osdb)
     domain = Domain.from_bytes(xml.encode(), "<test>")
     selected = [SelectedProfile(engine.profile(p), 0, "--profile") for p in profiles]
-    builder = Builder(domain, host, osdb.lookup(os_key), guest_support, selected, osdb.device_names())
+    builder = Builder(BuildContext(domain, host, osdb.lookup(os_key), guest_support, selected, osdb.device_names()))
     for name in DECLARE:
         builder.sources[name].declare()
     before = len(builder.ctx.problem.constraints)

@@ -48,18 +48,8 @@ PREFER = ("defaults", "placement")
 class Builder:
     """Runs the sources over one context; the context, not the builder, is what a source sees."""
 
-    def __init__(
-        self,
-        domain: Domain,
-        host: Host,
-        guest: GuestOS,
-        guest_support: str = "strict",
-        profiles: list[SelectedProfile] | None = None,
-        device_names: dict[str, str] | None = None,
-        focus: etree._Element | None = None,
-        complete: bool | None = None,
-    ) -> None:
-        self.ctx = BuildContext(domain, host, guest, guest_support, profiles, device_names, focus, complete)
+    def __init__(self, ctx: BuildContext) -> None:
+        self.ctx = ctx
         sources = (AppSource, StructuralSource, PciPlanner, HostSource, GuestSource, ProfileCompiler, DefaultsSource)
         self.sources = {s.name: s(self.ctx) for s in sources}
 
@@ -80,4 +70,5 @@ def build(
     focus: etree._Element | None = None,
     complete: bool | None = None,
 ) -> Build:
-    return Builder(domain, host, guest, guest_support, profiles, device_names, focus, complete).build()
+    """The problem of one request: a context over the inputs, and every source run over it."""
+    return Builder(BuildContext(domain, host, guest, guest_support, profiles, device_names, focus, complete)).build()
