@@ -291,3 +291,20 @@ def validate_device(device: etree._Element, source: str) -> None:
 def available() -> bool:
     """Whether libvirt's schema is installed (Debian libvirt0); without it validation is skipped."""
     return _strict() is not None
+
+
+@functools.cache
+def schema_arches() -> frozenset[str]:
+    """The architectures libvirt's own schema accepts in <os><type arch> (basictypes.rng archnames): an
+    architecture outside it is one this libvirt cannot define, whatever a host reports."""
+    path = SCHEMA_DIR / "basictypes.rng"
+    try:
+        tree = etree.parse(str(path))
+    except (OSError, etree.XMLSyntaxError):
+        return frozenset()  # no schema installed: nothing to check against (validation says so itself)
+    found = tree.getroot().find(f"{{{RNG_NS}}}define[@name='archnames']")
+    return (
+        frozenset(v.text.strip() for v in found.iter(f"{{{RNG_NS}}}value") if v.text)
+        if found is not None
+        else frozenset()
+    )

@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING
 from lxml import etree
 
 from virtpolicy.core.problem import Constraint, Forbid, Problem, Provenance, Source, Strength, require
+from virtpolicy.errors import HostError
 from virtpolicy.inputs.domain import Domain, Explicit, xpath_of
 from virtpolicy.inputs.guestos import GuestOS
 from virtpolicy.inputs.host import Host
+from virtpolicy.inputs.schema import SCHEMA_DIR, schema_arches
 from virtpolicy.knowledge.catalog import Catalog, ClassVariable, DeviceClass, catalog
 from virtpolicy.knowledge.completeness import Completeness, completeness
 from virtpolicy.knowledge.tables import HypervFeature, structural
@@ -197,6 +199,15 @@ class BuildContext:
         self.guest_strength = Strength.HARD if guest_support == "strict" else Strength.SOFT
         arch = domain.attr("os/type", "arch")
         self.arch = arch.value if arch else host.arch
+        known = schema_arches()
+        if arch is None and known and self.arch not in known:
+            raise HostError(
+                f"{host.source}: capabilities.xml: the host's architecture '{self.arch}' is not one libvirt's domain "
+                f"schema knows ({SCHEMA_DIR / 'basictypes.rng'} archnames), so no domain for it can be defined; "
+                "write <os><type arch='...'> for an architecture it knows",
+                input=host.source,
+                location="/capabilities/host/cpu/arch",
+            )
         self.app_machine = domain.attr("os/type", "machine")
         self.completeness = completeness(domain.root, domain.source, complete)
         self.realized = self.completeness.complete or domain.is_realized
