@@ -375,6 +375,8 @@ def zygote(control_fd: int, engine_file: str) -> None:
     control = socket.socket(fileno=control_fd)
     with open(engine_file, "rb") as f:
         engine = pickle.load(f)
+    with contextlib.suppress(OSError):
+        os.unlink(engine_file)  # the server's copy for this zygote only
     _warm(engine)
     gc.collect()
     gc.freeze()  # the warm heap stays shared with the workers (no collection touches its pages)
