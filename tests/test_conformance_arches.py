@@ -116,15 +116,7 @@ class Case:
 
 
 # Engine defects, as libvirt/QEMU or the guest-driver oracle report them (the engine side fixes them).
-RHEL6_S390X_VIDEO = (
-    "engine defect: with graphics and video.model=none the engine writes no <video>, so libvirt adds its s390 "
-    "default, a virtio-gpu (video[1], modern-only) that rhel6.10 cannot drive (osinfo-db lists no "
-    "http://pcisig.com/pci/1af4/1050); it must write <video><model type='none'/></video>"
-)
-XFAIL: dict[str, str] = {
-    "s390x-rhel6.10-minimal": RHEL6_S390X_VIDEO,
-    "s390x-rhel6.10-basic": RHEL6_S390X_VIDEO,
-}
+XFAIL: dict[str, str] = {}
 
 
 def _cases() -> list[object]:

@@ -47,6 +47,7 @@ class DeviceClass:
     label: str
     singleton: bool
     explicit_none: bool
+    explicit_none_with: str  # a class whose presence makes libvirt add this one (then "none" is written)
     variables: dict[str, ClassVariable]
     auxiliary_values: frozenset[str] = frozenset()  # guest severity: a missing driver makes these inert
 
@@ -125,6 +126,7 @@ def catalog() -> Catalog:
             label=row["label"],
             singleton=row.get("singleton", False),
             explicit_none=row.get("explicit_none", False),
+            explicit_none_with=row.get("explicit_none_with", ""),
             variables=variables,
             auxiliary_values=frozenset(row.get("auxiliary", ())),
         )

@@ -289,12 +289,19 @@ class Renderer:
         main = next(iter(values.values()))
         devices = self.domain.devices_element
         if element is None:
-            if main == "none" and not inst.cls.explicit_none:
+            if main == "none" and not (inst.cls.explicit_none or self._implied(inst.cls.explicit_none_with)):
                 return None
             element = _new_device(inst.cls.name, values, devices)
         for var in inst.cls.variables.values():
             self._write(element, var, values[var.name])
         return element
+
+    def _implied(self, cls: str) -> bool:
+        """Does the domain get a device of class `cls` (which makes libvirt add an implicit one of another)?"""
+        if not cls:
+            return False
+        var = next((i.var(next(iter(i.cls.variables))) for i in self.built.instances if i.cls.name == cls), None)
+        return var is not None and self.values.get(var, "none") != "none"
 
     def _write(self, element: etree._Element, var: ClassVariable, value: str) -> None:
         if value in ("n/a",) or not var.xml:
