@@ -267,3 +267,41 @@ def test_hotplug_ready_keeps_eight_free_hotplug_slots(machine: str, host, osdb) 
         assert len(free) >= 8 and root.find("devices/controller[@model='pci-bridge']") is not None
     again = run(out.xml, host, osdb, profiles=ready)
     assert again.xml == out.xml  # a laid-out domain gains nothing on re-solve
+
+
+def _ich9_usb(devices: str) -> list[etree._Element]:
+    """TopologyBuilder alone on q35: an ICH9 EHCI with the companions in `devices` (pci.toml [usb2])."""
+    from virtpolicy.outputs.topology import Placement, TopologyBuilder
+
+    root = etree.fromstring(f"<devices><controller type='usb' index='0' model='ich9-ehci1'/>{devices}</devices>")
+    ehci, *companions = root.findall("controller[@type='usb']")
+    builder = TopologyBuilder(root, "q35", 1, 0)
+    builder.place([Placement(ehci, "integrated", 0, (0x1D, 7), companions)])
+    return root.findall("controller[@type='usb']")
+
+
+def test_the_ich9_usb_controllers_take_00_1d_else_00_1a_at_libvirts_functions() -> None:
+    """qemuDomainValidateDevicePCISlotsQ35 tries 00:1D, then 00:1A; each companion has its own function."""
+    uhci = "".join(f"<controller type='usb' index='0' model='ich9-uhci{n}'/>" for n in (1, 2, 3))
+    placed = [
+        (c.get("model"), c.find("address").get("slot"), c.find("address").get("function")) for c in _ich9_usb(uhci)
+    ]
+    assert placed == [("ich9-ehci1", "0x1d", "0x7"), *((f"ich9-uhci{n}", "0x1d", f"0x{n - 1}") for n in (1, 2, 3))]
+    taken = "<sound model='ich9'><address type='pci' domain='0x0000' bus='0x00' slot='0x1d' function='0x0'/></sound>"
+    ehci, uhci1, *_ = _ich9_usb(taken + uhci)
+    assert ehci.find("address").get("slot") == uhci1.find("address").get("slot") == "0x1a"
+    assert uhci1.find("address").get("multifunction") == "on"
+    (_, uhci2) = _ich9_usb("<controller type='usb' index='0' model='ich9-uhci2'/>")
+    assert uhci2.find("address").get("function") == "0x1"  # UHCI2 is function 1 even without UHCI1
+
+
+def test_new_controllers_get_libvirts_model_names_and_targets(host, osdb) -> None:
+    """qemuDomainPCIControllerSetDefaultModelName and qemuDomainAssignPCIAddresses (pci.toml [buses])."""
+    root = etree.fromstring(run(domain("t", "http://redhat.com/rhel/6.10", disks(1) + nics(1), "q35"), host, osdb).xml)
+    for port in root.findall("devices/controller[@model='pcie-root-port']"):
+        addr = port.find("address")
+        assert port.find("model").get("name") == "pcie-root-port"
+        assert port.find("target").get("chassis") == port.get("index")
+        assert int(port.find("target").get("port"), 16) == int(addr.get("slot"), 16) * 8 + int(addr.get("function"), 16)
+    (bridge,) = root.findall("devices/controller[@model='pcie-to-pci-bridge']")
+    assert bridge.find("model").get("name") == "pcie-pci-bridge" and bridge.find("target") is None

@@ -1,8 +1,10 @@
 """A capacity constraint on bus numbers, counted on partial assignments (the one global constraint).
 
-Devices that take a PCIe slot cost one bus each (their root port), conventional PCI devices two per 31
-(a root port and a pcie-to-pci-bridge); the sources say which devices share a budget and how large it is.
-The solver's search counts it incrementally, python-constraint's through BudgetCheck.
+Devices that take a PCIe slot cost one bus each (their root port), conventional PCI devices a few buses per
+bridge-full (a root port and a pcie-to-pci-bridge: 2 per 31 on libvirt's PCIe machines); the sources say which
+devices share a budget, how large it is and what a bridge holds and costs (knowledge/data/pci.toml), so this
+module knows nothing about libvirt. The solver's search counts it incrementally, python-constraint's through
+BudgetCheck.
 """
 
 from __future__ import annotations
@@ -17,20 +19,22 @@ from virtpolicy.core.problem import Constraint, Provenance
 
 # bus kinds a device costs a BusBudget (pair_class)
 NO_COST, PCIE, PCI, OPEN = 0, 1, 2, 3
-BRIDGE_SLOTS = 31  # devices behind one pcie-to-pci-bridge
 
 
 @functools.lru_cache(maxsize=65536)
-def cheapest(pci: int, free: int) -> int:
+def cheapest(pci: int, free: int, bridge_slots: int, buses_per_bridge: int) -> int:
     """Buses the conventional devices and the still undecided ones need at the least: k of the undecided as
-    PCIe endpoints (one bus each), the rest behind bridges (two buses per 31). Cached: a search asks for the
-    same few counts thousands of times."""
-    return min(k + 2 * -(-(pci + free - k) // BRIDGE_SLOTS) for k in range(0, min(free, BRIDGE_SLOTS) + 1))
+    PCIe endpoints (one bus each), the rest behind bridges (`buses_per_bridge` per `bridge_slots` devices).
+    Cached: a search asks for the same few counts thousands of times."""
+    return min(
+        k + buses_per_bridge * -(-(pci + free - k) // bridge_slots) for k in range(0, min(free, bridge_slots) + 1)
+    )
 
 
 class BusBudget(Constraint):
-    """Buses a group of devices needs, at most a budget: one per PCIe endpoint (its root port), two per 31
-    conventional devices (a root port and a pcie-to-pci-bridge). Prunes on partial assignments."""
+    """Buses a group of devices needs, at most a budget: one per PCIe endpoint (its root port),
+    `buses_per_bridge` per `bridge_slots` conventional devices (a bridge and what it sits in). Prunes on
+    partial assignments."""
 
     partial = True
 
@@ -44,6 +48,9 @@ class BusBudget(Constraint):
         message: str,
         provenance: Provenance,
         bridges: bool = True,
+        *,
+        bridge_slots: int,
+        buses_per_bridge: int,
     ) -> None:
         variables = tuple(v for pair in pairs for v in pair) + ((limit_var,) if limit_var else ())
         super().__init__(id=cid, variables=variables, message=message, provenance=provenance)
@@ -52,6 +59,8 @@ class BusBudget(Constraint):
         self.limit = limit
         self.limit_var = limit_var
         self.bridges = bridges
+        self.bridge_slots = bridge_slots
+        self.buses_per_bridge = buses_per_bridge
 
     def holds(self, *values: object) -> bool:
         """Fails as soon as even the cheapest completion of the devices still undecided would not fit."""
@@ -80,7 +89,7 @@ class BusBudget(Constraint):
 
     def fits(self, spare: int, pcie: int, pci: int, free: int) -> bool:
         """The bound itself, on counts of each kind (kept apart so that a search can count incrementally)."""
-        return spare + pcie + cheapest(pci, free) <= self.limit
+        return spare + pcie + cheapest(pci, free, self.bridge_slots, self.buses_per_bridge) <= self.limit
 
     def pair_class(self, slot: str | Sequence[str], node: str | Sequence[str]) -> int:
         """What one device costs on current domains: a value (a string) or the values still open (a list).

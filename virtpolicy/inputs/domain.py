@@ -17,6 +17,7 @@ from lxml import etree
 from virtpolicy.errors import InputError
 from virtpolicy.inputs.units import UnitError, to_kib
 from virtpolicy.inputs.xmlsafe import expect_root, parse_bytes, read_file
+from virtpolicy.knowledge.pci import pci_address_limits
 
 LIBOSINFO_NS = "http://libosinfo.org/xmlns/libvirt/domain/1.0"
 VIRTPOLICY_NS = "http://virtpolicy.org/xmlns/domain/1.0"
@@ -86,7 +87,6 @@ MAX_DEVICES = 4096  # elements under <devices>; virtpolicy's cap (README "Limits
 MAX_VCPUS = 65535  # domain.rng countCPU (unsignedShort); the host's own maximum is a conflict, not this
 MAX_GUEST_CELLS = 128  # QEMU's MAX_NODES (include/sysemu/numa.h)
 MAX_HOST_NODES = 1024  # host NUMA node ids in a nodeset; virtpolicy's cap
-PCI_LIMITS = {"domain": 0xFFFF, "bus": 0xFF, "slot": 0x1F, "function": 0x7}
 _DECIMAL = re.compile(r"(0|[1-9][0-9]*)")
 _HEX = re.compile(r"0[xX][0-9a-fA-F]+")
 _NUMBER = re.compile(r"(0|[1-9][0-9]*)|0[xX][0-9a-fA-F]+")  # _DECIMAL or _HEX
@@ -235,12 +235,13 @@ def check_values(root: etree._Element, source: str) -> None:
             int_value(el, source, "cellid", maximum=MAX_GUEST_CELLS - 1)
         if el.get("nodeset") is not None:
             cpuset(el, "nodeset", source, MAX_HOST_NODES, "host node", f"virtpolicy accepts 0-{MAX_HOST_NODES - 1}")
+    limits = pci_address_limits()  # knowledge/data/pci.toml [limits]
     for addr in root.iterfind(".//address[@type='pci']"):
-        for attr, most in PCI_LIMITS.items():
+        for attr, most in limits.items():
             _check_int(addr, source, attr, maximum=most, base0=True)
     for ctrl in root.iterfind("devices/controller"):
-        # a PCI controller's index is the bus number it provides: 8 bits (libvirt's "index" of a PCI controller)
-        _check_int(ctrl, source, "index", maximum=255 if ctrl.get("type") == "pci" else 2**32 - 1)
+        # a PCI controller's index is the bus number it provides (libvirt's "index" of a PCI controller)
+        _check_int(ctrl, source, "index", maximum=limits["bus"] if ctrl.get("type") == "pci" else 2**32 - 1)
         for attr in ("ports", "vectors"):
             _check_int(ctrl, source, attr, maximum=2**32 - 1)
         node = ctrl.find("target/node")

@@ -16,11 +16,7 @@ from typing import Any
 from lxml import etree
 
 DATA = Path(__file__).parent / "data" / "pci.toml"
-SLOT_VALUES = ("pcie", "integrated", "pci", "none")  # libvirt's own order of preference
-MAX_CELLS = 8
-HOTPLUG_PORTS = ("1", "0", "2", "4", "8", "16", "32")
 POLICIES = ("required", "preferred", "legacy", "socket")  # Nova's PCI NUMA affinity policies
-TAKES = ("pcie", "pci", "virtio", "host", "bus", "none")  # what an [[addressing]] row says a device takes
 
 
 @cache
@@ -28,29 +24,109 @@ def table() -> dict[str, Any]:
     return tomllib.loads(DATA.read_text())
 
 
+def _address(text: str) -> tuple[int, int]:
+    """A [fixed.*] address, "slot.function" with the slot in hex ("0x01.2")."""
+    slot, _, function = text.partition(".")
+    return int(slot, 16), int(function)
+
+
+# --- limits ----------------------------------------------------------------------------------------
+@cache
+def pci_address_limits() -> dict[str, int]:
+    """The highest value of each PCI address field (domain, bus, slot, function), from [limits]."""
+    rows = table()["limits"]
+    return {field: rows[field]["last"] for field in ("domain", "bus", "slot", "function")}
+
+
+def bus_numbers() -> int:
+    """The bus numbers of a PCI domain: a new expander's busNr counts down from this ([limits.bus-numbers])."""
+    return int(table()["limits"]["bus-numbers"]["count"])
+
+
+# --- the variables' vocabulary ------------------------------------------------------------------------
+@cache
+def slot_values() -> tuple[str, ...]:
+    """Every `X.slot` value, in the order the search tries them ([variables] slot)."""
+    return tuple(table()["variables"]["slot"])
+
+
+@cache
+def hotplug_port_values() -> tuple[str, ...]:
+    """The `hotplug.ports` values ([variables] hotplug_ports)."""
+    return tuple(table()["variables"]["hotplug_ports"])
+
+
+def max_cells() -> int:
+    """The guest NUMA cells the engine may decide on its own ([variables] max_cells)."""
+    return int(table()["variables"]["max_cells"])
+
+
+# --- buses ------------------------------------------------------------------------------------------
+_TERM = re.compile(r"\s*(index|slot|function)\s*(?:\*\s*([0-9]+))?\s*")
+
+
+def _terms(expr: str, model: str) -> tuple[tuple[str, int], ...]:
+    """A [buses] `target` expression as (name, factor) terms; refused at load when it is not a sum of them."""
+    terms = []
+    for part in expr.split("+"):
+        match = _TERM.fullmatch(part)
+        if match is None:
+            raise ValueError(f"{DATA}: [buses] {model} target '{expr}': a sum of index, slot, function (times N)")
+        terms.append((match.group(1), int(match.group(2) or 1)))
+    return tuple(terms)
+
+
 @dataclass(frozen=True)
 class BusRule:
-    """One [buses] row: a PCI controller model's slot range, whether endpoints plug in, what hot-plugs in."""
+    """One [buses] row: a PCI controller model's slot range, whether endpoints plug in, what hot-plugs in,
+    the slot type a device on it has, the QEMU device libvirt names it and the <target> it fills in."""
 
     model: str
     first_slot: int
     last_slot: int
     endpoints: bool
     hotplug: str  # "pcie" | "pci" | "" (no hot-plug)
+    slot_types: tuple[str, ...] = ("pci",)
+    model_name: str = ""
+    target: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()  # attribute -> (name, factor) terms
+
+    def target_attributes(self, index: int, slot: int, function: int) -> dict[str, str]:
+        """The <target> attributes libvirt fills in for a new controller of this model at (slot, function),
+        written as libvirt's format table says ([target] format)."""
+        values = {"index": index, "slot": slot, "function": function}
+        formats = table()["target"]["format"]
+        found = {}
+        for attribute, terms in self.target:
+            number = sum(values[name] * factor for name, factor in terms)
+            found[attribute] = f"0x{number:02x}" if formats[attribute] == "hex" else str(number)
+        return found
 
 
 @cache
 def bus_rules() -> dict[str, BusRule]:
     return {
-        model: BusRule(model, row["slots"][0], row["slots"][1], row["endpoints"], row.get("hotplug", ""))
+        model: BusRule(
+            model,
+            row["slots"][0],
+            row["slots"][1],
+            row["endpoints"],
+            row.get("hotplug", ""),
+            tuple(row.get("slot_type", ("pci",))),
+            row.get("model_name", ""),
+            tuple((attr, _terms(expr, model)) for attr, expr in row.get("target", {}).items()),
+        )
         for model, row in table()["buses"].items()
     }
 
 
 def bus_rule(model: str) -> BusRule:
     """The row of a controller model; a model libvirt's table does not name is taken as a conventional
-    bridge (slots 1-31, endpoints, no hot-plug)."""
-    return bus_rules().get(model) or BusRule(model, 1, 31, True, "")
+    bridge (pci-bridge's slots, endpoints and slot type, no hot-plug, no model name or target)."""
+    found = bus_rules().get(model)
+    if found is not None:
+        return found
+    bridge = bus_rules()["pci-bridge"]
+    return BusRule(model, bridge.first_slot, bridge.last_slot, bridge.endpoints, "", bridge.slot_types)
 
 
 def controller_families(model: str, arch: str, families: tuple[str, ...]) -> tuple[str, ...] | None:
@@ -62,6 +138,73 @@ def controller_families(model: str, arch: str, families: tuple[str, ...]) -> tup
     if arch not in row.get("arches", [arch]):
         return ()
     return tuple(f for f in families if f in row["families"])
+
+
+# --- bus 0 --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FixedLayout:
+    """One [fixed.*] row: a family's bus-0 addresses. A family no row names has nothing fixed."""
+
+    family: str
+    video: tuple[int, int] | None = None  # (slot, function) of the primary video card
+    reserved: frozenset[int] = frozenset()  # slots no new controller takes
+    usb2_slots: tuple[int, ...] = ()  # the slots the ICH9 USB2 controller tries, in order
+    piix3_usb: tuple[int, int] | None = None
+    first_port_slot: int = 0  # the first bus-0 slot for a new controller (0: the bus's own first slot)
+    cite: str = ""
+
+
+@cache
+def fixed_layout(family: str) -> FixedLayout:
+    row = table()["fixed"].get(family)
+    if row is None:
+        return FixedLayout(family)
+    return FixedLayout(
+        family,
+        _address(row["video"]) if "video" in row else None,
+        frozenset(int(s, 16) for s in row.get("reserved", ())),
+        tuple(int(s, 16) for s in row.get("ich9_usb", ())),
+        _address(row["piix3_usb"]) if "piix3_usb" in row else None,
+        int(row["first_port_slot"], 16) if "first_port_slot" in row else 0,
+        row.get("cite", ""),
+    )
+
+
+@dataclass(frozen=True)
+class Usb2Layout:
+    """One [usb2.*] row: a USB2 controller's function and its companions' functions, in one bus-0 slot."""
+
+    controller: str
+    function: int
+    companions: tuple[tuple[str, int], ...]  # (model, function), in the row's order
+    cite: str
+
+
+@cache
+def usb2_layouts() -> dict[str, Usb2Layout]:
+    return {
+        model: Usb2Layout(model, row["function"], tuple(row["companions"].items()), row["cite"])
+        for model, row in table().get("usb2", {}).items()
+    }
+
+
+# --- what a device takes ------------------------------------------------------------------------------
+@cache
+def takes_values() -> tuple[str, ...]:
+    """What an [[addressing]] row may say a device takes (the [takes] rows)."""
+    return tuple(table()["takes"])
+
+
+@cache
+def pci_roots() -> frozenset[str]:
+    """The root bus kinds (machines.toml `root`) on which the engine lays out PCI slots: [takes]'s columns."""
+    return frozenset(root for row in table()["takes"].values() for root in row)
+
+
+def takes_slots(takes: str, root: str) -> tuple[str, ...]:
+    """The slot types a device libvirt gives `takes` may have on a root bus of kind `root` (one of
+    `pci_roots()`)."""
+    return tuple(table()["takes"][takes][root])
 
 
 @dataclass(frozen=True)
@@ -84,28 +227,44 @@ def root_port_capacity(family: str = "q35") -> Capacity:
     if family not in row["families"]:
         raise KeyError(family)
     bus = bus_rule(row["bus"])
-    fixed = table()["fixed"][family]
-    taken = {int(s, 16) for s in (fixed.get("video"), *fixed["reserved"]) if s}
+    fixed = fixed_layout(family)
+    taken = {fixed.video[0], *fixed.reserved} if fixed.video is not None else set(fixed.reserved)
     slots = [s for s in range(bus.first_slot, bus.last_slot + 1) if s not in taken]
     where = f"pci.toml:{_line_of('[capacity.pcie-root-ports]')}"
     return Capacity(len(slots) * row["functions_per_slot"], where, row["cite"])
 
 
-def first_port_slot(family: str) -> int:
-    """The first bus-0 slot the engine gives a new controller, after the chipset's fixed devices."""
-    return int(table()["fixed"].get(family, {}).get("first_port_slot", "0x02"), 16)
+def root_port_functions() -> int:
+    """The pcie-root-ports one multifunction slot holds (libvirt aggregates them: one per function)."""
+    return int(table()["capacity"]["pcie-root-ports"]["functions_per_slot"])
+
+
+@dataclass(frozen=True)
+class BridgeCost:
+    """What conventional devices cost in bus numbers on a PCIe machine ([capacity.pci-bridges])."""
+
+    slots: int  # devices behind one bridge
+    buses: int  # bus numbers one bridge takes (its own and its root port's)
+    cite: str
+
+
+@cache
+def bridge_cost() -> BridgeCost:
+    row = table()["capacity"]["pci-bridges"]
+    bridge = bus_rule(row["bridge"])
+    return BridgeCost(bridge.last_slot - bridge.first_slot + 1, row["buses_per_bridge"], row["cite"])
 
 
 def pci_variables() -> dict[str, tuple[str, ...]]:
     """Every PCI/NUMA variable a profile may name, with its values."""
     variables: dict[str, tuple[str, ...]] = {
-        "numa.cells": tuple(str(n) for n in range(1, MAX_CELLS + 1)),
-        "hotplug.ports": HOTPLUG_PORTS,
+        "numa.cells": tuple(str(n) for n in range(1, max_cells() + 1)),
+        "hotplug.ports": hotplug_port_values(),
     }
     for key in table()["slots"]:
         cls = key.split(".")[0]
-        variables[f"{cls}.slot"] = SLOT_VALUES
-        variables[f"{cls}.node"] = tuple(str(n) for n in range(MAX_CELLS))
+        variables[f"{cls}.slot"] = slot_values()
+        variables[f"{cls}.node"] = tuple(str(n) for n in range(max_cells()))
     return variables
 
 
@@ -128,8 +287,10 @@ def addressing_rows() -> tuple[Addressing, ...]:
     """The rows in file order, each with its XPath compiled once (the first match wins)."""
     rows = []
     for row in table().get("addressing", []):
-        if row["takes"] not in TAKES:
-            raise ValueError(f"{DATA}: [[addressing]] {row['element']}: takes='{row['takes']}' (one of {TAKES})")
+        if row["takes"] not in takes_values():
+            raise ValueError(
+                f"{DATA}: [[addressing]] {row['element']}: takes='{row['takes']}' (one of {takes_values()})"
+            )
         test = etree.XPath(" | ".join(f"self::{part.strip()}" for part in row["element"].split(" | ")))
         rows.append(Addressing(row["element"], row["takes"], row["cite"], row.get("fixed", ""), test))
     return tuple(rows)

@@ -20,7 +20,7 @@ from virtpolicy.core.solve import Solution
 from virtpolicy.inputs.domain import VIRTPOLICY_NS, Domain
 from virtpolicy.knowledge.catalog import ClassVariable, catalog
 from virtpolicy.knowledge.machines import family_of, lays_out_topology
-from virtpolicy.knowledge.pci import table
+from virtpolicy.knowledge.pci import fixed_layout, usb2_layouts
 from virtpolicy.knowledge.templates import new_device
 from virtpolicy.outputs.topology import Placement, TopologyBuilder, check_controllers
 from virtpolicy.sources.context import Build, Instance, bind
@@ -385,7 +385,7 @@ class Renderer:
         family = self.values["machine"]
         if not lays_out_topology(family):
             return  # libvirt places the devices (channel I/O, or a machine the engine has no rows for)
-        fixed = table()["fixed"][family]
+        layout = fixed_layout(family)  # pci.toml [fixed.FAMILY]
         placements = []
         for i, inst in enumerate(self.built.instances):
             if inst not in [d for d, _ in self.built.pci_devices]:
@@ -397,14 +397,15 @@ class Renderer:
             position = None
             companions: list[etree._Element] = []
             model = self.values.get(inst.var("model"), "")
-            if inst.cls.name == "video" and "video" in fixed:
-                position = (int(fixed["video"], 16), 0)
-            elif inst.cls.name == "usb" and model == "ich9-ehci1":
-                position = (int(fixed["ich9_usb"], 16), 7) if "ich9_usb" in fixed else None
+            if inst.cls.name == "video":
+                position = layout.video  # None off x86: video is an ordinary device there
+            elif inst.cls.name == "usb" and model in usb2_layouts():
+                usb2 = usb2_layouts()[model]
+                position = (layout.usb2_slots[0], usb2.function) if layout.usb2_slots else None
                 devices = self.domain.devices_element
-                companions = [c for n in (1, 2, 3) for c in devices.findall(f"controller[@model='ich9-uhci{n}']")]
+                companions = [c for m, _ in usb2.companions for c in devices.findall(f"controller[@model='{m}']")]
             elif inst.cls.name == "usb" and model == "piix3-uhci":
-                position = (int(fixed.get("piix3_usb", "0x01"), 16), 2)
+                position = layout.piix3_usb
             placement = Placement(element, slot, int(self.values[inst.var("node")]), position, companions)
             placements.append(placement)
         builder = TopologyBuilder(

@@ -18,7 +18,7 @@ from lxml import etree
 from virtpolicy.errors import InputError
 from virtpolicy.inputs.domain import xpath_of
 from virtpolicy.knowledge.machines import family_named, lays_out_topology
-from virtpolicy.knowledge.pci import bus_rule, first_port_slot, table
+from virtpolicy.knowledge.pci import bus_numbers, bus_rule, fixed_layout, root_port_functions, usb2_layouts
 
 EXPANDER_HEADROOM = 4  # bus numbers kept free under each expander, for devices added to that cell later
 
@@ -33,7 +33,7 @@ class Placement:
     slot_type: str  # pcie | pci | integrated
     node: int | None
     fixed: tuple[int, int] | None = None  # (slot, function) on bus 0 for integrated devices
-    companions: list[etree._Element] = field(default_factory=list)  # ICH9 UHCIs sharing an EHCI's slot
+    companions: list[etree._Element] = field(default_factory=list)  # USB2 companions (pci.toml [usb2])
 
 
 @dataclass
@@ -193,10 +193,10 @@ class TopologyBuilder:
         self._empty_ports: dict[int, set[int]] = {}
         self._last_controller: etree._Element | None = None
         self.next_index = 1
-        fixed = table()["fixed"].get(family, {})
-        self.reserved = {int(s, 16) for s in fixed.get("reserved", [])}
-        self.video_slot = int(fixed["video"], 16) if "video" in fixed else None  # x86 only: a fixed slot
-        self.first_port_slot = first_port_slot(family)
+        self.layout = fixed_layout(family)  # pci.toml [fixed.FAMILY]
+        self.reserved = set(self.layout.reserved)
+        self.video_slot = self.layout.video[0] if self.layout.video is not None else None  # x86 only
+        self.first_port_slot = self.layout.first_port_slot
         self._read_existing()
 
     # --- hot-plug: only what is there ----------------------------------------------------------------
@@ -324,19 +324,22 @@ class TopologyBuilder:
     def _controller(
         self,
         model: str,
-        model_name: str,
         parent: int,
         slot: int,
         function: int = 0,
         target: dict[str, str] | None = None,
         node: int | None = None,
     ) -> int:
+        """A new controller at (parent, slot, function), with the QEMU model name and <target> attributes
+        libvirt would give it (pci.toml [buses] model_name, target), plus `target` and `node`."""
         index = self.next_index
         self.next_index += 1
+        rule = bus_rule(model)
         el = etree.Element("controller", type="pci", index=str(index), model=model)
-        etree.SubElement(el, "model", name=model_name)
-        if target is not None or node is not None:
-            t = etree.SubElement(el, "target", **(target or {}))
+        etree.SubElement(el, "model", name=rule.model_name)
+        attributes = {**rule.target_attributes(index, slot, function), **(target or {})}
+        if attributes or node is not None:
+            t = etree.SubElement(el, "target", **attributes)
             if node is not None:
                 etree.SubElement(t, "node").text = str(node)
         self._insert(el)
@@ -354,21 +357,14 @@ class TopologyBuilder:
             used_here = bus.functions.get(slot, set())
             if used_here and not self._ports_only(parent, slot):
                 continue
-            free = [f for f in range(8) if f not in used_here]
+            free = [f for f in range(root_port_functions()) if f not in used_here]
             if free:
                 slot_function = (slot, free[0])
                 break
         if slot_function is None:
             raise TopologyError(f"no free slot for a pcie-root-port on bus {parent}")
         slot, function = slot_function
-        index = self._controller(
-            "pcie-root-port",
-            "pcie-root-port",
-            parent,
-            slot,
-            function,
-            {"chassis": str(self.next_index), "port": _hex((slot << 3) + function)},
-        )
+        index = self._controller("pcie-root-port", parent, slot, function)
         self._mark_multifunction(parent, slot)
         return index
 
@@ -393,11 +389,11 @@ class TopologyBuilder:
     def _bridge(self, parent_kind: str, parent: int) -> int:
         if parent_kind == "pcie":
             port = self._root_port(parent)
-            return self._controller("pcie-to-pci-bridge", "pcie-pci-bridge", port, 0)
+            return self._controller("pcie-to-pci-bridge", port, 0)
         slot = self.buses[parent].free_slot()
         if slot is None:
             raise TopologyError(f"PCI bus {parent} is full and has no slot left for a pci-bridge")
-        return self._controller("pci-bridge", "pci-bridge", parent, slot, target={"chassisNr": str(self.next_index)})
+        return self._controller("pci-bridge", parent, slot)
 
     def place(self, placements: list[Placement]) -> None:
         """Give every placement without an address one, building controllers as needed."""
@@ -405,6 +401,8 @@ class TopologyBuilder:
         for p in [p for p in todo if p.companions]:
             self._with_companions(p)
         for p in todo:
+            if p.companions and p.element.find("address[@type='pci']") is not None:
+                continue  # placed with its companions, at their slot (which may not be p.fixed's)
             if p.slot_type == "integrated" and p.fixed is not None:
                 slot, function = p.fixed
                 if (slot, function) not in self.buses[0].used:
@@ -427,23 +425,31 @@ class TopologyBuilder:
         self._bus_numbers(expanders)
 
     def _with_companions(self, p: Placement) -> None:
-        """EHCI at function 7 and its UHCI companions at functions 0-2 of one bus-0 slot, as libvirt does."""
+        """A USB2 controller and its companions at their functions of one bus-0 slot (pci.toml [usb2]): the
+        family's own slots first, the first free one of them ([fixed.FAMILY] ich9_usb: 00:1D, else 00:1A), then
+        any free slot, as libvirt does. The companion at function 0 is multifunction."""
+        layout = usb2_layouts().get(p.element.get("model", ""))
         bus = self.buses[0]
-        slot = p.fixed[0] if p.fixed and p.fixed[0] not in bus.functions else None
+        if layout is None:
+            return  # not a USB2 controller the table lays out: libvirt places it
+        own = self.layout.usb2_slots if p.fixed is not None else ()
+        slot = next((s for s in own if s not in bus.functions), None)
         if slot is None:
             slot = next(
                 (
                     s
-                    for s in range(self.first_port_slot, bus.last_slot + 1)
+                    for s in range(max(bus.first_slot, self.first_port_slot), bus.last_slot + 1)
                     if s not in bus.reserved and s != self.video_slot and s not in bus.functions
                 ),
                 None,
             )
         if slot is None:
             return  # leave it to libvirt
-        self._address(p.element, 0, slot, 7)
-        for function, companion in enumerate(p.companions):
-            if companion.find("address") is None:
+        self._address(p.element, 0, slot, layout.function)
+        functions = dict(layout.companions)
+        for companion in p.companions:
+            function = functions.get(companion.get("model", ""))
+            if function is not None and companion.find("address") is None and (slot, function) not in bus.used:
                 self._address(companion, 0, slot, function)
                 if function == 0:
                     companion.find("address").set("multifunction", "on")
@@ -501,8 +507,7 @@ class TopologyBuilder:
             slot = self.buses[0].free_slot()
             if slot is None:
                 raise TopologyError(f"no slot on bus 0 for the expander bus of NUMA node {node}")
-            name = "pxb-pcie" if self.root_kind == "pcie" else "pxb"
-            found[node] = self._controller(model, name, 0, slot, target={"busNr": "0"}, node=node)
+            found[node] = self._controller(model, 0, slot, target={"busNr": "0"}, node=node)
         del by_node
         return found
 
@@ -530,8 +535,9 @@ class TopologyBuilder:
         return sum(1 for n in self.graph.descendants(("bus", index)) if n[0] == "bus")
 
     def _bus_numbers(self, expanders: dict[int, int]) -> None:
-        """Give each expander a busNr range sized for the buses under it, counting down from 255."""
-        upper = 256
+        """Give each expander a busNr range sized for the buses under it, counting down from the highest bus
+        number (pci.toml [limits.bus-numbers], as libvirt's qemuDomainAddressFindNewBusNr)."""
+        upper = bus_numbers()
         for node in sorted(expanders):
             index = expanders[node]
             target = self.graph.nodes[("bus", index)]["element"].find("target")

@@ -18,15 +18,20 @@ from virtpolicy.inputs.domain import VIRTPOLICY_NS, Explicit, xpath_of
 from virtpolicy.inputs.hostdevices import NODEDEV_FILE, source_address
 from virtpolicy.knowledge.machines import lays_out_topology, root_of
 from virtpolicy.knowledge.pci import (
-    HOTPLUG_PORTS,
-    MAX_CELLS,
     POLICIES,
-    SLOT_VALUES,
     Addressing,
     addressing,
+    bridge_cost,
+    bus_numbers,
+    bus_rule,
     controller_families,
+    hotplug_port_values,
+    max_cells,
+    pci_roots,
     root_port_capacity,
+    slot_values,
     table,
+    takes_slots,
 )
 from virtpolicy.sources.context import structural_provenance
 from virtpolicy.sources.locality import Affinity, HostLocality
@@ -64,17 +69,17 @@ class PciPlanner:
     def declare(self) -> None:
         p = self.ctx.problem
         app_cells = cells_in(self.ctx.domain.root)
-        cells = [str(k) for k in range(1, max(MAX_CELLS, app_cells) + 1)]
+        cells = [str(k) for k in range(1, max(max_cells(), app_cells) + 1)]
         p.add_variable("numa.cells", cells, "guest NUMA cells")
-        p.add_variable("hotplug.ports", HOTPLUG_PORTS, "spare hot-plug root ports (q35), free PCI slots (pc)")
+        p.add_variable("hotplug.ports", hotplug_port_values(), "spare hot-plug root ports (q35), free PCI slots (pc)")
         numa = app_cells > 1 or self._numa_wanted()
         for inst in self.ctx.instances:
             var = self._driver_var(inst)
             if var is None:
                 continue
             self.devices.append((inst, var))
-            p.add_variable(inst.var("slot"), SLOT_VALUES, f"{inst.cls.label} slot type {inst.xpath}")
-            limit = app_cells if app_cells > 1 else MAX_CELLS
+            p.add_variable(inst.var("slot"), slot_values(), f"{inst.cls.label} slot type {inst.xpath}")
+            limit = app_cells if app_cells > 1 else max_cells()
             nodes = [str(n) for n in range(limit)] if numa else ["0"]
             p.add_variable(inst.var("node"), nodes, f"{inst.cls.label} guest NUMA node {inst.xpath}")
 
@@ -132,7 +137,7 @@ class PciPlanner:
                     # one fact, whatever the model: ramfb, usb-net, an unassigned hostdev, a non-PCI address
                     self.ctx.forbid(
                         f"structural:pci-slot:{inst.var('slot')}",
-                        [(inst.var("slot"), frozenset(s for s in SLOT_VALUES if s != "none"))],
+                        [(inst.var("slot"), frozenset(s for s in slot_values() if s != "none"))],
                         f"{inst.prefix} ({kind.element}) never takes a PCI address",
                         _addressing_provenance(kind),
                     )
@@ -147,7 +152,7 @@ class PciPlanner:
                         [
                             (driver, frozenset([value])),
                             ("machine", frozenset([fam])),
-                            (inst.var("slot"), frozenset(s for s in SLOT_VALUES if s not in allowed)),
+                            (inst.var("slot"), frozenset(s for s in slot_values() if s not in allowed)),
                         ],
                         f"{inst.prefix} as {value} on {fam} sits in a {' or '.join(allowed)} slot",
                         structural,
@@ -337,6 +342,7 @@ class PciPlanner:
         on_pcie = self._root_kind() != "pci"
         pcie_families = [f for f in self._possible_families() if root_of(f) == "pcie" and lays_out_topology(f)]
         ports = min((root_port_capacity(f) for f in pcie_families), key=lambda c: c.limit, default=None)
+        bridges = bridge_cost()
         pcie_root_can_fill = on_pcie and ports is not None and len(pcie) + most_spare > ports.limit
         if pcie_root_can_fill and ports is not None:  # a count that can never exceed its limit only slows the search
             file, _, line = ports.where.partition(":")
@@ -357,6 +363,8 @@ class PciPlanner:
                     "PCIe devices plus spare hot-plug ports need one root port each; "
                     f"pcie-root has room for {ports.limit}",
                     prov,
+                    bridge_slots=bridges.slots,
+                    buses_per_bridge=bridges.buses,
                 )
             )
         for node, bus_nr, upper in self._fixed_expanders():
@@ -369,14 +377,16 @@ class PciPlanner:
                     "hotplug.ports",
                     limit,
                     f"the PCI devices on node {node} and its spare hot-plug ports need a bus each as PCIe endpoints "
-                    f"(or two buses per 31 behind a bridge); the expander's busNr range ({bus_nr + 1}-{upper - 1}) "
-                    f"allows {limit}",
+                    f"(or {bridges.buses} buses per {bridges.slots} behind a bridge); the expander's busNr range "
+                    f"({bus_nr + 1}-{upper - 1}) allows {limit}",
                     Provenance(
                         Source.APP,
                         f"/domain/devices/controller[@model='pcie-expander-bus'][node={node}]",
                         f"busNr='{bus_nr}'",
                         data=(("xpath", f"target/@busNr of node {node}"), ("value", str(bus_nr))),
                     ),
+                    bridge_slots=bridges.slots,
+                    buses_per_bridge=bridges.buses,
                 )
             )
 
@@ -435,7 +445,7 @@ class PciPlanner:
             )
 
     def _fixed_expanders(self) -> list[tuple[int, int, int]]:
-        """(node, busNr, next higher busNr or 256) of expanders the app wrote itself."""
+        """(node, busNr, next higher busNr or the domain's bus-number count) of expanders the app wrote itself."""
         found = []
         for el in self.ctx.domain.root.iterfind("devices/controller[@model='pcie-expander-bus']"):
             node = el.findtext("target/node")
@@ -443,7 +453,8 @@ class PciPlanner:
             if node and bus_nr and node.isdigit() and bus_nr.isdigit():
                 found.append((int(node), int(bus_nr)))
         found.sort(key=lambda t: t[1])
-        return [(n, b, found[i + 1][1] if i + 1 < len(found) else 256) for i, (n, b) in enumerate(found)]
+        upper = bus_numbers()
+        return [(n, b, found[i + 1][1] if i + 1 < len(found) else upper) for i, (n, b) in enumerate(found)]
 
     def _existing_addresses(self) -> None:
         """A device that already has a PCI address keeps it: its slot type and node follow from where it is."""
@@ -476,7 +487,7 @@ class PciPlanner:
             if refused is not None:
                 self.ctx.forbid(
                     f"app:{xpath_of(addr)}:bus",
-                    [(inst.var("slot"), frozenset(SLOT_VALUES))],
+                    [(inst.var("slot"), frozenset(slot_values()))],
                     f"{inst.prefix}: {refused}",
                     Provenance(
                         Source.APP,
@@ -525,7 +536,7 @@ class PciPlanner:
         slots = _slots_at(addr, self._controllers())
         self.ctx.forbid(
             f"app:{xpath_of(addr)}:agent-slot",
-            [(model_var, added), (inst.var("slot"), frozenset(s for s in SLOT_VALUES if s not in slots))],
+            [(model_var, added), (inst.var("slot"), frozenset(s for s in slot_values() if s not in slots))],
             "an added agent channel uses the existing virtio-serial controller, at its PCI address",
             prov,
         )
@@ -620,15 +631,13 @@ def _allowed_slots(
     root = root_of(family)
     if kind is not None and kind.takes == "none":
         return ["none"]  # a device libvirt never gives a PCI address (ramfb, usb-net, unassigned, USB ...)
-    if root not in ("pcie", "pci"):
+    if root not in pci_roots():
         # channel I/O (s390): no PCI slot of the engine's making, but an explicit zPCI address stays
         return list(at) if at is not None else ["none"]
     if row is not None:
-        allowed = list(row.get(family) or row.get(root, ["pcie", "pci"] if root == "pcie" else ["pci"]))
-    elif kind is not None and kind.takes in ("pcie", "virtio", "host"):
-        allowed = ["pcie", "pci"] if root == "pcie" and kind.takes != "pcie" else [root]
-    elif kind is not None and kind.takes == "pci":
-        allowed = ["pci"]
+        allowed = list(row.get(family) or row[root])
+    elif kind is not None:
+        allowed = list(takes_slots(kind.takes, root))  # pci.toml [takes]
     else:
         allowed = ["none"]
     if at is not None and allowed != ["none"]:
@@ -650,15 +659,10 @@ def _addressing_provenance(row: Addressing) -> Provenance:
 
 
 def _slots_at(addr: etree._Element, controllers: dict[int, etree._Element]) -> list[str]:
-    """The slot type an existing PCI address is, from the kind of bus it sits on."""
+    """The slot type an existing PCI address is, from the kind of bus it sits on (pci.toml [buses] slot_type)."""
     bus = int(addr.get("bus", "0"), 0)
     model = controllers[bus].get("model", "") if bus in controllers else ""
-    return {
-        "pcie-root-port": ["pcie"],
-        "pcie-switch-downstream-port": ["pcie"],
-        "pcie-root": ["integrated"],
-        "pci-root": ["pci", "integrated"],
-    }.get(model, ["pci"])
+    return list(bus_rule(model).slot_types)
 
 
 def _address_text(addr: etree._Element) -> str:
