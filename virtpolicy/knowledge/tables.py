@@ -61,6 +61,7 @@ class Preference:
     where: str
     when: dict[str, tuple[str, ...]] = field(default_factory=dict)
     when_guest: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    cite: str = ""  # where libvirt does the same, when it does
 
 
 @dataclass(frozen=True)
@@ -131,3 +132,23 @@ def engine_defaults() -> tuple[tuple[Preference, ...], tuple[HypervFeature, ...]
         for r in data["hyperv"]
     )
     return prefs, hyperv
+
+
+@cache
+def placement_preferences() -> dict[str, Preference]:
+    """engine-defaults.toml's [[placement_prefer]] rows by id: the preferences the placement source applies
+    itself, after every [[prefer]] row (a device's slot follows from its model)."""
+    path = DATA / "engine-defaults.toml"
+    text = path.read_text()
+    start = text.index("[[placement_prefer]]")  # ids are looked up from there: the first [[prefer]] rows come first
+    return {
+        r["id"]: Preference(
+            id=r["id"],
+            variable=r["variable"],
+            order=tuple(r["order"]),
+            why=r["why"],
+            where=f"{path.name}:{_line_of(text, '[[placement_prefer]]', 'id', r['id'], start)}",
+            cite=r.get("cite", ""),
+        )
+        for r in tomllib.loads(text).get("placement_prefer", [])
+    }

@@ -33,6 +33,7 @@ from virtpolicy.knowledge.pci import (
     table,
     takes_slots,
 )
+from virtpolicy.knowledge.tables import placement_preferences
 from virtpolicy.sources.context import structural_provenance
 from virtpolicy.sources.locality import Affinity, HostLocality
 
@@ -582,12 +583,14 @@ class PciPlanner:
         self._prefer(
             "numa.cells", "1", "engine.numa-cells:1", "prefer one guest NUMA cell unless asked", "engine.numa-cells"
         )
+        spare = placement_preferences()["engine.hotplug-ports"]
         self._prefer(
-            "hotplug.ports",
-            "1",
-            "engine.hotplug-ports:1",
-            "prefer one spare hot-plug root port, as libvirt reserves",
-            "engine.hotplug-ports",
+            spare.variable,
+            spare.order[0],
+            f"{spare.id}:{spare.order[0]}",
+            f"prefer {spare.why}",
+            spare.id,
+            Provenance(Source.ENGINE, spare.id, spare.where, data=(("preference", spare.id),)),
         )
         for inst, _ in self.devices:
             slot, node = inst.var("slot"), inst.var("node")
@@ -601,14 +604,16 @@ class PciPlanner:
             if len(self.ctx.problem.variables[node].values) > 1:
                 self._prefer(node, "0", f"engine.node:{node}=0", f"prefer {node} = 0", f"engine.node:{node}")
 
-    def _prefer(self, name: str, value: str, cid: str, message: str, group: str) -> None:
-        """An engine default: soft, lowest priority, `name = value`."""
+    def _prefer(
+        self, name: str, value: str, cid: str, message: str, group: str, provenance: Provenance | None = None
+    ) -> None:
+        """An engine default: soft, lowest priority, `name = value` (`provenance`: the data row that says so)."""
         domain = self.ctx.problem.variables[name].values
         self.ctx.forbid(
             cid,
             [(name, frozenset(v for v in domain if v != value))],
             message,
-            Provenance(Source.ENGINE, "engine.pci", "pci.py", data=(("preference", "engine.pci"),)),
+            provenance or Provenance(Source.ENGINE, "engine.pci", "pci.py", data=(("preference", "engine.pci"),)),
             strength=Strength.SOFT,
             group=group,
         )
