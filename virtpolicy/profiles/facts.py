@@ -15,6 +15,7 @@ from lxml import etree
 from virtpolicy.inputs.domain import Domain
 from virtpolicy.inputs.guestos import GuestOS
 from virtpolicy.inputs.host import Host
+from virtpolicy.inputs.units import to_kib
 from virtpolicy.profiles.expr import ExprError, Value
 
 FACT_NAMES: dict[str, str] = {
@@ -61,21 +62,6 @@ HOST_ENUMS = {
     "redirdev": "devices/redirdev/bus",
     "channel": "devices/channel/type",
 }
-MEMORY_UNITS = {
-    "b": 1 / 2**20,
-    "bytes": 1 / 2**20,
-    "k": 1 / 1024,
-    "kib": 1 / 1024,
-    "kb": 1000 / 2**20,
-    "m": 1,
-    "mib": 1,
-    "mb": 10**6 / 2**20,
-    "g": 1024,
-    "gib": 1024,
-    "gb": 10**9 / 2**20,
-    "t": 2**20,
-    "tib": 2**20,
-}
 
 
 @dataclass
@@ -113,11 +99,12 @@ class Facts:
         return table[name]()
 
     def _memory_mib(self) -> int:
+        """<memory> in whole MiB, from the KiB libvirt stores (inputs.units: every unit libvirt's
+        virScaleInteger reads, rounded up to KiB as libvirt does)."""
         el = self.domain.root.find("memory")
         if el is None or not (el.text or "").strip().isdigit():
             return 0
-        unit = el.get("unit", "KiB").lower()
-        return int(int(el.text.strip()) * MEMORY_UNITS.get(unit, 1 / 1024))
+        return to_kib(el.text or "", el.get("unit")) // 1024
 
     def functions(self) -> dict[str, Callable[..., Value]]:
         return {
@@ -154,5 +141,3 @@ class Facts:
         if isinstance(result, float) and result.is_integer():
             return str(int(result))
         return str(result)
-
-

@@ -721,15 +721,15 @@ def check_app_cells(root: etree._Element, source: str, vcpus: int) -> list[str]:
     (<memory> becomes the cells' sum plus the memory modules), so it is a warning, not an error."""
     from virtpolicy.errors import InputError
     from virtpolicy.inputs.nodeset import parse_nodeset
-    from virtpolicy.profiles.facts import MEMORY_UNITS
+    from virtpolicy.inputs.units import to_kib
 
     owner: dict[int, str] = {}
-    total_kib = 0.0
+    total_kib = 0
     for cell in root.iterfind("cpu/numa/cell"):
         where = xpath_of(cell)
         try:
             cpus = parse_nodeset(cell.get("cpus", ""))
-            kib = int(cell.get("memory", "0")) * MEMORY_UNITS.get(cell.get("unit", "KiB").lower(), 1 / 1024) * 1024
+            kib = to_kib(cell.get("memory", "0"), cell.get("unit"))
         except ValueError:
             raise InputError(f"{source}:{cell.sourceline}: {where}: cpus or memory is not a number") from None
         total_kib += kib
@@ -752,16 +752,13 @@ def check_app_cells(root: etree._Element, source: str, vcpus: int) -> list[str]:
             f"{source}:{numa.sourceline}: /domain/cpu/numa: vCPU(s) {', '.join(map(str, missing))} of /domain/vcpu's "
             f"{vcpus} are in no cell (Nova: every vCPU belongs to exactly one cell)"
         )
-    modules_kib = 0.0
+    modules_kib = 0
     for module in root.iterfind("devices/memory/target/size"):
         if (module.text or "").strip().isdigit():
-            modules_kib += (
-                int((module.text or "0").strip()) * MEMORY_UNITS.get(module.get("unit", "KiB").lower(), 1 / 1024) * 1024
-            )
+            modules_kib += to_kib(module.text or "0", module.get("unit"))
     memory = root.find("memory")
     if memory is not None and (memory.text or "").strip().isdigit():
-        unit = MEMORY_UNITS.get(memory.get("unit", "KiB").lower(), 1 / 1024)
-        domain_kib = int((memory.text or "0").strip()) * unit * 1024
+        domain_kib = to_kib(memory.text or "0", memory.get("unit"))
         if abs(domain_kib - total_kib - modules_kib) >= 1:
             modules = f" and the memory modules {modules_kib / 1024:g} MiB" if modules_kib else ""
             return [
