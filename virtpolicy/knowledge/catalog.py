@@ -140,3 +140,20 @@ def catalog() -> Catalog:
         for r in sup.get("has", ())
     )
     return Catalog(virtio, classes, supplements, dict(data["target_prefix"]), provides)
+
+
+@cache
+def driver_packs() -> dict[str, tuple[str, ...]]:
+    """The driver packs a profile may declare (osinfo-supplement.toml [[pack]]): each pack's osinfo device ids,
+    a row's own `device_ids` or its catalog [virtio.*] family's legacy and modern ids, in file order."""
+    families = catalog().virtio
+    sup = tomllib.loads((DATA / "osinfo-supplement.toml").read_text())
+    packs: dict[str, list[str]] = {}
+    for row in sup.get("pack", ()):
+        if "virtio" in row:
+            family = families[row["virtio"]]
+            ids = [i for i in (family.legacy, family.modern) if i]
+        else:
+            ids = list(row["device_ids"])
+        packs.setdefault(row["name"], []).extend(ids)
+    return {name: tuple(ids) for name, ids in packs.items()}

@@ -23,31 +23,6 @@ MAX_PROFILE_BYTES = 256 * 1024
 TRUSTED_ORIGINS = "the shipped library, /etc/virtpolicy/profiles, --profile-path DIR or --profile FILE"
 
 
-# named driver packs a profile may declare (osinfo ids a guest gains when the pack is installed)
-DRIVER_PACKS: dict[str, tuple[str, ...]] = {
-    "virtio-win": tuple(
-        f"http://pcisig.com/pci/1af4/{d}"
-        for d in (
-            "1000",
-            "1001",
-            "1002",
-            "1003",
-            "1004",
-            "1005",
-            "1041",
-            "1042",
-            "1043",
-            "1044",
-            "1045",
-            "1048",
-            "1050",
-            "1052",
-        )
-    )
-    + ("http://pcisig.com/pci/1b36/0100",),
-}
-
-
 @dataclass(frozen=True)
 class Snippet:
     """A domain XML fragment (children of <domain>) with the action that applies it."""
@@ -103,7 +78,6 @@ def read_profile_bytes(path: Path) -> bytes:
     if len(data) > MAX_PROFILE_BYTES:
         raise ProfileError(f"{path}:1: profile is {len(data)} bytes; the limit is {MAX_PROFILE_BYTES}")
     return data
-
 
 
 def variable_values(where: str, effect: str, mapping: object) -> dict[str, tuple[str, ...]]:

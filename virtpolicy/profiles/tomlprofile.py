@@ -23,9 +23,9 @@ from pathlib import Path
 from lxml import etree
 
 from virtpolicy.errors import ProfileError
+from virtpolicy.knowledge.catalog import driver_packs
 from virtpolicy.knowledge.vocabulary import profile_vocabulary
 from virtpolicy.profiles.model import (
-    DRIVER_PACKS,
     Profile,
     Rule,
     check_expression,
@@ -129,14 +129,15 @@ def _rule(
                 )
             derive[xpath] = check_expression(str(source), f"{path}:{_line_of_key(text, line, 'set')}")
     drivers: list[str] = []
+    packs = driver_packs()  # osinfo-supplement.toml [[pack]]
     for d in raw.get("drivers", []):
-        if d in DRIVER_PACKS:
-            drivers.extend(DRIVER_PACKS[d])
+        if isinstance(d, str) and d in packs:
+            drivers.extend(packs[d])
         elif isinstance(d, str) and d.startswith("http"):
             drivers.append(d)
         else:
             raise ProfileError(
-                f"{where}: drivers: '{d}' is neither an osinfo device id nor a driver pack ({', '.join(DRIVER_PACKS)})"
+                f"{where}: drivers: '{d}' is neither an osinfo device id nor a driver pack ({', '.join(packs)})"
             )
     effects = {}
     for effect in ("require", "forbid", "prefer"):
