@@ -215,6 +215,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--osinfo-db", type=Path, default=DEFAULT_OSINFO_DB, help="osinfo-db path (%(default)s)")
     serve.add_argument("--profile-path", action="append", default=[], type=Path, metavar="DIR")
     serve.add_argument("--fleet", type=Path, metavar="F", help="load a fleet's hosts (directory or inventory .toml)")
+    serve.add_argument("--queue", type=int, metavar="N", help="requests that may wait for a worker; beyond, 429 (256)")
+    serve.add_argument("--job-queue", type=int, metavar="N", help="jobs queued or running; beyond, 429 (16)")
     return p
 
 
@@ -700,6 +702,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InputError(f"serve: {missing} is not installed (pip install 'virtpolicy[server]')") from None
     if not 0 < args.port < 65536 or args.workers < 1 or args.timeout <= 0:
         raise InputError("serve: --port is 1-65535, --workers at least 1, --timeout above 0")
+    if (args.queue is not None and args.queue < 0) or (args.job_queue is not None and args.job_queue < 1):
+        raise InputError("serve: --queue is at least 0, --job-queue at least 1")
     settings = Settings(
         workers=args.workers,
         token_file=args.token_file,
@@ -707,6 +711,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         osinfo_db=args.osinfo_db,
         profile_path=tuple(args.profile_path),
         fleet=args.fleet,
+        queue=args.queue,
+        job_queue=args.job_queue,
     )
     uvicorn.run(create_app(settings), host=args.bind, port=args.port, log_level="warning")
     return EXIT_OK
