@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -217,3 +218,10 @@ def one_source(
     before = len(builder.ctx.problem.constraints)
     getattr(builder.sources[source], phase)()
     return builder.ctx, builder.ctx.problem.constraints[before:]
+
+
+def plan_migrate_json(domain: bytes, *args: str) -> dict:  # type: ignore[type-arg]
+    """`virtpolicy plan migrate - --format json ARGS` on a domain; exit 0 (can migrate) or 2 (cannot)."""
+    proc = cli("plan", "migrate", "-", "--format", "json", *args, stdin=domain)
+    assert proc.returncode in (0, 2), proc.stderr
+    return json.loads(proc.stdout)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from lxml import etree
-from support import cli
+from support import cli, plan_migrate_json
 
 from virtpolicy.inputs.hostmeta import read_host_meta
 from virtpolicy.knowledge.kernel_features import kernel_features, kernel_version
@@ -185,29 +185,23 @@ def _laid_out(host: Path, tmp_path: Path) -> bytes:
     return proc.stdout
 
 
-def _migrate(domain: bytes, *args: str) -> dict:  # type: ignore[type-arg]
-    proc = cli("plan", "migrate", "-", "--format", "json", *args, stdin=domain)
-    assert proc.returncode in (0, 2), proc.stderr
-    return json.loads(proc.stdout)
-
-
 def test_migrate_refuses_an_el9_destination_for_a_uso_guest(tmp_path: Path) -> None:
     new = qemu90_bundle(tmp_path / "new", kernel="6.8.0-45-generic")
     el9 = qemu90_bundle(tmp_path / "el9", kernel="5.14.0-503.el9.x86_64")
     domain = _laid_out(new, tmp_path)
     assert b"pc-q35-9.0" in domain
-    (dest,) = _migrate(domain, "--from", str(new), "--to", str(el9))["destinations"]
+    (dest,) = plan_migrate_json(domain, "--from", str(new), "--to", str(el9))["destinations"]
     assert not dest["can_migrate"], dest
     (reason,) = [r["message"] for r in dest["reasons"] if r["check"] == "kernel"]
     assert reason.startswith("virtio-net-uso:") and "kernel 5.14.0-503.el9.x86_64" in reason, reason
-    back = _migrate(_laid_out(el9, tmp_path), "--from", str(el9), "--to", str(new))["destinations"][0]
+    back = plan_migrate_json(_laid_out(el9, tmp_path), "--from", str(el9), "--to", str(new))["destinations"][0]
     assert back["can_migrate"], "the source lacks USO: it never offered it"
 
 
 def test_migrate_warns_when_the_destination_kernel_is_unknown(tmp_path: Path) -> None:
     new = qemu90_bundle(tmp_path / "new", kernel="6.8.0-45-generic")
     unknown = qemu90_bundle(tmp_path / "unknown")
-    (dest,) = _migrate(_laid_out(new, tmp_path), "--from", str(new), "--to", str(unknown))["destinations"]
+    (dest,) = plan_migrate_json(_laid_out(new, tmp_path), "--from", str(new), "--to", str(unknown))["destinations"]
     assert dest["can_migrate"], dest
     assert any(w["check"] == "kernel" and w["message"].startswith("virtio-net-uso:") for w in dest["warnings"]), dest
 
@@ -216,7 +210,7 @@ def test_migrate_with_machine_8_1_has_no_uso_to_lose(tmp_path: Path) -> None:
     new = qemu90_bundle(tmp_path / "new", kernel="6.8.0-45-generic")
     el9 = qemu90_bundle(tmp_path / "el9", kernel="5.14.0-503.el9.x86_64")
     domain = _laid_out(new, tmp_path).replace(b"pc-q35-9.0", b"pc-q35-8.1")
-    (dest,) = _migrate(domain, "--from", str(new), "--to", str(el9))["destinations"]
+    (dest,) = plan_migrate_json(domain, "--from", str(new), "--to", str(el9))["destinations"]
     assert dest["can_migrate"] and not dest["warnings"], dest
 
 

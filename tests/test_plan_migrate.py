@@ -5,14 +5,13 @@ go anywhere in it."""
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 from hostvariants import no_tpm, variant
 from lxml import etree
-from support import cli
+from support import cli, plan_migrate_json
 
 from virtpolicy.inputs.host import EMBEDDED_BUNDLE
 
@@ -36,15 +35,9 @@ def _laid_out(host: Path, template: str = "examples/windows10.xml") -> bytes:
     return proc.stdout
 
 
-def _migrate(domain: bytes, *args: str) -> dict:  # type: ignore[type-arg]
-    proc = cli("plan", "migrate", "-", "--format", "json", *args, stdin=domain)
-    assert proc.returncode in (0, 2), proc.stderr
-    return json.loads(proc.stdout)
-
-
 def test_a_machine_version_missing_on_the_destination(fleet: Path) -> None:
     domain = _laid_out(fleet / "qemu-8.0.0")
-    report = _migrate(domain, "--from", str(fleet / "qemu-8.0.0"), "--to", str(fleet / "qemu-6.2.0"))
+    report = plan_migrate_json(domain, "--from", str(fleet / "qemu-8.0.0"), "--to", str(fleet / "qemu-6.2.0"))
     (dest,) = report["destinations"]
     assert not dest["can_migrate"]
     machine = [r["message"] for r in dest["reasons"] if r["check"] == "machine"]
@@ -61,7 +54,7 @@ def test_a_cpu_feature_missing_on_the_destination(fleet: Path) -> None:
         cpu.remove(child)
     etree.SubElement(cpu, "model", fallback="forbid").text = "qemu64"
     etree.SubElement(cpu, "feature", policy="require", name="avx512f")  # no EPYC-Rome has it
-    report = _migrate(etree.tostring(root), "--to", str(fleet / "qemu-8.0.0"))
+    report = plan_migrate_json(etree.tostring(root), "--to", str(fleet / "qemu-8.0.0"))
     reasons = [r["message"] for r in report["destinations"][0]["reasons"] if r["check"] == "cpu"]
     assert reasons and "avx512f" in reasons[0], report
 
@@ -72,7 +65,7 @@ def test_a_device_model_missing_on_the_destination(tmp_path: Path) -> None:
     assert laid_out.returncode == 0, laid_out.stderr
     domain = laid_out.stdout
     assert b"<tpm" in domain
-    report = _migrate(domain, "--from", str(EMBEDDED_BUNDLE), "--to", str(tpm_less))
+    report = plan_migrate_json(domain, "--from", str(EMBEDDED_BUNDLE), "--to", str(tpm_less))
     (dest,) = report["destinations"]
     devices = [r["message"] for r in dest["reasons"] if r["check"] == "devices"]
     assert devices and any("tpm" in m.lower() for m in devices), dest
@@ -81,7 +74,7 @@ def test_a_device_model_missing_on_the_destination(tmp_path: Path) -> None:
 def test_a_domain_planned_for_the_fleet_migrates_anywhere_in_it(fleet: Path) -> None:
     common = cli("plan", "common", "examples/windows10.xml", "--fleet", str(fleet))
     assert common.returncode == 0, common.stderr
-    report = _migrate(common.stdout, "--from", str(fleet / "qemu-8.0.0"), "--fleet", str(fleet))
+    report = plan_migrate_json(common.stdout, "--from", str(fleet / "qemu-8.0.0"), "--fleet", str(fleet))
     assert report["can_migrate_to"] == ["qemu-6.2.0"], report
     assert all(d["can_migrate"] for d in report["destinations"]), report
 
@@ -100,7 +93,7 @@ def test_a_custom_model_fits_where_the_features_it_disables_are_its_blockers(tmp
     def verdict(cpu: BaselineCpu) -> dict:  # type: ignore[type-arg]
         domain = copy.deepcopy(root)
         domain.replace(domain.find("cpu"), cpu.element())
-        return _migrate(etree.tostring(domain), "--to", str(EMBEDDED_BUNDLE))["destinations"][0]
+        return plan_migrate_json(etree.tostring(domain), "--to", str(EMBEDDED_BUNDLE))["destinations"][0]
 
     required = tuple(sorted(caps.host_model_features))
     fits = verdict(BaselineCpu(caps.host_model, required, tuple(sorted(caps.host_model_disabled))))
