@@ -33,7 +33,7 @@ from virtpolicy.knowledge.pci import (
     table,
     takes_slots,
 )
-from virtpolicy.knowledge.tables import placement_preferences
+from virtpolicy.knowledge.tables import Preference, placement_preferences
 from virtpolicy.sources.context import structural_provenance
 from virtpolicy.sources.locality import Affinity, HostLocality
 
@@ -580,43 +580,50 @@ class PciPlanner:
 
     def prefer(self) -> None:
         """Lowest preferences, taken after the device models are decided (a slot follows from a model)."""
-        self._prefer(
-            "numa.cells", "1", "engine.numa-cells:1", "prefer one guest NUMA cell unless asked", "engine.numa-cells"
-        )
-        spare = placement_preferences()["engine.hotplug-ports"]
-        self._prefer(
-            spare.variable,
-            spare.order[0],
-            f"{spare.id}:{spare.order[0]}",
-            f"prefer {spare.why}",
-            spare.id,
-            Provenance(Source.ENGINE, spare.id, spare.where, data=(("preference", spare.id),)),
-        )
+        rows = placement_preferences()
+        for row_id in ("engine.numa-cells", "engine.hotplug-ports"):
+            row = rows[row_id]
+            value = row.order[0]
+            self._prefer(row.variable, value, f"{row.id}:{value}", f"prefer {row.why}", row.id, _provenance(row))
+        slot_row, node_row = rows["engine.slot"], rows["engine.node"]
         for inst, _ in self.devices:
             slot, node = inst.var("slot"), inst.var("node")
+            value = slot_row.order[0]
             self._prefer(
                 slot,
-                "pcie",
-                f"engine.slot:{slot}=pcie",
-                f"prefer {slot} = pcie: a root port of its own, as libvirt gives",
-                f"engine.slot:{slot}",
+                value,
+                f"{slot_row.id}:{slot}={value}",
+                f"prefer {slot} = {value}: {slot_row.why}",
+                f"{slot_row.id}:{slot}",
+                _provenance(slot_row),
             )
             if len(self.ctx.problem.variables[node].values) > 1:
-                self._prefer(node, "0", f"engine.node:{node}=0", f"prefer {node} = 0", f"engine.node:{node}")
+                value = node_row.order[0]
+                self._prefer(
+                    node,
+                    value,
+                    f"{node_row.id}:{node}={value}",
+                    f"prefer {node} = {value}",
+                    f"{node_row.id}:{node}",
+                    _provenance(node_row),
+                )
 
-    def _prefer(
-        self, name: str, value: str, cid: str, message: str, group: str, provenance: Provenance | None = None
-    ) -> None:
+    def _prefer(self, name: str, value: str, cid: str, message: str, group: str, provenance: Provenance) -> None:
         """An engine default: soft, lowest priority, `name = value` (`provenance`: the data row that says so)."""
         domain = self.ctx.problem.variables[name].values
         self.ctx.forbid(
             cid,
             [(name, frozenset(v for v in domain if v != value))],
             message,
-            provenance or Provenance(Source.ENGINE, "engine.pci", "pci.py", data=(("preference", "engine.pci"),)),
+            provenance,
             strength=Strength.SOFT,
             group=group,
         )
+
+
+def _provenance(row: Preference) -> Provenance:
+    """An engine-defaults.toml [[placement_prefer]] row as provenance: its id and file:line."""
+    return Provenance(Source.ENGINE, row.id, row.where, data=(("preference", row.id),))
 
 
 def _allowed_slots(
