@@ -31,7 +31,7 @@ def _schema_units() -> list[str]:
 
 def test_every_unit_the_schema_allows_is_read() -> None:
     if not SCHEMA.exists():
-        pytest.fail("libvirt's schemas are missing (Debian libvirt0, installed by scripts/setup.sh test)", pytrace=False)
+        pytest.fail("libvirt's schemas are missing (Debian libvirt0: scripts/setup.sh test)", pytrace=False)
     units = _schema_units()
     assert len(units) == 2 * (3 + 6 * 3)
     for unit in units:

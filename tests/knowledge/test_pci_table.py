@@ -282,7 +282,7 @@ def _schema_maximum(define: str) -> int:
 )
 def test_each_pci_address_limit_is_the_schemas(field: str, define: str) -> None:
     if not (SCHEMAS / "basictypes.rng").exists():
-        pytest.fail("libvirt's schemas are missing (Debian libvirt0, installed by scripts/setup.sh test)", pytrace=False)
+        pytest.fail("libvirt's schemas are missing (Debian libvirt0: scripts/setup.sh test)", pytrace=False)
     assert pci_address_limits()[field] == _schema_maximum(define)
     first, last = _ranges(table()["limits"][field]["cite"], "basictypes.rng")[0]
     lines = (SCHEMAS / "basictypes.rng").read_text().splitlines()[first - 1 : last]
