@@ -42,6 +42,12 @@ class StructuralRule:
     at_most: dict[str, object] = field(default_factory=dict)
     only_where_missing: str = ""  # applies only to device instances lacking this child element
     arches: tuple[str, ...] = ()  # applies only to guests of these architectures (none: every one)
+    # A row about something only the app writes (a serial port's target type, an address type): the
+    # elements this XPath (under /domain) selects, each shown as `shows` (an XPath string of the element),
+    # exist only where `require` allows and, with `needs_arch`, only on guests of those architectures.
+    written: str = ""
+    shows: str = ""
+    needs_arch: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,9 @@ def structural() -> tuple[tuple[VirtioMode, ...], dict[str, StructuralRule]]:
             at_most=dict(r.get("at_most", {})),
             only_where_missing=r.get("only_where_missing", ""),
             arches=tuple(r.get("arches", ())),
+            written=r.get("written", ""),
+            shows=r.get("shows", ""),
+            needs_arch=tuple(r.get("needs_arch", ())),
         )
     return modes, rules
 

@@ -41,6 +41,8 @@ class AppSource:
     def declare(self) -> None:
         self._global_variables()
         self._device_variables()
+        for fact in self.ctx.written:
+            self.ctx.declare(fact.variable, [fact.value, fact.ABSENT], fact.rule.text)
 
     def constrain(self) -> None:
         self._app_constraints()
@@ -124,6 +126,8 @@ class AppSource:
                 )
         for inst in self.ctx.instances:
             self._app_device_constraints(inst)
+        for fact in self.ctx.written:
+            self.ctx.pin(fact.variable, [fact.value], Explicit(fact.value, fact.xpath), fact.what)
 
     def _app_firmware(self) -> tuple[list[str], Explicit] | None:
         """The firmware the app's <os> already asks for: the first firmware.toml row that matches."""

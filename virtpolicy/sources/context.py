@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import cache
 from typing import TYPE_CHECKING
 
 from lxml import etree
@@ -23,7 +24,7 @@ from virtpolicy.inputs.host import Host
 from virtpolicy.inputs.schema import SCHEMA_DIR, schema_arches
 from virtpolicy.knowledge.catalog import Catalog, ClassVariable, DeviceClass, catalog
 from virtpolicy.knowledge.completeness import Completeness, completeness
-from virtpolicy.knowledge.tables import HypervFeature, structural
+from virtpolicy.knowledge.tables import HypervFeature, StructuralRule, structural
 from virtpolicy.profiles.expr import Expression
 from virtpolicy.profiles.facts import Facts
 from virtpolicy.profiles.model import Profile, Rule, Snippet
@@ -165,6 +166,46 @@ def structural_provenance(rule_id: str) -> Provenance:
     return Provenance(Source.STRUCTURAL, rule.id, rule.where, rule.citation, data=data)
 
 
+@dataclass(frozen=True)
+class WrittenFact:
+    """Something the app wrote that exists only on some machines (structural.toml rows with `written`): a
+    variable of its own, so that the app's value and the libvirt/QEMU fact are two requirements, and a
+    conflict names both."""
+
+    rule: StructuralRule
+    variable: str
+    value: str  # what the app wrote, as the row `shows` it
+    xpath: str  # of that attribute (or of the element, for a row that shows none)
+    what: str  # the requirement in words: "the console's target type is 'sclp'"
+
+    ABSENT = "absent"  # the variable's other value: without the app's element the fact has nothing to refuse
+
+
+def written_facts(root: etree._Element) -> list[WrittenFact]:
+    """Every element of the domain that a `written` row selects, in row then document order."""
+    facts = []
+    for rule in structural()[1].values():
+        if not rule.written:
+            continue
+        for el in _compiled(rule.written)(root):
+            shown = _compiled(rule.shows)(el) if rule.shows else []
+            variable = f"{el.tag}@{xpath_of(el)}:{rule.id}"
+            if shown:
+                attr = shown[0]
+                owner = attr.getparent()
+                name = attr.attrname if owner is el else f"{owner.tag} {attr.attrname}"
+                where = f"{xpath_of(owner)}/@{attr.attrname}"
+                facts.append(WrittenFact(rule, variable, str(attr), where, f"the {el.tag}'s {name} is '{attr}'"))
+            else:
+                facts.append(WrittenFact(rule, variable, el.tag, xpath_of(el), f"the domain has a {el.tag}"))
+    return facts
+
+
+@cache
+def _compiled(xpath: str) -> etree.XPath:
+    return etree.XPath(xpath)
+
+
 def supplemented(guest: GuestOS, cat: Catalog) -> GuestOS:
     """The guest with the drivers osinfo-db does not list but the OS ships (osinfo-supplement.toml)."""
     rows = [p for p in cat.provides if p.matches(guest.short_id)] if guest.described else []
@@ -226,8 +267,16 @@ class BuildContext:
         self._by_class_of: list[Instance] | None = None
         self._by_class_count = -1
         self._spec_sets: dict[tuple[tuple[str, ...], tuple[str, ...]], frozenset[str]] = {}  # values
+        self._written: list[WrittenFact] | None = None
         self.guest = supplemented(guest, self.catalog)
         self.facts = Facts(domain, self.guest, host, self.arch, device_names or {})
+
+    @property
+    def written(self) -> list[WrittenFact]:
+        """The app's elements that structural `written` rows are about (read once per build)."""
+        if self._written is None:
+            self._written = written_facts(self.domain.root)
+        return self._written
 
     def has(self, cid: str) -> bool:
         """Is there a constraint with this id already (a source reaching the same fact twice adds it once)?"""

@@ -23,6 +23,8 @@ class StructuralSource:
             if rule.arches and self.ctx.arch not in rule.arches:
                 continue  # a fact of other architectures
             prov = structural_provenance(rule.id)
+            if rule.written:
+                continue  # expanded over the app's elements below
             if rule.at_most:
                 refs = list(rule.at_most["variables"])  # type: ignore[arg-type]
                 names = [
@@ -57,3 +59,16 @@ class StructuralSource:
                     conds.append((name, frozenset(v for v in domain if v not in vals)))
                 suffix = ",".join(sorted({n for n, _ in conds} - {r for r in refs}))
                 self.ctx.forbid(f"structural:{rule.id}" + (f":{suffix}" if suffix else ""), conds, rule.text, prov)
+        self._written()
+
+    def _written(self) -> None:
+        """The app's element exists only on the machines (and architectures) its row allows."""
+        machines = self.ctx.problem.variables["machine"].values
+        for fact in self.ctx.written:
+            rule = fact.rule
+            conds = [(fact.variable, frozenset([fact.value]))]
+            if not rule.needs_arch or self.ctx.arch in rule.needs_arch:
+                if "machine" not in rule.require:
+                    continue
+                conds.append(("machine", frozenset(m for m in machines if m not in rule.require["machine"])))
+            self.ctx.forbid(f"structural:{rule.id}:{fact.xpath}", conds, rule.text, structural_provenance(rule.id))

@@ -1,0 +1,165 @@
+"""structural.toml's `written` rows: what only an app writes (a serial port's target type, an address type, the
+ibmvscsi controller), which exists on some machines only (issue 14).
+
+Each row is checked three ways here, without libvirt: its citation quotes the libvirt 9.0.0 source lines it
+names; the engine refuses the app's element on a machine the row excludes with a minimal conflict whose
+background is that row; and it keeps the element, unchanged, on a machine the row allows. That libvirt or
+QEMU really refuses each excluded case, and really runs each allowed one, is test_conformance_arches.py's
+(`WRITTEN_EXAMPLES` there names one of each per row).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+from corpus import require_corpus
+from lxml import etree
+
+from virtpolicy import Engine
+from virtpolicy.knowledge.tables import structural
+
+REPO = Path(__file__).resolve().parents[2]
+HOSTS = REPO / "tests" / "data" / "hosts"
+BUNDLES = {
+    "x86_64": None,  # the engine's default host: x86_64 KVM
+    "aarch64": HOSTS / "tcg-aarch64",
+    "ppc64le": HOSTS / "tcg-ppc64le",
+    "s390x": HOSTS / "tcg-s390x",
+    "riscv64": HOSTS / "tcg-riscv64",
+}
+OS = {"x86_64": "rhel9.0", "aarch64": "rhel9.0", "ppc64le": "rhel9.0", "s390x": "rhel9.0", "riscv64": "generic"}
+NIC = "<interface type='user'><model type='{model}'/>{address}</interface>"
+
+
+def _nic(address: str, model: str = "virtio") -> str:
+    return NIC.format(model=model, address=address)
+
+
+# rule id -> (the app's element, architectures where it is refused, architectures where it is kept)
+ELEMENTS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "sclp-console-needs-s390": (
+        "<console type='pty'><target type='sclp'/></console>",
+        ("x86_64", "aarch64"),
+        ("s390x",),
+    ),
+    "spapr-vio-serial-needs-pseries": (
+        "<serial type='pty'><target type='spapr-vio-serial'><model name='spapr-vty'/></target></serial>",
+        ("x86_64", "aarch64", "s390x"),
+        ("ppc64le",),
+    ),
+    "sclp-serial-needs-s390": (
+        "<serial type='pty'><target type='sclp-serial'><model name='sclpconsole'/></target></serial>",
+        ("x86_64", "ppc64le"),
+        ("s390x",),
+    ),
+    "pl011-serial-needs-arm-virt": (
+        "<serial type='pty'><target type='system-serial'><model name='pl011'/></target></serial>",
+        ("riscv64", "ppc64le"),
+        ("aarch64",),
+    ),
+    "16550a-serial-needs-riscv-virt": (
+        "<serial type='pty'><target type='system-serial'><model name='16550a'/></target></serial>",
+        ("aarch64", "x86_64"),
+        ("riscv64",),
+    ),
+    "system-serial-needs-virt": (
+        "<serial type='pty'><target type='system-serial'/></serial>",
+        ("x86_64", "s390x"),
+        ("aarch64", "riscv64"),
+    ),
+    "pci-serial-needs-pci": ("<serial type='pty'><target type='pci-serial'/></serial>", ("s390x",), ("x86_64",)),
+    "parallel-needs-isa": ("<parallel type='pty'/>", ("aarch64", "ppc64le", "s390x"), ("x86_64",)),
+    "ccw-address-needs-s390-ccw": (
+        _nic("<address type='ccw' cssid='0xfe' ssid='0x0' devno='0x0001'/>"),
+        ("aarch64", "x86_64"),
+        ("s390x",),
+    ),
+    "spapr-vio-address-needs-pseries": (
+        _nic("<address type='spapr-vio'/>", "spapr-vlan"),
+        ("x86_64",),
+        ("ppc64le",),
+    ),
+    "virtio-mmio-address-needs-virt": (_nic("<address type='virtio-mmio'/>"), ("x86_64", "ppc64le"), ("aarch64",)),
+    "ibmvscsi-needs-pseries": (
+        "<controller type='scsi' index='0' model='ibmvscsi'/>",
+        ("x86_64", "aarch64"),
+        ("ppc64le",),
+    ),
+}
+WRITTEN = {rule.id: rule for rule in structural()[1].values() if rule.written}
+_ENGINES: dict[str, Engine] = {}
+
+
+def solve(arch: str, devices: str):  # type: ignore[no-untyped-def]
+    if arch not in _ENGINES:
+        bundle = BUNDLES[arch]
+        _ENGINES[arch] = Engine(host=bundle) if bundle else Engine()
+    xml = (
+        f"<domain><name>w</name><memory unit='MiB'>512</memory><vcpu>1</vcpu>"
+        f"<os><type arch='{arch}'>hvm</type></os><devices>{devices}</devices></domain>"
+    )
+    return _ENGINES[arch].solve(xml, os=OS[arch], complete=False)
+
+
+def _canonical(element: etree._Element) -> bytes:
+    """The element without the output's indentation."""
+    copy = etree.fromstring(etree.tostring(element, with_tail=False), etree.XMLParser(remove_blank_text=True))
+    return etree.tostring(copy, method="c14n")
+
+
+def test_every_written_row_has_an_example() -> None:
+    assert set(ELEMENTS) == set(WRITTEN)
+
+
+@pytest.mark.parametrize("rule_id", sorted(WRITTEN))
+def test_the_citation_quotes_the_lines_it_names(rule_id: str) -> None:
+    """Every `file.c:first-last` of the citation exists in libvirt 9.0.0, and each quoted message ('...' after
+    a libvirt function's name) is in the lines cited just before it (QEMU's own words are quoted after 'QEMU' or
+    a binary's name, and seen, not cited)."""
+    cite = WRITTEN[rule_id].citation
+    corpus = require_corpus()
+    spans = re.findall(r"(src/[\w/]+\.c):(\d+)(?:-(\d+))?((?:[^;]|;(?! ))*)", cite)
+    assert spans, cite
+    for path, first, last, rest in spans:
+        lines = (corpus / path).read_text().splitlines()[int(first) - 1 : int(last or first)]
+        text = re.sub(r'"\s*\n\s*"', "", "\n".join(lines))  # C string literals continued over lines
+        for quoted in re.findall(r"\b(?:qemu|vir)\w+: '(.+?)'(?= \(|$|;)", rest):
+            assert quoted in text, f"{rule_id}: {path}:{first}-{last} does not say {quoted!r}"
+
+
+@pytest.mark.parametrize("rule_id", sorted(WRITTEN))
+def test_the_element_is_refused_where_the_row_excludes_it(rule_id: str) -> None:
+    element, refused, _ = ELEMENTS[rule_id]
+    for arch in refused:
+        result = solve(arch, element)
+        assert not result.feasible, f"{rule_id} on {arch}: solved"
+        background = {r.where.rpartition(" ")[0] or r.where for r in result.background}
+        named = [r for r in result.background if r.kind == "structural" and rule_id in r.where + r.id]
+        assert named, f"{rule_id} on {arch}: the conflict's background is {sorted(background)}"
+        members = result.conflicts[0].members
+        assert [m.kind for m in members] == ["app"], f"{rule_id} on {arch}: {[str(m) for m in members]}"
+
+
+@pytest.mark.parametrize("rule_id", sorted(WRITTEN))
+def test_the_element_is_kept_as_written_where_the_row_allows_it(rule_id: str) -> None:
+    element, _, allowed = ELEMENTS[rule_id]
+    written = etree.fromstring(f"<devices>{element}</devices>")[0]
+    for arch in allowed:
+        result = solve(arch, element)
+        assert result.feasible, f"{rule_id} on {arch}: {result.summary()}"
+        out = etree.fromstring(result.xml.encode())
+        same = [e for e in out.find("devices") if e.tag == written.tag and e.attrib == written.attrib]
+        assert same, f"{rule_id} on {arch}: no <{written.tag}> as written in the output"
+        for child in written:  # what the row is about (target, address) exactly as the app wrote it
+            kept = same[0].find(child.tag)
+            assert kept is not None, f"{rule_id} on {arch}: <{child.tag}> dropped"
+            assert _canonical(kept) == _canonical(child), f"{rule_id} on {arch}: <{child.tag}> rewritten"
+
+
+def test_the_rows_name_machine_families_the_engine_knows() -> None:
+    machines = tomllib.loads((REPO / "virtpolicy" / "knowledge" / "data" / "machines.toml").read_text())["family"]
+    for rule in WRITTEN.values():
+        assert set(rule.require.get("machine", ())) <= set(machines), rule.id
