@@ -49,6 +49,8 @@ from guest_driver_oracle import VirtioDevice, guest_can_drive, virtio_devices_ne
 from libvirt_harness import LibvirtError, LibvirtHarness
 from lxml import etree
 from support import Outcome, assert_minimal
+from written_examples import ELEMENTS
+from written_examples import OS as WRITTEN_OS
 
 from virtpolicy import Engine, InputError
 from virtpolicy.errors import HostError, VirtpolicyError
@@ -461,6 +463,79 @@ def test_infeasible_request_is_a_minimal_conflict_naming_the_architecture_fact(
     named = named_facts(result, arch.bundle, case.arch)
     assert named & set(case.facts), f"{case.id}: the conflict names {sorted(named)}, not one of {case.facts}"
     assert_architecture_rules(named & set(case.facts) - {"domcaps"}, case.arch, arch.family)
+
+
+# ----------------------------------------------------------------- what only an app writes (`written` rows)
+
+# Each structural.toml `written` row (tests/written_examples.py has its element) is a claim about libvirt and
+# QEMU: the element is refused on a machine the row excludes, and runs on one it allows. Both are tried here:
+# the excluded one by adding the element to the engine's own output for that architecture (the engine
+# refuses to write it), the allowed one as the engine solves it. A row that claimed too much would make the
+# engine refuse domains that run; one that claimed too little lets through output that does not.
+PROOF_ARCHES = [a for a in ARCHES.values() if a.name != "ppc64"]  # ppc64 shares ppc64le's bundle and rows
+
+
+def _proof_arch(arches: tuple[str, ...]) -> str | None:
+    """The architecture to try an example on: one this suite runs (x86_64 is test_conformance.py's)."""
+    return next((a for a in arches if a in {x.name for x in PROOF_ARCHES}), None)
+
+
+def _with_element(xml: str, element: str) -> str:
+    root = etree.fromstring(xml.encode())
+    root.find("devices").append(etree.fromstring(element))
+    return etree.tostring(root, encoding="unicode")
+
+
+@pytest.fixture(scope="module")
+def written_proofs(libvirt: LibvirtHarness, tmp_path_factory) -> dict[tuple[str, str], Cycle | str]:  # type: ignore[no-untyped-def]
+    """(rule id, 'refused' | 'allowed') -> libvirt's/QEMU's cycle, or the engine's reason it wrote nothing."""
+    work = tmp_path_factory.mktemp("written")
+    kernel = spin_kernel(work)
+    pending: list[tuple[tuple[str, str], str, str]] = []
+    verdicts: dict[tuple[str, str], Cycle | str] = {}
+    for rule_id, (element, refused, allowed) in sorted(ELEMENTS.items()):
+        for kind, arches in (("refused", refused), ("allowed", allowed)):
+            arch_name = _proof_arch(arches)
+            if arch_name is None:
+                continue
+            arch = ARCHES[arch_name]
+            name = f"vp-w-{kind[0]}-{rule_id}"[:60]
+            boot = kernel if arch_name == "s390x" else None
+            devices = element if kind == "allowed" else ""
+            xml = partial_domain(name, arch_name, devices, kernel=boot)
+            result = engine(HOSTS / arch.bundle).solve(xml, os=WRITTEN_OS[arch_name], complete=False, source=name)
+            if not result.feasible:
+                verdicts[(rule_id, kind)] = f"the engine solved no domain: {result.summary()}"
+                continue
+            assert result.xml is not None
+            pending.append(
+                ((rule_id, kind), name, result.xml if kind == "allowed" else _with_element(result.xml, element))
+            )
+    with ThreadPoolExecutor(START_WORKERS) as pool:
+        futures = [(key, pool.submit(start_cycle, libvirt, name, xml, work / name)) for key, name, xml in pending]
+        for key, future in futures:
+            verdicts[key] = future.result()
+    return verdicts
+
+
+@pytest.mark.parametrize("rule_id", sorted(ELEMENTS))
+def test_a_written_row_is_what_libvirt_and_qemu_do(rule_id: str, written_proofs) -> None:  # type: ignore[no-untyped-def]
+    element, refused, allowed = ELEMENTS[rule_id]
+    tried = 0
+    for kind, arches in (("refused", refused), ("allowed", allowed)):
+        if _proof_arch(arches) is None:
+            continue
+        tried += 1
+        verdict, where = written_proofs[(rule_id, kind)], _proof_arch(arches)
+        assert isinstance(verdict, Cycle), f"{rule_id} ({kind}): {verdict}"
+        if kind == "refused":
+            assert verdict.error, (
+                f"{rule_id}: {element} ran on {_proof_arch(arches)} ({verdict.state}): the row is wrong"
+            )
+        else:
+            assert not verdict.error, f"{rule_id}: {element} on {where}: {verdict.stage}: {verdict.error}"
+            assert verdict.state.startswith("running"), f"{rule_id} ({kind}): {verdict.state!r}"
+    assert tried, f"{rule_id}: no example on an architecture this suite starts"
 
 
 # ----------------------------------------------------------------- host capture --arch, the shipped bundles
