@@ -81,7 +81,10 @@ class Arch:
 
 
 ARCHES = {
-    "aarch64": Arch("aarch64", "tcg-aarch64", "virt", ("fedora37", "rhel9.0", "ubuntu22.04", "debian11"), True),
+    # generic on aarch64: a guest without virtio-gpu, whose display is the firmware's ramfb
+    "aarch64": Arch(
+        "aarch64", "tcg-aarch64", "virt", ("fedora37", "rhel9.0", "ubuntu22.04", "debian11", "generic"), True
+    ),
     "ppc64le": Arch("ppc64le", "tcg-ppc64le", "pseries", ("rhel9.0", "ubuntu22.04", "sle15sp4"), True),
     "ppc64": Arch("ppc64", "tcg-ppc64le", "pseries", ("rhel7.9", "sles12sp5"), True),
     "s390x": Arch("s390x", "tcg-s390x", "s390-ccw-virtio", ("rhel9.0", "ubuntu22.04", "sle15sp4", "rhel6.10"), False),
@@ -328,6 +331,8 @@ def test_solved_domain_runs_on_its_architecture(case: Case, runs: dict[str, Run]
         assert not usb, f"{case}: USB on a machine without USB: {[etree.tostring(e) for e in usb]}"
     if case.arch.name == "aarch64":
         assert "AAVMF" in (live.findtext("os/loader") or ""), f"{case}: aarch64 virt boots UEFI (AAVMF)"
+        if case.devices == "desktop" and VIRTIO_GPU not in ids:  # the firmware's framebuffer, not VGA
+            assert live.xpath("devices/video/model/@type") == ["ramfb"], f"{case}: {live.xpath('devices/video')}"
 
 
 def test_the_oses_list_their_architecture(osdb) -> None:  # type: ignore[no-untyped-def]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from support import one_source, partial_domain
 
 from virtpolicy.core.problem import Source, Strength
@@ -34,3 +35,35 @@ def test_lenient_guest_support_is_soft_above_the_engine_defaults(host, osdb) -> 
 def test_no_guest_named_no_guest_constraints(host, osdb) -> None:
     ctx, added = one_source(partial_domain("g", None, None, DISK), "guest", host, osdb, "generic")
     assert not ctx.guest.described or added == [] or all(c.provenance.source is Source.GUEST for c in added)
+
+
+def _solve_on(bundle: str, arch: str, os_key: str, devices: str):  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    from virtpolicy import Engine
+
+    hosts = Path(__file__).resolve().parents[1] / "data" / "hosts"
+    xml = (
+        "<domain><name>v</name><memory unit='MiB'>512</memory><vcpu>1</vcpu>"
+        f"<os><type arch='{arch}'>hvm</type></os><devices>{devices}</devices></domain>"
+    )
+    return Engine(host=hosts / bundle).solve(xml, os=os_key)
+
+
+def test_an_arm_guest_without_virtio_gpu_gets_the_firmwares_ramfb_not_vga() -> None:
+    """AAVMF drives virtio-gpu and ramfb only (catalog.toml, engine.video-virt): VGA would be dark until the kernel."""
+    result = _solve_on("tcg-aarch64", "aarch64", "generic", "<graphics type='vnc'/>")
+    assert result.feasible, result.summary()
+    assert result.assignment["video.model"] == "ramfb"
+    assert result.decisions and any(d.variable == "video.slot" and d.value == "none" for d in result.decisions)
+
+
+@pytest.mark.parametrize(("bundle", "arch"), [("tcg-riscv64", "riscv64"), ("tcg-ppc64le", "ppc64le")])
+def test_ramfb_is_not_assumed_without_uefi(bundle: str, arch: str) -> None:
+    """OpenSBI and SLOF set no ramfb up: an app's ramfb there is a guest conflict (riscv64) or a domcaps one."""
+    result = _solve_on(bundle, arch, "generic", "<graphics type='vnc'/><video><model type='ramfb'/></video>")
+    assert not result.feasible
+    kinds = {m.kind for c in result.conflicts for m in c.members}
+    assert kinds & {"guest", "host"}, [str(m) for c in result.conflicts for m in c.members]
+    if arch == "riscv64":
+        assert any("no driver for ramfb" in m.message for c in result.conflicts for m in c.members)

@@ -30,6 +30,7 @@ class GuestDevice:
     name: str = ""
     assumed: str = ""
     supplement: str = ""
+    not_on: tuple[str, ...] = ()  # architectures where `assumed` does not hold: there the OS has no driver
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ def catalog() -> Catalog:
                     name=g.get("name", ""),
                     assumed=g.get("assumed", ""),
                     supplement=g.get("supplement", ""),
+                    not_on=tuple(g.get("not_on", ())),
                 )
                 for value, g in vrow.get("guest", {}).items()
             }

@@ -122,6 +122,16 @@ class GuestSource:
                 inst=inst,
                 value=value,
             )
+        elif dev.assumed and self.ctx.arch in dev.not_on:
+            self._guest_forbid(
+                f"{name}={value}",
+                [(name, frozenset([value]))],
+                f"{g.short_id} on {self.ctx.arch} has no driver for {value}: {dev.assumed}; osinfo-db lists "
+                f"none (catalog.toml): {what} cannot be {value}",
+                "catalog.toml",
+                inst=inst,
+                value=value,
+            )
         elif dev.supplement:
             lack = self.ctx.catalog.lacks(g.short_id, dev.supplement)
             if lack:
