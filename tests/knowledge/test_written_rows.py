@@ -31,7 +31,8 @@ BUNDLES = {
     "s390x": HOSTS / "tcg-s390x",
     "riscv64": HOSTS / "tcg-riscv64",
 }
-WRITTEN = {rule.id: rule for rule in structural()[1].values() if rule.written}
+ROWS = structural()[1]
+WRITTEN = {rule.id: rule for rule in ROWS.values() if rule.written}
 _ENGINES: dict[str, Engine] = {}
 
 
@@ -53,15 +54,17 @@ def _canonical(element: etree._Element) -> bytes:
 
 
 def test_every_written_row_has_an_example() -> None:
-    assert set(ELEMENTS) == set(WRITTEN)
+    """Every `written` row, and the rows about a machine-specific value an app may write for a variable the
+    engine decides (ibmvscsi for scsi.model)."""
+    assert set(WRITTEN) <= set(ELEMENTS) <= set(ROWS)
 
 
-@pytest.mark.parametrize("rule_id", sorted(WRITTEN))
+@pytest.mark.parametrize("rule_id", sorted(ELEMENTS))
 def test_the_citation_quotes_the_lines_it_names(rule_id: str) -> None:
     """Every `file.c:first-last` of the citation exists in libvirt 9.0.0, and each quoted message ('...' after
     a libvirt function's name) is in the lines cited just before it (QEMU's own words are quoted after 'QEMU' or
     a binary's name, and seen, not cited)."""
-    cite = WRITTEN[rule_id].citation
+    cite = ROWS[rule_id].citation
     corpus = require_corpus()
     spans = re.findall(r"(src/[\w/]+\.c):(\d+)(?:-(\d+))?((?:[^;]|;(?! ))*)", cite)
     assert spans, cite
@@ -72,7 +75,7 @@ def test_the_citation_quotes_the_lines_it_names(rule_id: str) -> None:
             assert quoted in text, f"{rule_id}: {path}:{first}-{last} does not say {quoted!r}"
 
 
-@pytest.mark.parametrize("rule_id", sorted(WRITTEN))
+@pytest.mark.parametrize("rule_id", sorted(ELEMENTS))
 def test_the_element_is_refused_where_the_row_excludes_it(rule_id: str) -> None:
     element, refused, _ = ELEMENTS[rule_id]
     for arch in refused:
@@ -85,7 +88,7 @@ def test_the_element_is_refused_where_the_row_excludes_it(rule_id: str) -> None:
         assert [m.kind for m in members] == ["app"], f"{rule_id} on {arch}: {[str(m) for m in members]}"
 
 
-@pytest.mark.parametrize("rule_id", sorted(WRITTEN))
+@pytest.mark.parametrize("rule_id", sorted(ELEMENTS))
 def test_the_element_is_kept_as_written_where_the_row_allows_it(rule_id: str) -> None:
     element, _, allowed = ELEMENTS[rule_id]
     written = etree.fromstring(f"<devices>{element}</devices>")[0]

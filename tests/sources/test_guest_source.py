@@ -67,3 +67,40 @@ def test_ramfb_is_not_assumed_without_uefi(bundle: str, arch: str) -> None:
     assert kinds & {"guest", "host"}, [str(m) for c in result.conflicts for m in c.members]
     if arch == "riscv64":
         assert any("no driver for ramfb" in m.message for c in result.conflicts for m in c.members)
+
+
+SCSI_DISK = "<disk type='file' device='disk'><source file='/i/a.qcow2'/><target dev='sda' bus='scsi'/></disk>"
+
+
+def test_a_pseries_guest_without_virtio_scsi_gets_ibmvscsi() -> None:
+    """libvirt's own pseries default, which every Linux for POWER drives; virtio-scsi wherever the guest has it."""
+    plain = _solve_on("tcg-ppc64le", "ppc64le", "generic", SCSI_DISK)
+    assert plain.feasible, plain.summary()
+    assert plain.assignment["scsi.model"] == "ibmvscsi" and plain.assignment["scsi.slot"] == "none"
+    rhel = _solve_on("tcg-ppc64le", "ppc64le", "rhel9.0", SCSI_DISK)
+    assert rhel.assignment["scsi.model"] == "virtio-scsi"
+
+
+def test_the_engines_scsi_controller_has_a_slot_of_its_own_on_q35() -> None:
+    """It used to be added after the topology, and libvirt then put it on the root port kept for hot-plug."""
+    from lxml import etree
+
+    from virtpolicy import Engine
+
+    xml = (
+        "<domain type='kvm'><name>s</name><memory unit='MiB'>512</memory><vcpu>1</vcpu>"
+        f"<os><type arch='x86_64' machine='q35'>hvm</type></os><devices>{SCSI_DISK}</devices></domain>"
+    )
+    result = Engine().solve(xml, os="rhel9.0")
+    assert result.feasible, result.summary()
+    root = etree.fromstring(result.xml.encode())
+    scsi = root.find("devices/controller[@type='scsi']")
+    assert scsi is not None and scsi.get("model") == "virtio-scsi" and scsi.find("address[@type='pci']") is not None
+    ports = {int(c.get("index")) for c in root.iterfind("devices/controller[@model='pcie-root-port']")}
+    used = {int(a.get("bus"), 16) for a in root.iterfind("devices/*/address[@type='pci']")}
+    assert len(ports - used) == int(result.assignment["hotplug.ports"]) >= 1
+
+
+def test_no_scsi_controller_without_a_scsi_disk() -> None:
+    result = _solve_on("tcg-ppc64le", "ppc64le", "rhel9.0", "")
+    assert result.assignment["scsi.model"] == "none" and 'type="scsi"' not in (result.xml or "")

@@ -172,7 +172,6 @@ class Renderer:
                 self.device_elements[i] = element
         self._disk_targets()
         self._virtio_serial_controller()
-        self._scsi_controller()
         self._numa_cells()
         self._topology()
         if self.built.facts is not None:
@@ -356,13 +355,6 @@ class Renderer:
             _append(devices, el)
         elif model != "virtio" and controller.get("model") in (None, "virtio"):
             controller.set("model", model)
-
-    def _scsi_controller(self) -> None:
-        """SCSI disks get a virtio-scsi controller (libvirt's own default model may be one the guest lacks)."""
-        devices = self.domain.devices_element
-        wants = any(t.get("bus") == "scsi" for t in devices.findall("disk/target"))
-        if wants and devices.find("controller[@type='scsi']") is None:
-            _append(devices, etree.Element("controller", type="scsi", index="0", model="virtio-scsi"))
 
     def _numa_cells(self) -> None:
         """Guest NUMA cells the engine decided: vCPUs and memory split evenly (Nova's rule)."""
