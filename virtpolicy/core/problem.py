@@ -11,6 +11,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import ClassVar
+
+# Constraint.kind values
+FORBID, ATMOST, BUDGET, OTHER = "forbid", "atmost", "budget", "other"
 
 
 class Strength(Enum):
@@ -83,6 +87,9 @@ class Constraint(ABC):
     priority: int = 0
     cites: tuple[str, ...] = field(default=())  # structural rule ids it relies on
     group: str = ""  # soft constraints from one preference share a group (tried in order)
+    # what the solver's inner loops dispatch on: isinstance against an ABC subclass goes through
+    # ABCMeta.__instancecheck__, hundreds of thousands of times per solve of a typical domain
+    kind: ClassVar[str] = OTHER
 
     @abstractmethod
     def holds(self, *values: str) -> bool:
@@ -108,6 +115,7 @@ class Constraint(ABC):
 class Forbid(Constraint):
     """No solution may have every variable[i] in sets[i] at once."""
 
+    kind: ClassVar[str] = FORBID
     sets: tuple[frozenset[str], ...] = ()
 
     def holds(self, *values: str) -> bool:
@@ -118,6 +126,7 @@ class Forbid(Constraint):
 class AtMost(Constraint):
     """At most `limit` of the variables take `value` (a capacity: IDE units, ports, slots)."""
 
+    kind: ClassVar[str] = ATMOST
     value: str = ""
     limit: int = 0
 

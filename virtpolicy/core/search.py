@@ -27,7 +27,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 from virtpolicy.core.budget import OPEN, PCI, PCIE, BusBudget
-from virtpolicy.core.problem import Constraint, Forbid
+from virtpolicy.core.problem import BUDGET, FORBID, Constraint, Forbid
 
 State = str | list[str]  # a variable's value, or the values its domain still holds
 WIDE = 8  # constraints over more variables than this are not propagated by the store (capacities)
@@ -305,6 +305,11 @@ class Store:
     the forbidden values from the last one; a narrow constraint with one variable left open filters it; a bus
     budget is the bound of `budget.BusBudget.pair_class` on the current domains. Wider constraints are left to
     the search. Everything here only removes values that no solution takes, so a refutation is a proof.
+
+    Kept requirements wait (`keep`) until the next question (`refutes`): every rule only narrows, and narrows
+    more on narrower domains, so propagating them all at once reaches the very fixpoint that propagating
+    after each one did (the greatest one below the start, whatever the order), and the soft loop keeps
+    several requirements between two questions, most of them about the same few variables.
     """
 
     def __init__(self, domains: dict[str, list[str]], constraints: Iterable[Constraint]) -> None:
@@ -313,17 +318,15 @@ class Store:
         self.tallies: list[Tally] = []
         self.tallies_on: dict[str, list[Tally]] = {}
         self.consistent = True
-        pending = list(constraints)
-        for c in pending:
+        self.pending: list[Constraint] = []  # kept, to propagate at the next question
+        self.narrowed: dict[str, list[str]] = {}  # kept one-variable narrowings, likewise
+        for c in constraints:
             self._watch(c)
-        changed = self._propagate(pending, {})
-        if changed is None:
-            self.consistent = False
-        else:
-            self._commit(changed)
+            self.pending.append(c)
 
     def _watch(self, c: Constraint) -> None:
-        if isinstance(c, BusBudget):
+        if c.kind == BUDGET:
+            assert isinstance(c, BusBudget)
             tally = Tally(c, lambda name: self._value(name, {}))
             self.tallies.append(tally)
             for v in dict.fromkeys(c.variables):
@@ -336,51 +339,74 @@ class Store:
         current = overlay.get(name) or self.domains[name]
         return current[0] if len(current) == 1 else current
 
+    def _flush(self) -> None:
+        """Propagate what was kept since the last question, and commit it."""
+        if not self.pending and not self.narrowed:
+            return
+        queue, overlay = self.pending, self.narrowed
+        self.pending, self.narrowed = [], {}
+        queued = {id(c) for c in queue}
+        for name in overlay:
+            for c in self.watching.get(name, ()):
+                if id(c) not in queued:
+                    queue.append(c)
+                    queued.add(id(c))
+        changed = self._propagate(queue, overlay)
+        if changed is None:
+            self.consistent = False  # cannot happen for kept requirements; stop answering rather than guess
+        else:
+            self._commit(changed)
+
     def _propagate(self, queue: list[Constraint], overlay: dict[str, list[str]]) -> dict[str, list[str]] | None:
         """Narrow `overlay` (changed domains over the store's) to a fixpoint from `queue`; None: refuted."""
         queued = {id(c) for c in queue}
+        watching = self.watching
         while queue:
             c = queue.pop()
             queued.discard(id(c))
             narrowed = self._revise(c, overlay)
             if narrowed is None:
                 return None
-            for name, values in narrowed:
+            if narrowed:
+                name, values = narrowed
                 overlay[name] = values
-                for other in self.watching.get(name, ()):
+                for other in watching.get(name, ()):
                     if id(other) not in queued and other is not c:
                         queue.append(other)
                         queued.add(id(other))
-        changed = list(overlay)
-        for tally in self.tallies:
-            if not tally.fits_with(changed, lambda name: self._value(name, overlay)):
-                return None
+        if self.tallies:
+            changed = list(overlay)
+            for tally in self.tallies:
+                if not tally.fits_with(changed, lambda name: self._value(name, overlay)):
+                    return None
         return overlay
 
-    def _revise(self, c: Constraint, overlay: dict[str, list[str]]) -> list[tuple[str, list[str]]] | None:
-        """The domains `c` narrows (none, or one), or None when it cannot hold on these domains."""
-        if isinstance(c, BusBudget) or len(c.variables) > WIDE:
-            return []
-        if isinstance(c, Forbid):
+    def _revise(self, c: Constraint, overlay: dict[str, list[str]]) -> tuple[str, list[str]] | tuple[()] | None:
+        """The domain `c` narrows (empty: none), or None when it cannot hold on these domains."""
+        kind = c.kind
+        if kind == BUDGET or len(c.variables) > WIDE:
+            return ()
+        domains = self.domains
+        if kind == FORBID:
+            assert isinstance(c, Forbid)
             open_var: tuple[str, frozenset[str], list[str]] | None = None
             for name, forbidden in zip(c.variables, c.sets, strict=True):
-                current = overlay.get(name) or self.domains[name]
-                hits = sum(1 for v in current if v in forbidden)
-                if hits == len(current):
+                current = overlay.get(name) or domains[name]
+                if forbidden.issuperset(current):
                     continue  # must take a forbidden value
-                if hits == 0 or open_var is not None:
-                    return []  # satisfied whatever happens, or two variables still free to satisfy it
+                if open_var is not None or forbidden.isdisjoint(current):
+                    return ()  # satisfied whatever happens, or two variables still free to satisfy it
                 open_var = (name, forbidden, current)
             if open_var is None:
                 return None
             name, forbidden, current = open_var
-            return [(name, [v for v in current if v not in forbidden])]
-        doms = [overlay.get(name) or self.domains[name] for name in c.variables]
+            return (name, [v for v in current if v not in forbidden])
+        doms = [overlay.get(name) or domains[name] for name in c.variables]
         open_at = [i for i, d in enumerate(doms) if len(d) > 1]
         if len(open_at) > 1 or len(set(c.variables)) != len(c.variables):
-            return []
+            return ()
         if not open_at:
-            return [] if c.holds(*(d[0] for d in doms)) else None
+            return () if c.holds(*(d[0] for d in doms)) else None
         i = open_at[0]
         kept = []
         for value in doms[i]:
@@ -390,7 +416,7 @@ class Store:
                 kept.append(value)
         if not kept:
             return None
-        return [(c.variables[i], kept)] if len(kept) < len(doms[i]) else []
+        return (c.variables[i], kept) if len(kept) < len(doms[i]) else ()
 
     def _commit(self, overlay: dict[str, list[str]]) -> None:
         for name, values in overlay.items():
@@ -400,7 +426,8 @@ class Store:
 
     def refutes(self, c: Constraint) -> bool:
         """Whether keeping `c` leaves no solution (False: unknown, ask the search)."""
-        if not self.consistent or isinstance(c, BusBudget) or len(c.variables) > WIDE:
+        self._flush()
+        if not self.consistent or c.kind == BUDGET or len(c.variables) > WIDE:
             return False
         if len(c.variables) > 1:
             return self._propagate([c], {}) is None
@@ -413,22 +440,19 @@ class Store:
         return self._propagate(list(self.watching.get(name, ())), {name: narrowed}) is None
 
     def keep(self, c: Constraint) -> None:
-        """`c` is kept: its narrowing (or, for a wider one, the constraint itself) joins the store."""
+        """`c` is kept: its narrowing (or, for a wider one, the constraint itself) joins the store, to be
+        propagated at the next question."""
         if not self.consistent:
             return
         if len(c.variables) == 1:
             name = c.variables[0]
-            narrowed = [v for v in self.domains[name] if c.holds(v)]
-            if len(narrowed) == len(self.domains[name]):
-                return
-            changed = self._propagate(list(self.watching.get(name, ())), {name: narrowed})
+            current = self.narrowed.get(name) or self.domains[name]
+            narrowed = [v for v in current if c.holds(v)]
+            if len(narrowed) < len(current):
+                self.narrowed[name] = narrowed
         else:
             self._watch(c)
-            changed = self._propagate([c], {})
-        if changed is None:
-            self.consistent = False  # cannot happen for a kept requirement; stop answering rather than guess
-        else:
-            self._commit(changed)
+            self.pending.append(c)
 
 
 def _free_sets(c: Constraint, fixed: dict[str, str]) -> list[frozenset[str]] | None:
