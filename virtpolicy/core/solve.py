@@ -73,6 +73,9 @@ class Solver:
         # assignments worth trying before a search in `consistent`: a set of constraints one of them satisfies
         # is consistent. Explanations set the witness with the one value they ask about (`decisions`).
         self.hints: list[Assignment] = []
+        # the soft loop's searches of independent groups, by everything a search depends on (`_search_from`)
+        self._searched: dict[tuple[object, ...], Assignment | None] = {}
+        self._searched_size = 0
 
     # --- consistency -------------------------------------------------------------------------------
     def _domains(
@@ -171,17 +174,23 @@ class Solver:
             key=lambda c: -c.priority,
         )  # sorted() is stable: declaration order within a priority
         domains, _ = self._domains(hard)
-        witness = self.find(hard, {k: list(v) for k, v in domains.items()})
-        if witness is None:
+        if any(not vals for vals in domains.values()):
             return self.explain_conflict(hard)
         kept_multi: list[Constraint] = [c for c in hard if len(c.variables) > 1]
+        # the kept requirements as `find` propagates them: the first find searches from there, and each find
+        # for a preference starts from there instead of propagating everything again
+        fixpoint = _Fixpoint({k: list(v) for k, v in domains.items()}, kept_multi)
+        self.solves += 1
+        bound = fixpoint.bound() if fixpoint.ok else None
+        found = None if bound is None else self._search_from(fixpoint.domains, bound)
+        if found is None:
+            return self.explain_conflict(hard)
+        witness = found
         kept: list[Constraint] = []
         dropped: list[Dropped] = []
         partial = _Partial(hard, domains)  # capacities that can refute a partial assignment
         # the kept requirements after propagation: refutes, without a search, a preference no solution meets
         store = Store(domains, kept_multi)
-        # and as `find` propagates them: each find starts from there instead of propagating everything again
-        fixpoint = _Fixpoint({k: list(v) for k, v in domains.items()}, kept_multi)
         for c in soft:
             values = tuple(witness[v] for v in c.variables)
             if c.holds(*values):
@@ -218,15 +227,36 @@ class Solver:
         bound = fixpoint.trial(c)
         if bound is None:
             return None
-        domains = fixpoint.domains
+        return self._search_from(fixpoint.domains, bound)
+
+    def _search_from(self, domains: dict[str, list[str]], bound: list[Bound]) -> Assignment | None:
+        """`find`'s search on propagated domains: each independent group on its own, a group that an earlier
+        search of this soft loop met with the same variables, domains, constraints and fixed values answered
+        as it was then (a search is deterministic in these). Most preferences change one group, or none."""
         solution = {name: vals[0] for name, vals in domains.items() if len(vals) == 1}
         fixed = dict(solution)
+        searched = self._searched
         for group, group_constraints in _components(domains, bound):
-            result = _first_solution(group, domains, group_constraints, fixed)
+            key = _search_key(group, domains, group_constraints, fixed)
+            if key in searched:
+                result = searched[key]
+            else:
+                result = _first_solution(group, domains, group_constraints, fixed)
+                self._remember(key, result)
             if not result:
                 return None
             solution.update(result)
         return solution
+
+    def _remember(self, key: tuple[object, ...], result: Assignment | None) -> None:
+        """Cache a group's search, within a bound (the size of what the keys hold) that a soft loop over
+        thousands of devices, with a search per preference, would otherwise outgrow."""
+        size = len(key[0]) + len(key[2])  # type: ignore[arg-type]
+        if self._searched_size + size > SEARCH_CACHE:
+            self._searched.clear()
+            self._searched_size = 0
+        self._searched[key] = result
+        self._searched_size += size
 
     @staticmethod
     def _empties(c: Constraint, domains: dict[str, list[str]]) -> bool:
@@ -377,7 +407,20 @@ def without_gc() -> Iterator[None]:
 Bound = tuple[Constraint, tuple[str, ...], Callable[..., bool]]
 LARGE = 2000  # constraints: a consistency question this big first tries `_search_settled`
 CONSISTENCY_STEPS = 500  # values that search may try in all before `_satisfiable` takes over
+SEARCH_CACHE = 200_000  # variables and constraints the soft loop's cached searches may hold in their keys
 PYTHON_CONSTRAINT = False  # tests set it to compare the engine's own search with python-constraint's
+
+
+def _search_key(
+    group: list[str], domains: dict[str, list[str]], members: list[Bound], fixed: dict[str, str]
+) -> tuple[object, ...]:
+    """What `_first_solution` of a group depends on: its variables and their ordered domains, its constraints
+    in order with their free variables, and the fixed values they read (their binders' and `Search`'s)."""
+    return (
+        tuple(group),
+        tuple([tuple(domains[name]) for name in group]),
+        tuple([(c, free, tuple([fixed.get(v) for v in c.variables])) for c, free, _ in members]),
+    )
 
 
 def _first_solution(
