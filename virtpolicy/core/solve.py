@@ -18,7 +18,7 @@ from constraint import BacktrackingSolver, FunctionConstraint, Unassigned
 from constraint import Problem as CSP
 
 from virtpolicy.core.budget import BusBudget
-from virtpolicy.core.problem import AtMost, Constraint, Forbid, Problem, Source
+from virtpolicy.core.problem import FORBID, AtMost, Constraint, Forbid, Problem, Source
 from virtpolicy.core.search import Search, SearchLimit, Store, Tally
 
 Assignment = dict[str, str]
@@ -237,6 +237,9 @@ class Solver:
         fixed = dict(solution)
         searched = self._searched
         for group, group_constraints in _components(domains, bound):
+            if not group_constraints:  # one variable and nothing on it: the search takes its preferred value
+                solution[group[0]] = domains[group[0]][0]
+                continue
             key = _search_key(group, domains, group_constraints, fixed)
             if key in searched:
                 result = searched[key]
@@ -308,11 +311,14 @@ class Solver:
         self, witness: Assignment, hard: list[Constraint], kept: list[Constraint], dropped: list[Dropped]
     ) -> dict[str, Decision]:
         """Why each variable has its value, and which more preferred values were passed over."""
-        order = {id(c): i for i, c in enumerate(self.problem.constraints)}
+        order: dict[int, int] = {}  # declaration order, built when a passed-over value needs it
         hard_on: dict[str, list[Constraint]] = {}
+        app_on: dict[str, Constraint] = {}  # the first of the app's own one-variable requirements
         for c in hard:
             for v in c.variables:
                 hard_on.setdefault(v, []).append(c)
+            if len(c.variables) == 1 and c.provenance.source is Source.APP:
+                app_on.setdefault(c.variables[0], c)
         kept_on: dict[str, list[Constraint]] = {}
         for c in kept:
             for v in c.variables:
@@ -322,23 +328,36 @@ class Solver:
             dropped_in.setdefault(d.constraint.group, []).append(d)
         wide: dict[int, Tally] = {}  # bus budgets counted once at the witness, not rescanned per value
         decisions: dict[str, Decision] = {}
-        for name in self.problem.variables:
+        for name, variable in self.problem.variables.items():
             value = witness[name]
+            others = [v for v in variable.values if v != value]
             on_var = hard_on.get(name, [])
-            app = [c for c in on_var if c.variables == (name,) and c.provenance.source is Source.APP]
-            deciding_hard = (
-                c
-                for c in on_var
-                if c.provenance.source is not Source.STRUCTURAL and self._decides(c, name, witness, wide)
-            )
-            reason = app[0] if app else next(deciding_hard, None)
-            if reason is None:
-                reason = next((c for c in kept_on.get(name, []) if self._decides(c, name, witness, wide)), None)
-            if reason is None:
-                reason = next((c for c in on_var if self._decides(c, name, witness, wide)), None)
+            reason = app_on.get(name)
+            if reason is None and others:  # a one-value variable is decided by its domain, not by any constraint
+                reason = next(
+                    (
+                        c
+                        for c in on_var
+                        if c.provenance.source is not Source.STRUCTURAL and _decides(c, name, witness, others, wide)
+                    ),
+                    None,
+                )
+                if reason is None:
+                    reason = next((c for c in kept_on.get(name, []) if _decides(c, name, witness, others, wide)), None)
+                if reason is None:  # the others on this variable were asked above, and decide nothing
+                    reason = next(
+                        (
+                            c
+                            for c in on_var
+                            if c.provenance.source is Source.STRUCTURAL and _decides(c, name, witness, others, wide)
+                        ),
+                        None,
+                    )
             passed: list[tuple[str, Constraint]] = []
-            if reason is not None and reason.group:
-                for d in dropped_in.get(reason.group, ()):
+            if reason is not None and reason.group and reason.group in dropped_in:
+                if not order:
+                    order = {id(c): i for i, c in enumerate(self.problem.constraints)}
+                for d in dropped_in[reason.group]:
                     c = d.constraint
                     if order[id(c)] < order[id(reason)]:
                         wish = self._wish(c, witness) or {}
@@ -346,15 +365,6 @@ class Solver:
                             passed.append((wish[name], c))
             decisions[name] = Decision(name, value, reason, passed)
         return decisions
-
-    def _decides(self, c: Constraint, name: str, assignment: Assignment, wide: dict[int, Tally]) -> bool:
-        """Does c, given the other variables, rule out every other value of `name`?"""
-        others = [v for v in self.problem.variables[name].values if v != assignment[name]]
-        if not others:
-            return False  # a one-value variable is decided by its domain, not by any constraint
-        if not _holds_with(c, assignment, name, assignment[name], wide):
-            return False
-        return not any(_holds_with(c, assignment, name, other, wide) for other in others)
 
     # --- conflicts ---------------------------------------------------------------------------------
     def explain_conflict(self, hard: list[Constraint]) -> Conflict:
@@ -648,6 +658,32 @@ class _Fixpoint:
         """c is kept without a search (the witness meets it): the fixpoint narrows for good."""
         self.trail = None
         self.ok = self.ok and self._add(c)
+
+
+def _decides(c: Constraint, name: str, assignment: Assignment, others: list[str], wide: dict[int, Tally]) -> bool:
+    """Does c, given the other variables, rule out every other value of `name` (`others`, not empty)?"""
+    if c.kind == FORBID:
+        assert isinstance(c, Forbid)
+        return _forbid_decides(c, name, assignment, others)
+    if not _holds_with(c, assignment, name, assignment[name], wide):
+        return False
+    return not any(_holds_with(c, assignment, name, other, wide) for other in others)
+
+
+def _forbid_decides(c: Forbid, name: str, assignment: Assignment, others: list[str]) -> bool:
+    """`_decides` for a nogood, from its sets: a variable other than `name` outside its forbidden set satisfies
+    it whatever `name` takes (so it decides nothing); else it holds for a value of `name` outside one of the
+    sets at `name`'s positions, and decides when the value is and every other value is in all of them."""
+    at: list[frozenset[str]] = []
+    for v, forbidden in zip(c.variables, c.sets, strict=True):
+        if v == name:
+            at.append(forbidden)
+        elif assignment[v] not in forbidden:
+            return False
+    value = assignment[name]
+    if all(value in forbidden for forbidden in at):
+        return False
+    return all(other in forbidden for other in others for forbidden in at)
 
 
 def _holds_with(c: Constraint, assignment: Assignment, name: str, value: str, wide: dict[int, Tally]) -> bool:
