@@ -470,18 +470,6 @@ def _binder(c: Constraint, fixed: dict[str, str], free: tuple[str, ...]) -> Call
     return bound
 
 
-def _forbid_state(c: Forbid, fixed: dict[str, str]) -> list[tuple[str, frozenset[str]]] | None:
-    """The free part of a nogood; None when a fixed value already satisfies it."""
-    free = []
-    for var, forbidden in zip(c.variables, c.sets, strict=True):
-        if var in fixed:
-            if fixed[var] not in forbidden:
-                return None
-        else:
-            free.append((var, forbidden))
-    return free
-
-
 def _propagate(domains: dict[str, list[str]], constraints: list[Constraint]) -> list[Bound] | None:
     """Unit propagation to a fixpoint; returns the constraints left with two or more free variables.
 
@@ -513,6 +501,8 @@ class _Fixpoint:
         self.free_count: list[int] = []
         self.done: set[int] = set()  # satisfied for good, or already applied to its one free variable
         self.trail: list[tuple[str, object, object]] | None = None  # what a trial changed, to undo it
+        # `bound`'s item per constraint, valid while its variables' fixed values stay (dropped when one changes)
+        self.items: dict[int, Bound] = {}
         for c in constraints:
             self._append(c)
         self.ok = self._drain(list(range(len(self.constraints))))
@@ -539,18 +529,29 @@ class _Fixpoint:
             if i in done:
                 continue
             c = constraints[i]
-            if isinstance(c, Forbid):
-                free = _forbid_state(c, fixed)
-                if free is None:
+            if c.kind == FORBID:
+                assert isinstance(c, Forbid)
+                # its free part: satisfied for good by a fixed value outside its set, or the free variables left
+                free = 0
+                var, forbidden = "", frozenset()
+                for name, values in zip(c.variables, c.sets, strict=True):
+                    if name in fixed:
+                        if fixed[name] not in values:
+                            free = -1
+                            break
+                    else:
+                        free += 1
+                        if free == 1:
+                            var, forbidden = name, values
+                if free < 0:
                     done.add(i)
                     if trail is not None:
                         trail.append(("done", i, None))
                     continue
                 if not free:
                     return False
-                if len(free) > 1:
+                if free > 1:
                     continue
-                var, forbidden = free[0]
                 kept = [value for value in domains[var] if value not in forbidden]
             else:
                 if free_count[i] > 1:
@@ -586,7 +587,9 @@ class _Fixpoint:
             self.fixed[var] = kept[0]
             if self.trail is not None:
                 self.trail.append(("fixed", var, None))
+            items = self.items
             for j in self.watching.get(var, ()):
+                items.pop(j, None)
                 self.free_count[j] -= 1
                 if self.trail is not None:
                     self.trail.append(("count", j, None))
@@ -597,15 +600,20 @@ class _Fixpoint:
 
     def bound(self) -> list[Bound] | None:
         """The constraints left with two or more free variables, in order; None when one left with none fails."""
-        fixed = self.fixed
+        fixed, done, items = self.fixed, self.done, self.items
         result: list[Bound] = []
         for i, c in enumerate(self.constraints):
-            if i in self.done:
+            if i in done:
                 continue
-            free = tuple(v for v in c.variables if v not in fixed)
+            item = items.get(i)
+            if item is not None:
+                result.append(item)
+                continue
+            free = tuple([v for v in c.variables if v not in fixed])
             if len(free) >= 2:
                 own = {v: fixed[v] for v in c.variables if v in fixed}  # fixed's values now: a trial may undo them
-                result.append((c, free, _binder(c, own, free)))
+                item = items[i] = (c, free, _binder(c, own, free))
+                result.append(item)
             elif not free and not c.holds(*(fixed[v] for v in c.variables)):
                 return None
         return result
@@ -646,9 +654,12 @@ class _Fixpoint:
                 self.domains[key] = old  # type: ignore[index,assignment]
             elif kind == "fixed":
                 del self.fixed[key]  # type: ignore[arg-type]
+                for j in self.watching.get(key, ()):  # type: ignore[call-overload]
+                    self.items.pop(j, None)
             elif kind == "count":
                 self.free_count[key] += 1  # type: ignore[index]
             elif kind == "append":
+                self.items.pop(len(self.constraints) - 1, None)
                 c = self.constraints.pop()
                 self.free_count.pop()
                 for v in reversed(c.variables):
