@@ -122,12 +122,14 @@ class Search:
         self.assigned = [0] * len(checks)  # per constraint: how many of its variables are assigned
         self.on: list[list[int]] = [[] for _ in self.names]  # per variable: its constraints, in order
         self.tallies_on: list[list[Tally]] = [[] for _ in self.names]
+        index, on = self.index, self.on
         for k, (c, free, func) in enumerate(checks):
-            members = [self.index[v] for v in free]
+            members = [index[v] for v in free]
             self.vars.append(members)
             for v in members:
-                self.on[v].append(k)
-            if isinstance(c, BusBudget):
+                on[v].append(k)
+            if c.kind == BUDGET:
+                assert isinstance(c, BusBudget)
                 tally = Tally(c, self._state)
                 self.tallies.append(tally)
                 self.funcs.append(None)
@@ -136,7 +138,7 @@ class Search:
             else:
                 self.tallies.append(None)
                 self.funcs.append(func)
-            self.nogoods.append(_free_sets(c, fixed))
+            self.nogoods.append(_free_sets(c, fixed) if c.kind == FORBID else None)
         self.degree = [len(on) for on in self.on]
         self.trail: list[list[tuple[int, str]]] = []
         self.steps = 0  # values tried so far
@@ -148,10 +150,10 @@ class Search:
     def supports(checks: Sequence[tuple[Constraint, tuple[str, ...], Callable[..., bool]]]) -> bool:
         """Whether every constraint is one this search reproduces exactly: distinct variables each (a repeated
         one changes python-constraint's counts), and a search check of its own only for a bus budget."""
-        return all(
-            len(set(free)) == len(free) and (isinstance(c, BusBudget) or not hasattr(c, "search_check"))
-            for c, free, _ in checks
-        )
+        for c, free, _ in checks:
+            if len(set(free)) != len(free) or (c.kind != BUDGET and hasattr(c, "search_check")):
+                return False
+        return True
 
     # --- state -----------------------------------------------------------------------------------------
     def _state(self, name: str) -> State:
@@ -212,15 +214,42 @@ class Search:
 
     # --- constraints ---------------------------------------------------------------------------------------
     def _call(self, k: int, forwardcheck: bool) -> bool:
+        """python-constraint's call of constraint k: check it once all its variables are assigned, and with
+        forward checking, once one is left, hide that one's values that fail it (hidden in domain order)."""
+        sets = self.nogoods[k]
+        if sets is not None:  # the common case, first, with set lookups instead of evaluating the constraint
+            members = self.vars[k]
+            missing = len(members) - self.assigned[k]
+            if missing > 1 or (missing and not forwardcheck):
+                return True
+            values = self.values
+            if not missing:
+                for v, forbidden in zip(members, sets, strict=True):
+                    if values[v] not in forbidden:
+                        break
+                else:
+                    return False
+                return True
+            u, open_set = 0, sets[0]
+            satisfied = False  # by an assigned value: then every value of the open variable passes
+            for v, forbidden in zip(members, sets, strict=True):
+                value = values[v]
+                if value is None:
+                    u, open_set = v, forbidden
+                elif value not in forbidden:
+                    satisfied = True
+            domain = self.domains[u]
+            if not satisfied and domain:
+                for value in domain[:]:
+                    if value in open_set:
+                        self._hide(u, value)
+            return bool(domain)
         tally = self.tallies[k]
         if tally is not None:
             return tally.fits()
         members = self.vars[k]
         missing = len(members) - self.assigned[k]
         values = self.values
-        sets = self.nogoods[k]
-        if sets is not None:
-            return self._call_nogood(members, sets, missing, forwardcheck)
         func = self.funcs[k]
         assert func is not None
         if missing == 0:
@@ -235,30 +264,6 @@ class Search:
             for value in domain[:]:
                 args[position] = value
                 if not func(*args):
-                    self._hide(u, value)
-        return bool(domain)
-
-    def _call_nogood(self, members: list[int], sets: list[frozenset[str]], missing: int, forwardcheck: bool) -> bool:
-        """`_call` for a Forbid whose fixed values are all forbidden: the same answers and the same hidden
-        values, in the same order, from set lookups instead of evaluating the constraint for each value."""
-        values = self.values
-        if missing == 0:
-            return any(values[v] not in f for v, f in zip(members, sets, strict=True))
-        if not forwardcheck or missing != 1:
-            return True
-        position = 0
-        satisfied = False  # by an assigned value: then every value of the open variable passes
-        for i, v in enumerate(members):
-            if values[v] is None:
-                position = i
-            elif values[v] not in sets[i]:
-                satisfied = True
-        u = members[position]
-        domain = self.domains[u]
-        if not satisfied and domain:
-            forbidden = sets[position]
-            for value in domain[:]:
-                if value in forbidden:
                     self._hide(u, value)
         return bool(domain)
 
@@ -291,7 +296,11 @@ class Search:
                     raise SearchLimit
                 if forwardcheck:
                     self.trail.append([])
-                if all(self._call(k, forwardcheck) for k in self.on[v]):
+                call = self._call
+                for k in self.on[v]:
+                    if not call(k, forwardcheck):
+                        break
+                else:
                     break
                 if forwardcheck:
                     self._restore()
@@ -455,11 +464,9 @@ class Store:
             self.pending.append(c)
 
 
-def _free_sets(c: Constraint, fixed: dict[str, str]) -> list[frozenset[str]] | None:
+def _free_sets(c: Forbid, fixed: dict[str, str]) -> list[frozenset[str]] | None:
     """A Forbid's forbidden sets of its free variables, when every fixed value is forbidden (else None: the
     constraint is evaluated as a function)."""
-    if not isinstance(c, Forbid):
-        return None
     sets = []
     for name, forbidden in zip(c.variables, c.sets, strict=True):
         if name in fixed:
