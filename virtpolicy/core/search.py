@@ -360,20 +360,31 @@ class Store:
                 if id(c) not in queued:
                     queue.append(c)
                     queued.add(id(c))
-        changed = self._propagate(queue, overlay)
+        entailed: dict[int, Constraint] = {}
+        changed = self._propagate(queue, overlay, entailed)
         if changed is None:
             self.consistent = False  # cannot happen for kept requirements; stop answering rather than guess
-        else:
-            self._commit(changed)
+            return
+        self._commit(changed)
+        # a nogood with a variable that can no longer take a forbidden value holds whatever happens, now that
+        # these domains are the store's (they only narrow): it is not looked at again
+        affected: dict[str, None] = {}
+        for c in entailed.values():
+            affected.update(dict.fromkeys(c.variables))
+        for name in affected:
+            self.watching[name] = [c for c in self.watching[name] if id(c) not in entailed]
 
-    def _propagate(self, queue: list[Constraint], overlay: dict[str, list[str]]) -> dict[str, list[str]] | None:
-        """Narrow `overlay` (changed domains over the store's) to a fixpoint from `queue`; None: refuted."""
+    def _propagate(
+        self, queue: list[Constraint], overlay: dict[str, list[str]], entailed: dict[int, Constraint] | None = None
+    ) -> dict[str, list[str]] | None:
+        """Narrow `overlay` (changed domains over the store's) to a fixpoint from `queue`; None: refuted.
+        `entailed` collects the nogoods found to hold whatever the rest of their variables take."""
         queued = {id(c) for c in queue}
         watching = self.watching
         while queue:
             c = queue.pop()
             queued.discard(id(c))
-            narrowed = self._revise(c, overlay)
+            narrowed = self._revise(c, overlay, entailed)
             if narrowed is None:
                 return None
             if narrowed:
@@ -390,7 +401,9 @@ class Store:
                     return None
         return overlay
 
-    def _revise(self, c: Constraint, overlay: dict[str, list[str]]) -> tuple[str, list[str]] | tuple[()] | None:
+    def _revise(
+        self, c: Constraint, overlay: dict[str, list[str]], entailed: dict[int, Constraint] | None
+    ) -> tuple[str, list[str]] | tuple[()] | None:
         """The domain `c` narrows (empty: none), or None when it cannot hold on these domains."""
         kind = c.kind
         if kind == BUDGET or len(c.variables) > WIDE:
@@ -403,8 +416,12 @@ class Store:
                 current = overlay.get(name) or domains[name]
                 if forbidden.issuperset(current):
                     continue  # must take a forbidden value
-                if open_var is not None or forbidden.isdisjoint(current):
-                    return ()  # satisfied whatever happens, or two variables still free to satisfy it
+                if forbidden.isdisjoint(current):
+                    if entailed is not None:
+                        entailed[id(c)] = c
+                    return ()  # satisfied whatever happens
+                if open_var is not None:
+                    return ()  # two variables still free to satisfy it
                 open_var = (name, forbidden, current)
             if open_var is None:
                 return None
