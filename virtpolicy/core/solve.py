@@ -202,7 +202,7 @@ class Solver:
             if self._empties(c, domains) or partial.refutes(c, domains) or store.refutes(c):
                 dropped.append(Dropped(c, len(kept)))
                 continue
-            if fixpoint.ok:
+            if fixpoint.settle():
                 candidate = self._find_from(fixpoint, c)
             else:  # cannot happen (the kept requirements have a solution); the plain find is the same search
                 trial = self._narrowed(c, domains)
@@ -503,6 +503,7 @@ class _Fixpoint:
         self.trail: list[tuple[str, object, object]] | None = None  # what a trial changed, to undo it
         # `bound`'s item per constraint, valid while its variables' fixed values stay (dropped when one changes)
         self.items: dict[int, Bound] = {}
+        self.waiting: list[Constraint] = []  # kept, not yet added (`keep`, `settle`)
         for c in constraints:
             self._append(c)
         self.ok = self._drain(list(range(len(self.constraints))))
@@ -636,6 +637,7 @@ class _Fixpoint:
 
     def trial(self, c: Constraint) -> list[Bound] | None:
         """The fixpoint with c added, for a search (then `commit` or `rollback`); None when it fails."""
+        assert not self.waiting, "settle() first"
         self.trail = []
         if not self._add(c):
             return None
@@ -666,9 +668,17 @@ class _Fixpoint:
                     self.watching[v].pop()
 
     def keep(self, c: Constraint) -> None:
-        """c is kept without a search (the witness meets it): the fixpoint narrows for good."""
+        """c is kept without a search (the witness meets it): the fixpoint narrows for good, at the next
+        `settle` (the soft loop keeps many between two searches, and most after its last one)."""
+        self.waiting.append(c)
+
+    def settle(self) -> bool:
+        """The kept requirements waiting join the fixpoint (in the order kept); whether it still holds."""
+        waiting, self.waiting = self.waiting, []
         self.trail = None
-        self.ok = self.ok and self._add(c)
+        for c in waiting:
+            self.ok = self.ok and self._add(c)
+        return self.ok
 
 
 def _decides(c: Constraint, name: str, assignment: Assignment, others: list[str], wide: dict[int, Tally]) -> bool:
