@@ -458,7 +458,7 @@ class Store:
         if len(c.variables) > 1:
             return self._propagate([c], {}) is None
         name = c.variables[0]
-        narrowed = [v for v in self.domains[name] if c.holds(v)]
+        narrowed = c.allows(self.domains[name])
         if not narrowed:
             return True
         if len(narrowed) == len(self.domains[name]):
@@ -473,7 +473,7 @@ class Store:
         if len(c.variables) == 1:
             name = c.variables[0]
             current = self.narrowed.get(name) or self.domains[name]
-            narrowed = [v for v in current if c.holds(v)]
+            narrowed = c.allows(current)
             if len(narrowed) < len(current):
                 self.narrowed[name] = narrowed
         else:

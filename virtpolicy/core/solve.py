@@ -90,7 +90,7 @@ class Solver:
         for c in constraints:
             if len(c.variables) == 1:
                 name = c.variables[0]
-                domains[name] = [v for v in domains[name] if c.holds(v)]
+                domains[name] = c.allows(domains[name])
             else:
                 rest.append(c)
         return domains, rest
@@ -264,14 +264,14 @@ class Solver:
     @staticmethod
     def _empties(c: Constraint, domains: dict[str, list[str]]) -> bool:
         """A one-variable constraint that no value left in its variable's domain meets."""
-        return len(c.variables) == 1 and not any(c.holds(v) for v in domains[c.variables[0]])
+        return len(c.variables) == 1 and not c.allows(domains[c.variables[0]])
 
     @staticmethod
     def _narrowed(c: Constraint, domains: dict[str, list[str]]) -> dict[str, list[str]] | None:
         trial = dict(domains)  # find() copies the lists it narrows
         if len(c.variables) == 1:
             name = c.variables[0]
-            trial[name] = [v for v in trial[name] if c.holds(v)]
+            trial[name] = c.allows(trial[name])
             if not trial[name]:
                 return None
         return trial
@@ -283,7 +283,7 @@ class Solver:
         kept.append(c)
         if len(c.variables) == 1:
             name = c.variables[0]
-            domains[name] = [v for v in domains[name] if c.holds(v)]
+            domains[name] = c.allows(domains[name])
         else:
             kept_multi.append(c)
 
@@ -623,7 +623,7 @@ class _Fixpoint:
         """c joins the constraints (a one-variable one narrows its variable instead)."""
         if len(c.variables) == 1:
             name = c.variables[0]
-            kept = [v for v in self.domains[name] if c.holds(v)]
+            kept = c.allows(self.domains[name])
             if not kept:
                 return False
             if len(kept) == len(self.domains[name]):
@@ -758,7 +758,7 @@ class _Partial:
         narrowed: dict[str, list[str]] = {}
         if len(c.variables) == 1:
             name = c.variables[0]
-            narrowed[name] = [v for v in domains[name] if c.holds(v)]
+            narrowed[name] = c.allows(domains[name])
         seen: set[int] = set()
         for name in c.variables:
             for p in self.on.get(name, ()):
