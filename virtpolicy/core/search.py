@@ -354,13 +354,13 @@ class Store:
             return
         queue, overlay = self.pending, self.narrowed
         self.pending, self.narrowed = [], {}
-        queued = {id(c) for c in queue}
+        queued = set(queue)
         for name in overlay:
             for c in self.watching.get(name, ()):
-                if id(c) not in queued:
+                if c not in queued:
                     queue.append(c)
-                    queued.add(id(c))
-        entailed: dict[int, Constraint] = {}
+                    queued.add(c)
+        entailed: set[Constraint] = set()
         changed = self._propagate(queue, overlay, entailed)
         if changed is None:
             self.consistent = False  # cannot happen for kept requirements; stop answering rather than guess
@@ -369,31 +369,60 @@ class Store:
         # a nogood with a variable that can no longer take a forbidden value holds whatever happens, now that
         # these domains are the store's (they only narrow): it is not looked at again
         affected: dict[str, None] = {}
-        for c in entailed.values():
+        for c in entailed:
             affected.update(dict.fromkeys(c.variables))
         for name in affected:
-            self.watching[name] = [c for c in self.watching[name] if id(c) not in entailed]
+            self.watching[name] = [c for c in self.watching[name] if c not in entailed]
 
     def _propagate(
-        self, queue: list[Constraint], overlay: dict[str, list[str]], entailed: dict[int, Constraint] | None = None
+        self, queue: list[Constraint], overlay: dict[str, list[str]], entailed: set[Constraint] | None = None
     ) -> dict[str, list[str]] | None:
         """Narrow `overlay` (changed domains over the store's) to a fixpoint from `queue`; None: refuted.
-        `entailed` collects the nogoods found to hold whatever the rest of their variables take."""
-        queued = {id(c) for c in queue}
-        watching = self.watching
+        `entailed` collects the nogoods found to hold whatever the rest of their variables take.
+
+        A nogood is revised here, inline (most constraints are): when its other variables can only take
+        forbidden values, the last one loses its forbidden values; when all can, it cannot hold."""
+        queued = set(queue)
+        watching, domains = self.watching, self.domains
         while queue:
             c = queue.pop()
-            queued.discard(id(c))
-            narrowed = self._revise(c, overlay, entailed)
+            queued.discard(c)
+            if c.kind == FORBID and len(c.variables) <= WIDE:
+                assert isinstance(c, Forbid)
+                open_name = ""
+                open_set: frozenset[str] = frozenset()
+                open_values: list[str] = []
+                for name, forbidden in zip(c.variables, c.sets, strict=True):
+                    current = overlay.get(name) or domains[name]
+                    if forbidden.issuperset(current):
+                        continue  # must take a forbidden value
+                    if forbidden.isdisjoint(current):
+                        if entailed is not None:
+                            entailed.add(c)
+                        break  # satisfied whatever happens
+                    if open_values:
+                        break  # two variables still free to satisfy it
+                    open_name, open_set, open_values = name, forbidden, current
+                else:
+                    if not open_values:
+                        return None
+                    name, values = open_name, [v for v in open_values if v not in open_set]
+                    overlay[name] = values
+                    for other in watching.get(name, ()):
+                        if other not in queued and other is not c:
+                            queue.append(other)
+                            queued.add(other)
+                continue
+            narrowed = self._revise(c, overlay)
             if narrowed is None:
                 return None
             if narrowed:
                 name, values = narrowed
                 overlay[name] = values
                 for other in watching.get(name, ()):
-                    if id(other) not in queued and other is not c:
+                    if other not in queued and other is not c:
                         queue.append(other)
-                        queued.add(id(other))
+                        queued.add(other)
         if self.tallies:
             changed = list(overlay)
             for tally in self.tallies:
@@ -401,32 +430,12 @@ class Store:
                     return None
         return overlay
 
-    def _revise(
-        self, c: Constraint, overlay: dict[str, list[str]], entailed: dict[int, Constraint] | None
-    ) -> tuple[str, list[str]] | tuple[()] | None:
-        """The domain `c` narrows (empty: none), or None when it cannot hold on these domains."""
-        kind = c.kind
-        if kind == BUDGET or len(c.variables) > WIDE:
+    def _revise(self, c: Constraint, overlay: dict[str, list[str]]) -> tuple[str, list[str]] | tuple[()] | None:
+        """The domain a constraint other than a nogood narrows (empty: none), or None when it cannot hold on
+        these domains: one with a single variable left open filters it; wider ones and bus budgets wait."""
+        if c.kind == BUDGET or len(c.variables) > WIDE:
             return ()
         domains = self.domains
-        if kind == FORBID:
-            assert isinstance(c, Forbid)
-            open_var: tuple[str, frozenset[str], list[str]] | None = None
-            for name, forbidden in zip(c.variables, c.sets, strict=True):
-                current = overlay.get(name) or domains[name]
-                if forbidden.issuperset(current):
-                    continue  # must take a forbidden value
-                if forbidden.isdisjoint(current):
-                    if entailed is not None:
-                        entailed[id(c)] = c
-                    return ()  # satisfied whatever happens
-                if open_var is not None:
-                    return ()  # two variables still free to satisfy it
-                open_var = (name, forbidden, current)
-            if open_var is None:
-                return None
-            name, forbidden, current = open_var
-            return (name, [v for v in current if v not in forbidden])
         doms = [overlay.get(name) or domains[name] for name in c.variables]
         open_at = [i for i, d in enumerate(doms) if len(d) > 1]
         if len(open_at) > 1 or len(set(c.variables)) != len(c.variables):
