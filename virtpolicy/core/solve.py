@@ -461,6 +461,8 @@ def _first_solution(
 
 def _binder(c: Constraint, fixed: dict[str, str], free: tuple[str, ...]) -> Callable[..., bool]:
     """c as a function of its free variables only, the fixed ones filled in."""
+    if not fixed:
+        return c.holds  # every variable free: its values come in its own order
     order = c.variables
     position = {name: i for i, name in enumerate(free)}
 
@@ -924,23 +926,27 @@ def _branch_variable(domains: dict[str, list[str]], group: list[str], members: l
 def _components(domains: dict[str, list[str]], bound: list[Bound]) -> list[tuple[list[str], list[Bound]]]:
     """Independent groups of free variables (joined by shared constraints), in a stable order."""
     parent = {name: name for name, vals in domains.items() if len(vals) > 1}
-
-    def root(x: str) -> str:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for _, free, _ in bound:
-        first = root(free[0])
+    for _, free, _ in bound:  # union-find, inline: this runs for every constraint of every search
+        first = free[0]
+        while parent[first] != first:
+            parent[first] = parent[parent[first]]
+            first = parent[first]
         for other in free[1:]:
-            parent[root(other)] = first
+            while parent[other] != other:
+                parent[other] = parent[parent[other]]
+                other = parent[other]
+            parent[other] = first
+    rep: dict[str, str] = {}
     groups: dict[str, list[str]] = {}
     for name in parent:  # dict order: the problem's variable order
-        groups.setdefault(root(name), []).append(name)
+        x = name
+        while parent[x] != x:
+            x = parent[x]
+        rep[name] = x
+        groups.setdefault(x, []).append(name)
     members: dict[str, list[Bound]] = {key: [] for key in groups}
     for item in bound:
-        members[root(item[1][0])].append(item)
+        members[rep[item[1][0]]].append(item)
     return [(groups[key], members[key]) for key in groups]
 
 
