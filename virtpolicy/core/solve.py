@@ -10,7 +10,7 @@ decided on the current domains. Infeasible hard sets are reduced to a minimal co
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -312,12 +312,19 @@ class Solver:
     ) -> dict[str, Decision]:
         """Why each variable has its value, and which more preferred values were passed over."""
         order: dict[int, int] = {}  # declaration order, built when a passed-over value needs it
-        hard_on: dict[str, list[Constraint]] = {}
+        # per variable, the hard constraints on it: the non-structural ones, and the structural facts
+        stated_on: dict[str, list[Constraint]] = {}
+        structural_on: dict[str, list[Constraint]] = {}
         app_on: dict[str, Constraint] = {}  # the first of the app's own one-variable requirements
         for c in hard:
+            source = c.provenance.source
+            on = structural_on if source is Source.STRUCTURAL else stated_on
             for v in c.variables:
-                hard_on.setdefault(v, []).append(c)
-            if len(c.variables) == 1 and c.provenance.source is Source.APP:
+                if v in on:
+                    on[v].append(c)
+                else:
+                    on[v] = [c]
+            if len(c.variables) == 1 and source is Source.APP:
                 app_on.setdefault(c.variables[0], c)
         kept_on: dict[str, list[Constraint]] = {}
         for c in kept:
@@ -331,28 +338,13 @@ class Solver:
         for name, variable in self.problem.variables.items():
             value = witness[name]
             others = [v for v in variable.values if v != value]
-            on_var = hard_on.get(name, [])
             reason = app_on.get(name)
             if reason is None and others:  # a one-value variable is decided by its domain, not by any constraint
-                reason = next(
-                    (
-                        c
-                        for c in on_var
-                        if c.provenance.source is not Source.STRUCTURAL and _decides(c, name, witness, others, wide)
-                    ),
-                    None,
-                )
-                if reason is None:
-                    reason = next((c for c in kept_on.get(name, []) if _decides(c, name, witness, others, wide)), None)
-                if reason is None:  # the others on this variable were asked above, and decide nothing
-                    reason = next(
-                        (
-                            c
-                            for c in on_var
-                            if c.provenance.source is Source.STRUCTURAL and _decides(c, name, witness, others, wide)
-                        ),
-                        None,
-                    )
+                # a stated requirement first, then a kept preference, then a libvirt/QEMU fact
+                for candidates in (stated_on, kept_on, structural_on):
+                    reason = _deciding(candidates.get(name, ()), name, witness, others, wide)
+                    if reason is not None:
+                        break
             passed: list[tuple[str, Constraint]] = []
             if reason is not None and reason.group and reason.group in dropped_in:
                 if not order:
@@ -681,6 +673,16 @@ class _Fixpoint:
         for c in waiting:
             self.ok = self.ok and self._add(c)
         return self.ok
+
+
+def _deciding(
+    candidates: Iterable[Constraint], name: str, assignment: Assignment, others: list[str], wide: dict[int, Tally]
+) -> Constraint | None:
+    """The first of `candidates` that decides `name` (see `_decides`)."""
+    for c in candidates:
+        if _decides(c, name, assignment, others, wide):
+            return c
+    return None
 
 
 def _decides(c: Constraint, name: str, assignment: Assignment, others: list[str], wide: dict[int, Tally]) -> bool:
