@@ -122,23 +122,30 @@ class Search:
         self.assigned = [0] * len(checks)  # per constraint: how many of its variables are assigned
         self.on: list[list[int]] = [[] for _ in self.names]  # per variable: its constraints, in order
         self.tallies_on: list[list[Tally]] = [[] for _ in self.names]
-        index, on = self.index, self.on
+        index, on, tallies, funcs, nogoods = self.index, self.on, self.tallies, self.funcs, self.nogoods
         for k, (c, free, func) in enumerate(checks):
             members = [index[v] for v in free]
             self.vars.append(members)
             for v in members:
                 on[v].append(k)
-            if c.kind == BUDGET:
+            kind = c.kind
+            if kind == FORBID:
+                assert isinstance(c, Forbid)
+                tallies.append(None)
+                funcs.append(func)
+                nogoods.append(_free_sets(c, fixed))
+            elif kind == BUDGET:
                 assert isinstance(c, BusBudget)
                 tally = Tally(c, self._state)
-                self.tallies.append(tally)
-                self.funcs.append(None)
+                tallies.append(tally)
+                funcs.append(None)
+                nogoods.append(None)
                 for v in dict.fromkeys(members):
                     self.tallies_on[v].append(tally)
             else:
-                self.tallies.append(None)
-                self.funcs.append(func)
-            self.nogoods.append(_free_sets(c, fixed) if c.kind == FORBID else None)
+                tallies.append(None)
+                funcs.append(func)
+                nogoods.append(None)
         self.degree = [len(on) for on in self.on]
         self.trail: list[list[tuple[int, str]]] = []
         self.steps = 0  # values tried so far
