@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from virtpolicy.core.budget import OPEN, PCI, PCIE, BusBudget
 from virtpolicy.core.problem import BUDGET, FORBID, Constraint, Forbid
@@ -130,12 +130,12 @@ class Search:
                 on[v].append(k)
             kind = c.kind
             if kind == FORBID:
-                assert isinstance(c, Forbid)
+                c = cast(Forbid, c)  # by its kind: no ABCMeta instance check in the loop
                 tallies.append(None)
                 funcs.append(func)
                 nogoods.append(_free_sets(c, fixed))
             elif kind == BUDGET:
-                assert isinstance(c, BusBudget)
+                c = cast(BusBudget, c)
                 tally = Tally(c, self._state)
                 tallies.append(tally)
                 funcs.append(None)
@@ -395,7 +395,7 @@ class Store:
             c = queue.pop()
             queued.discard(c)
             if c.kind == FORBID and len(c.variables) <= WIDE:
-                assert isinstance(c, Forbid)
+                c = cast(Forbid, c)  # by its kind: no ABCMeta instance check in the loop
                 open_name = ""
                 open_set: frozenset[str] = frozenset()
                 open_values: list[str] = []

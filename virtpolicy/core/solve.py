@@ -13,12 +13,13 @@ import gc
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 from constraint import BacktrackingSolver, FunctionConstraint, Unassigned
 from constraint import Problem as CSP
 
 from virtpolicy.core.budget import BusBudget
-from virtpolicy.core.problem import FORBID, AtMost, Constraint, Forbid, Problem, Source
+from virtpolicy.core.problem import ATMOST, BUDGET, FORBID, AtMost, Constraint, Forbid, Problem, Source
 from virtpolicy.core.search import Search, SearchLimit, Store, Tally
 
 Assignment = dict[str, str]
@@ -525,7 +526,7 @@ class _Fixpoint:
                 continue
             c = constraints[i]
             if c.kind == FORBID:
-                assert isinstance(c, Forbid)
+                c = cast(Forbid, c)  # by its kind: no ABCMeta instance check in the loop
                 # its free part: satisfied for good by a fixed value outside its set, or the free variables left
                 free = 0
                 var, forbidden = "", frozenset()
@@ -688,7 +689,7 @@ def _deciding(
 def _decides(c: Constraint, name: str, assignment: Assignment, others: list[str], wide: dict[int, Tally]) -> bool:
     """Does c, given the other variables, rule out every other value of `name` (`others`, not empty)?"""
     if c.kind == FORBID:
-        assert isinstance(c, Forbid)
+        c = cast(Forbid, c)  # by its kind: no ABCMeta instance check in the loop
         return _forbid_decides(c, name, assignment, others)
     if not _holds_with(c, assignment, name, assignment[name], wide):
         return False
@@ -714,7 +715,8 @@ def _forbid_decides(c: Forbid, name: str, assignment: Assignment, others: list[s
 def _holds_with(c: Constraint, assignment: Assignment, name: str, value: str, wide: dict[int, Tally]) -> bool:
     """c on the assignment with `name` set to `value`; a bus budget from counts kept at the assignment, so that
     asking about each value of each device's slot is not a scan of every device each time."""
-    if isinstance(c, BusBudget):
+    if c.kind == BUDGET:
+        c = cast(BusBudget, c)
         tally = wide.get(id(c))
         if tally is None:
             tally = wide[id(c)] = Tally(c, assignment.__getitem__, holds=True)
@@ -798,9 +800,10 @@ def _simplify_counts(domains: dict[str, list[str]], bound: list[Bound]) -> list[
         kept: list[Bound] = []
         for item in bound:
             c, free, _ = item
-            if not isinstance(c, AtMost):
+            if c.kind != ATMOST:
                 kept.append(item)
                 continue
+            c = cast(AtMost, c)
             fixed_hits = sum(1 for v in c.variables if domains[v] == [c.value])
             if fixed_hits > c.limit:
                 return None
