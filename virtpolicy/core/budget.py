@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from constraint import Constraint as CSPConstraint
 from constraint import Unassigned
 
-from virtpolicy.core.problem import Constraint, Provenance
+from virtpolicy.core.problem import BUDGET, Constraint, Provenance
 
 # bus kinds a device costs a BusBudget (pair_class)
 NO_COST, PCIE, PCI, OPEN = 0, 1, 2, 3
@@ -37,6 +37,7 @@ class BusBudget(Constraint):
     partial assignments."""
 
     partial = True
+    kind = BUDGET
 
     def __init__(
         self,

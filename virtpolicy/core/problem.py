@@ -11,6 +11,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import ClassVar
+
+# Constraint.kind values
+FORBID, ATMOST, BUDGET, OTHER = "forbid", "atmost", "budget", "other"
 
 
 class Strength(Enum):
@@ -83,10 +87,18 @@ class Constraint(ABC):
     priority: int = 0
     cites: tuple[str, ...] = field(default=())  # structural rule ids it relies on
     group: str = ""  # soft constraints from one preference share a group (tried in order)
+    # what the solver's inner loops dispatch on: isinstance against an ABC subclass goes through
+    # ABCMeta.__instancecheck__, hundreds of thousands of times per solve of a typical domain
+    kind: ClassVar[str] = OTHER
 
     @abstractmethod
     def holds(self, *values: str) -> bool:
         """True when these values (in `variables` order) satisfy the constraint."""
+
+    def allows(self, values: Iterable[str]) -> list[str]:
+        """The values a one-variable constraint allows its variable, in order (the solver narrows domains
+        with it many times per solve: a nogood answers from its set, without a call per value)."""
+        return [v for v in values if self.holds(v)]
 
     @property
     def is_hard(self) -> bool:
@@ -108,16 +120,24 @@ class Constraint(ABC):
 class Forbid(Constraint):
     """No solution may have every variable[i] in sets[i] at once."""
 
+    kind: ClassVar[str] = FORBID
     sets: tuple[frozenset[str], ...] = ()
 
     def holds(self, *values: str) -> bool:
         return any(value not in forbidden for value, forbidden in zip(values, self.sets, strict=True))
+
+    def allows(self, values: Iterable[str]) -> list[str]:
+        if len(self.sets) != 1:
+            return super().allows(values)
+        forbidden = self.sets[0]
+        return [v for v in values if v not in forbidden]
 
 
 @dataclass(eq=False)
 class AtMost(Constraint):
     """At most `limit` of the variables take `value` (a capacity: IDE units, ports, slots)."""
 
+    kind: ClassVar[str] = ATMOST
     value: str = ""
     limit: int = 0
 

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from virtpolicy.core.budget import OPEN, PCI, PCIE, BusBudget
-from virtpolicy.core.problem import Constraint, Forbid
+from virtpolicy.core.problem import BUDGET, FORBID, Constraint, Forbid
 
 State = str | list[str]  # a variable's value, or the values its domain still holds
 WIDE = 8  # constraints over more variables than this are not propagated by the store (capacities)
@@ -122,21 +122,30 @@ class Search:
         self.assigned = [0] * len(checks)  # per constraint: how many of its variables are assigned
         self.on: list[list[int]] = [[] for _ in self.names]  # per variable: its constraints, in order
         self.tallies_on: list[list[Tally]] = [[] for _ in self.names]
+        index, on, tallies, funcs, nogoods = self.index, self.on, self.tallies, self.funcs, self.nogoods
         for k, (c, free, func) in enumerate(checks):
-            members = [self.index[v] for v in free]
+            members = [index[v] for v in free]
             self.vars.append(members)
             for v in members:
-                self.on[v].append(k)
-            if isinstance(c, BusBudget):
+                on[v].append(k)
+            kind = c.kind
+            if kind == FORBID:
+                c = cast(Forbid, c)  # by its kind: no ABCMeta instance check in the loop
+                tallies.append(None)
+                funcs.append(func)
+                nogoods.append(_free_sets(c, fixed))
+            elif kind == BUDGET:
+                c = cast(BusBudget, c)
                 tally = Tally(c, self._state)
-                self.tallies.append(tally)
-                self.funcs.append(None)
+                tallies.append(tally)
+                funcs.append(None)
+                nogoods.append(None)
                 for v in dict.fromkeys(members):
                     self.tallies_on[v].append(tally)
             else:
-                self.tallies.append(None)
-                self.funcs.append(func)
-            self.nogoods.append(_free_sets(c, fixed))
+                tallies.append(None)
+                funcs.append(func)
+                nogoods.append(None)
         self.degree = [len(on) for on in self.on]
         self.trail: list[list[tuple[int, str]]] = []
         self.steps = 0  # values tried so far
@@ -148,10 +157,10 @@ class Search:
     def supports(checks: Sequence[tuple[Constraint, tuple[str, ...], Callable[..., bool]]]) -> bool:
         """Whether every constraint is one this search reproduces exactly: distinct variables each (a repeated
         one changes python-constraint's counts), and a search check of its own only for a bus budget."""
-        return all(
-            len(set(free)) == len(free) and (isinstance(c, BusBudget) or not hasattr(c, "search_check"))
-            for c, free, _ in checks
-        )
+        for c, free, _ in checks:
+            if len(set(free)) != len(free) or (c.kind != BUDGET and hasattr(c, "search_check")):
+                return False
+        return True
 
     # --- state -----------------------------------------------------------------------------------------
     def _state(self, name: str) -> State:
@@ -212,15 +221,42 @@ class Search:
 
     # --- constraints ---------------------------------------------------------------------------------------
     def _call(self, k: int, forwardcheck: bool) -> bool:
+        """python-constraint's call of constraint k: check it once all its variables are assigned, and with
+        forward checking, once one is left, hide that one's values that fail it (hidden in domain order)."""
+        sets = self.nogoods[k]
+        if sets is not None:  # the common case, first, with set lookups instead of evaluating the constraint
+            members = self.vars[k]
+            missing = len(members) - self.assigned[k]
+            if missing > 1 or (missing and not forwardcheck):
+                return True
+            values = self.values
+            if not missing:
+                for v, forbidden in zip(members, sets, strict=True):
+                    if values[v] not in forbidden:
+                        break
+                else:
+                    return False
+                return True
+            u, open_set = 0, sets[0]
+            satisfied = False  # by an assigned value: then every value of the open variable passes
+            for v, forbidden in zip(members, sets, strict=True):
+                value = values[v]
+                if value is None:
+                    u, open_set = v, forbidden
+                elif value not in forbidden:
+                    satisfied = True
+            domain = self.domains[u]
+            if not satisfied and domain:
+                for value in domain[:]:
+                    if value in open_set:
+                        self._hide(u, value)
+            return bool(domain)
         tally = self.tallies[k]
         if tally is not None:
             return tally.fits()
         members = self.vars[k]
         missing = len(members) - self.assigned[k]
         values = self.values
-        sets = self.nogoods[k]
-        if sets is not None:
-            return self._call_nogood(members, sets, missing, forwardcheck)
         func = self.funcs[k]
         assert func is not None
         if missing == 0:
@@ -235,30 +271,6 @@ class Search:
             for value in domain[:]:
                 args[position] = value
                 if not func(*args):
-                    self._hide(u, value)
-        return bool(domain)
-
-    def _call_nogood(self, members: list[int], sets: list[frozenset[str]], missing: int, forwardcheck: bool) -> bool:
-        """`_call` for a Forbid whose fixed values are all forbidden: the same answers and the same hidden
-        values, in the same order, from set lookups instead of evaluating the constraint for each value."""
-        values = self.values
-        if missing == 0:
-            return any(values[v] not in f for v, f in zip(members, sets, strict=True))
-        if not forwardcheck or missing != 1:
-            return True
-        position = 0
-        satisfied = False  # by an assigned value: then every value of the open variable passes
-        for i, v in enumerate(members):
-            if values[v] is None:
-                position = i
-            elif values[v] not in sets[i]:
-                satisfied = True
-        u = members[position]
-        domain = self.domains[u]
-        if not satisfied and domain:
-            forbidden = sets[position]
-            for value in domain[:]:
-                if value in forbidden:
                     self._hide(u, value)
         return bool(domain)
 
@@ -291,7 +303,11 @@ class Search:
                     raise SearchLimit
                 if forwardcheck:
                     self.trail.append([])
-                if all(self._call(k, forwardcheck) for k in self.on[v]):
+                call = self._call
+                for k in self.on[v]:
+                    if not call(k, forwardcheck):
+                        break
+                else:
                     break
                 if forwardcheck:
                     self._restore()
@@ -305,6 +321,11 @@ class Store:
     the forbidden values from the last one; a narrow constraint with one variable left open filters it; a bus
     budget is the bound of `budget.BusBudget.pair_class` on the current domains. Wider constraints are left to
     the search. Everything here only removes values that no solution takes, so a refutation is a proof.
+
+    Kept requirements wait (`keep`) until the next question (`refutes`): every rule only narrows, and narrows
+    more on narrower domains, so propagating them all at once reaches the very fixpoint that propagating
+    after each one did (the greatest one below the start, whatever the order), and the soft loop keeps
+    several requirements between two questions, most of them about the same few variables.
     """
 
     def __init__(self, domains: dict[str, list[str]], constraints: Iterable[Constraint]) -> None:
@@ -313,17 +334,15 @@ class Store:
         self.tallies: list[Tally] = []
         self.tallies_on: dict[str, list[Tally]] = {}
         self.consistent = True
-        pending = list(constraints)
-        for c in pending:
+        self.pending: list[Constraint] = []  # kept, to propagate at the next question
+        self.narrowed: dict[str, list[str]] = {}  # kept one-variable narrowings, likewise
+        for c in constraints:
             self._watch(c)
-        changed = self._propagate(pending, {})
-        if changed is None:
-            self.consistent = False
-        else:
-            self._commit(changed)
+            self.pending.append(c)
 
     def _watch(self, c: Constraint) -> None:
-        if isinstance(c, BusBudget):
+        if c.kind == BUDGET:
+            assert isinstance(c, BusBudget)
             tally = Tally(c, lambda name: self._value(name, {}))
             self.tallies.append(tally)
             for v in dict.fromkeys(c.variables):
@@ -336,51 +355,100 @@ class Store:
         current = overlay.get(name) or self.domains[name]
         return current[0] if len(current) == 1 else current
 
-    def _propagate(self, queue: list[Constraint], overlay: dict[str, list[str]]) -> dict[str, list[str]] | None:
-        """Narrow `overlay` (changed domains over the store's) to a fixpoint from `queue`; None: refuted."""
-        queued = {id(c) for c in queue}
+    def _flush(self) -> None:
+        """Propagate what was kept since the last question, and commit it."""
+        if not self.pending and not self.narrowed:
+            return
+        queue, overlay = self.pending, self.narrowed
+        self.pending, self.narrowed = [], {}
+        queued = set(queue)
+        for name in overlay:
+            for c in self.watching.get(name, ()):
+                if c not in queued:
+                    queue.append(c)
+                    queued.add(c)
+        entailed: set[Constraint] = set()
+        changed = self._propagate(queue, overlay, entailed)
+        if changed is None:
+            self.consistent = False  # cannot happen for kept requirements; stop answering rather than guess
+            return
+        self._commit(changed)
+        # a nogood with a variable that can no longer take a forbidden value holds whatever happens, now that
+        # these domains are the store's (they only narrow): it is not looked at again
+        affected: dict[str, None] = {}
+        for c in entailed:
+            affected.update(dict.fromkeys(c.variables))
+        for name in affected:
+            self.watching[name] = [c for c in self.watching[name] if c not in entailed]
+
+    def _propagate(
+        self, queue: list[Constraint], overlay: dict[str, list[str]], entailed: set[Constraint] | None = None
+    ) -> dict[str, list[str]] | None:
+        """Narrow `overlay` (changed domains over the store's) to a fixpoint from `queue`; None: refuted.
+        `entailed` collects the nogoods found to hold whatever the rest of their variables take.
+
+        A nogood is revised here, inline (most constraints are): when its other variables can only take
+        forbidden values, the last one loses its forbidden values; when all can, it cannot hold."""
+        queued = set(queue)
+        watching, domains = self.watching, self.domains
         while queue:
             c = queue.pop()
-            queued.discard(id(c))
+            queued.discard(c)
+            if c.kind == FORBID and len(c.variables) <= WIDE:
+                c = cast(Forbid, c)  # by its kind: no ABCMeta instance check in the loop
+                open_name = ""
+                open_set: frozenset[str] = frozenset()
+                open_values: list[str] = []
+                for name, forbidden in zip(c.variables, c.sets, strict=True):
+                    current = overlay.get(name) or domains[name]
+                    if forbidden.issuperset(current):
+                        continue  # must take a forbidden value
+                    if forbidden.isdisjoint(current):
+                        if entailed is not None:
+                            entailed.add(c)
+                        break  # satisfied whatever happens
+                    if open_values:
+                        break  # two variables still free to satisfy it
+                    open_name, open_set, open_values = name, forbidden, current
+                else:
+                    if not open_values:
+                        return None
+                    name, values = open_name, [v for v in open_values if v not in open_set]
+                    overlay[name] = values
+                    for other in watching.get(name, ()):
+                        if other not in queued and other is not c:
+                            queue.append(other)
+                            queued.add(other)
+                continue
             narrowed = self._revise(c, overlay)
             if narrowed is None:
                 return None
-            for name, values in narrowed:
+            if narrowed:
+                name, values = narrowed
                 overlay[name] = values
-                for other in self.watching.get(name, ()):
-                    if id(other) not in queued and other is not c:
+                for other in watching.get(name, ()):
+                    if other not in queued and other is not c:
                         queue.append(other)
-                        queued.add(id(other))
-        changed = list(overlay)
-        for tally in self.tallies:
-            if not tally.fits_with(changed, lambda name: self._value(name, overlay)):
-                return None
+                        queued.add(other)
+        if self.tallies:
+            changed = list(overlay)
+            for tally in self.tallies:
+                if not tally.fits_with(changed, lambda name: self._value(name, overlay)):
+                    return None
         return overlay
 
-    def _revise(self, c: Constraint, overlay: dict[str, list[str]]) -> list[tuple[str, list[str]]] | None:
-        """The domains `c` narrows (none, or one), or None when it cannot hold on these domains."""
-        if isinstance(c, BusBudget) or len(c.variables) > WIDE:
-            return []
-        if isinstance(c, Forbid):
-            open_var: tuple[str, frozenset[str], list[str]] | None = None
-            for name, forbidden in zip(c.variables, c.sets, strict=True):
-                current = overlay.get(name) or self.domains[name]
-                hits = sum(1 for v in current if v in forbidden)
-                if hits == len(current):
-                    continue  # must take a forbidden value
-                if hits == 0 or open_var is not None:
-                    return []  # satisfied whatever happens, or two variables still free to satisfy it
-                open_var = (name, forbidden, current)
-            if open_var is None:
-                return None
-            name, forbidden, current = open_var
-            return [(name, [v for v in current if v not in forbidden])]
-        doms = [overlay.get(name) or self.domains[name] for name in c.variables]
+    def _revise(self, c: Constraint, overlay: dict[str, list[str]]) -> tuple[str, list[str]] | tuple[()] | None:
+        """The domain a constraint other than a nogood narrows (empty: none), or None when it cannot hold on
+        these domains: one with a single variable left open filters it; wider ones and bus budgets wait."""
+        if c.kind == BUDGET or len(c.variables) > WIDE:
+            return ()
+        domains = self.domains
+        doms = [overlay.get(name) or domains[name] for name in c.variables]
         open_at = [i for i, d in enumerate(doms) if len(d) > 1]
         if len(open_at) > 1 or len(set(c.variables)) != len(c.variables):
-            return []
+            return ()
         if not open_at:
-            return [] if c.holds(*(d[0] for d in doms)) else None
+            return () if c.holds(*(d[0] for d in doms)) else None
         i = open_at[0]
         kept = []
         for value in doms[i]:
@@ -390,7 +458,7 @@ class Store:
                 kept.append(value)
         if not kept:
             return None
-        return [(c.variables[i], kept)] if len(kept) < len(doms[i]) else []
+        return (c.variables[i], kept) if len(kept) < len(doms[i]) else ()
 
     def _commit(self, overlay: dict[str, list[str]]) -> None:
         for name, values in overlay.items():
@@ -400,12 +468,13 @@ class Store:
 
     def refutes(self, c: Constraint) -> bool:
         """Whether keeping `c` leaves no solution (False: unknown, ask the search)."""
-        if not self.consistent or isinstance(c, BusBudget) or len(c.variables) > WIDE:
+        self._flush()
+        if not self.consistent or c.kind == BUDGET or len(c.variables) > WIDE:
             return False
         if len(c.variables) > 1:
             return self._propagate([c], {}) is None
         name = c.variables[0]
-        narrowed = [v for v in self.domains[name] if c.holds(v)]
+        narrowed = c.allows(self.domains[name])
         if not narrowed:
             return True
         if len(narrowed) == len(self.domains[name]):
@@ -413,29 +482,24 @@ class Store:
         return self._propagate(list(self.watching.get(name, ())), {name: narrowed}) is None
 
     def keep(self, c: Constraint) -> None:
-        """`c` is kept: its narrowing (or, for a wider one, the constraint itself) joins the store."""
+        """`c` is kept: its narrowing (or, for a wider one, the constraint itself) joins the store, to be
+        propagated at the next question."""
         if not self.consistent:
             return
         if len(c.variables) == 1:
             name = c.variables[0]
-            narrowed = [v for v in self.domains[name] if c.holds(v)]
-            if len(narrowed) == len(self.domains[name]):
-                return
-            changed = self._propagate(list(self.watching.get(name, ())), {name: narrowed})
+            current = self.narrowed.get(name) or self.domains[name]
+            narrowed = c.allows(current)
+            if len(narrowed) < len(current):
+                self.narrowed[name] = narrowed
         else:
             self._watch(c)
-            changed = self._propagate([c], {})
-        if changed is None:
-            self.consistent = False  # cannot happen for a kept requirement; stop answering rather than guess
-        else:
-            self._commit(changed)
+            self.pending.append(c)
 
 
-def _free_sets(c: Constraint, fixed: dict[str, str]) -> list[frozenset[str]] | None:
+def _free_sets(c: Forbid, fixed: dict[str, str]) -> list[frozenset[str]] | None:
     """A Forbid's forbidden sets of its free variables, when every fixed value is forbidden (else None: the
     constraint is evaluated as a function)."""
-    if not isinstance(c, Forbid):
-        return None
     sets = []
     for name, forbidden in zip(c.variables, c.sets, strict=True):
         if name in fixed:

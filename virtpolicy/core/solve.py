@@ -10,15 +10,16 @@ decided on the current domains. Infeasible hard sets are reduced to a minimal co
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 from constraint import BacktrackingSolver, FunctionConstraint, Unassigned
 from constraint import Problem as CSP
 
 from virtpolicy.core.budget import BusBudget
-from virtpolicy.core.problem import AtMost, Constraint, Forbid, Problem, Source
+from virtpolicy.core.problem import ATMOST, BUDGET, FORBID, AtMost, Constraint, Forbid, Problem, Source
 from virtpolicy.core.search import Search, SearchLimit, Store, Tally
 
 Assignment = dict[str, str]
@@ -73,6 +74,9 @@ class Solver:
         # assignments worth trying before a search in `consistent`: a set of constraints one of them satisfies
         # is consistent. Explanations set the witness with the one value they ask about (`decisions`).
         self.hints: list[Assignment] = []
+        # the soft loop's searches of independent groups, by everything a search depends on (`_search_from`)
+        self._searched: dict[tuple[object, ...], Assignment | None] = {}
+        self._searched_size = 0
 
     # --- consistency -------------------------------------------------------------------------------
     def _domains(
@@ -87,7 +91,7 @@ class Solver:
         for c in constraints:
             if len(c.variables) == 1:
                 name = c.variables[0]
-                domains[name] = [v for v in domains[name] if c.holds(v)]
+                domains[name] = c.allows(domains[name])
             else:
                 rest.append(c)
         return domains, rest
@@ -171,17 +175,23 @@ class Solver:
             key=lambda c: -c.priority,
         )  # sorted() is stable: declaration order within a priority
         domains, _ = self._domains(hard)
-        witness = self.find(hard, {k: list(v) for k, v in domains.items()})
-        if witness is None:
+        if any(not vals for vals in domains.values()):
             return self.explain_conflict(hard)
         kept_multi: list[Constraint] = [c for c in hard if len(c.variables) > 1]
+        # the kept requirements as `find` propagates them: the first find searches from there, and each find
+        # for a preference starts from there instead of propagating everything again
+        fixpoint = _Fixpoint({k: list(v) for k, v in domains.items()}, kept_multi)
+        self.solves += 1
+        bound = fixpoint.bound() if fixpoint.ok else None
+        found = None if bound is None else self._search_from(fixpoint.domains, bound)
+        if found is None:
+            return self.explain_conflict(hard)
+        witness = found
         kept: list[Constraint] = []
         dropped: list[Dropped] = []
         partial = _Partial(hard, domains)  # capacities that can refute a partial assignment
         # the kept requirements after propagation: refutes, without a search, a preference no solution meets
         store = Store(domains, kept_multi)
-        # and as `find` propagates them: each find starts from there instead of propagating everything again
-        fixpoint = _Fixpoint({k: list(v) for k, v in domains.items()}, kept_multi)
         for c in soft:
             values = tuple(witness[v] for v in c.variables)
             if c.holds(*values):
@@ -193,7 +203,7 @@ class Solver:
             if self._empties(c, domains) or partial.refutes(c, domains) or store.refutes(c):
                 dropped.append(Dropped(c, len(kept)))
                 continue
-            if fixpoint.ok:
+            if fixpoint.settle():
                 candidate = self._find_from(fixpoint, c)
             else:  # cannot happen (the kept requirements have a solution); the plain find is the same search
                 trial = self._narrowed(c, domains)
@@ -218,27 +228,51 @@ class Solver:
         bound = fixpoint.trial(c)
         if bound is None:
             return None
-        domains = fixpoint.domains
+        return self._search_from(fixpoint.domains, bound)
+
+    def _search_from(self, domains: dict[str, list[str]], bound: list[Bound]) -> Assignment | None:
+        """`find`'s search on propagated domains: each independent group on its own, a group that an earlier
+        search of this soft loop met with the same variables, domains, constraints and fixed values answered
+        as it was then (a search is deterministic in these). Most preferences change one group, or none."""
         solution = {name: vals[0] for name, vals in domains.items() if len(vals) == 1}
         fixed = dict(solution)
+        searched = self._searched
         for group, group_constraints in _components(domains, bound):
-            result = _first_solution(group, domains, group_constraints, fixed)
+            if not group_constraints:  # one variable and nothing on it: the search takes its preferred value
+                solution[group[0]] = domains[group[0]][0]
+                continue
+            key = _search_key(group, domains, group_constraints, fixed)
+            if key in searched:
+                result = searched[key]
+            else:
+                result = _first_solution(group, domains, group_constraints, fixed)
+                self._remember(key, result)
             if not result:
                 return None
             solution.update(result)
         return solution
 
+    def _remember(self, key: tuple[object, ...], result: Assignment | None) -> None:
+        """Cache a group's search, within a bound (the size of what the keys hold) that a soft loop over
+        thousands of devices, with a search per preference, would otherwise outgrow."""
+        size = len(key[0]) + len(key[2])  # type: ignore[arg-type]
+        if self._searched_size + size > SEARCH_CACHE:
+            self._searched.clear()
+            self._searched_size = 0
+        self._searched[key] = result
+        self._searched_size += size
+
     @staticmethod
     def _empties(c: Constraint, domains: dict[str, list[str]]) -> bool:
         """A one-variable constraint that no value left in its variable's domain meets."""
-        return len(c.variables) == 1 and not any(c.holds(v) for v in domains[c.variables[0]])
+        return len(c.variables) == 1 and not c.allows(domains[c.variables[0]])
 
     @staticmethod
     def _narrowed(c: Constraint, domains: dict[str, list[str]]) -> dict[str, list[str]] | None:
         trial = dict(domains)  # find() copies the lists it narrows
         if len(c.variables) == 1:
             name = c.variables[0]
-            trial[name] = [v for v in trial[name] if c.holds(v)]
+            trial[name] = c.allows(trial[name])
             if not trial[name]:
                 return None
         return trial
@@ -250,7 +284,7 @@ class Solver:
         kept.append(c)
         if len(c.variables) == 1:
             name = c.variables[0]
-            domains[name] = [v for v in domains[name] if c.holds(v)]
+            domains[name] = c.allows(domains[name])
         else:
             kept_multi.append(c)
 
@@ -278,11 +312,21 @@ class Solver:
         self, witness: Assignment, hard: list[Constraint], kept: list[Constraint], dropped: list[Dropped]
     ) -> dict[str, Decision]:
         """Why each variable has its value, and which more preferred values were passed over."""
-        order = {id(c): i for i, c in enumerate(self.problem.constraints)}
-        hard_on: dict[str, list[Constraint]] = {}
+        order: dict[int, int] = {}  # declaration order, built when a passed-over value needs it
+        # per variable, the hard constraints on it: the non-structural ones, and the structural facts
+        stated_on: dict[str, list[Constraint]] = {}
+        structural_on: dict[str, list[Constraint]] = {}
+        app_on: dict[str, Constraint] = {}  # the first of the app's own one-variable requirements
         for c in hard:
+            source = c.provenance.source
+            on = structural_on if source is Source.STRUCTURAL else stated_on
             for v in c.variables:
-                hard_on.setdefault(v, []).append(c)
+                if v in on:
+                    on[v].append(c)
+                else:
+                    on[v] = [c]
+            if len(c.variables) == 1 and source is Source.APP:
+                app_on.setdefault(c.variables[0], c)
         kept_on: dict[str, list[Constraint]] = {}
         for c in kept:
             for v in c.variables:
@@ -292,23 +336,21 @@ class Solver:
             dropped_in.setdefault(d.constraint.group, []).append(d)
         wide: dict[int, Tally] = {}  # bus budgets counted once at the witness, not rescanned per value
         decisions: dict[str, Decision] = {}
-        for name in self.problem.variables:
+        for name, variable in self.problem.variables.items():
             value = witness[name]
-            on_var = hard_on.get(name, [])
-            app = [c for c in on_var if c.variables == (name,) and c.provenance.source is Source.APP]
-            deciding_hard = (
-                c
-                for c in on_var
-                if c.provenance.source is not Source.STRUCTURAL and self._decides(c, name, witness, wide)
-            )
-            reason = app[0] if app else next(deciding_hard, None)
-            if reason is None:
-                reason = next((c for c in kept_on.get(name, []) if self._decides(c, name, witness, wide)), None)
-            if reason is None:
-                reason = next((c for c in on_var if self._decides(c, name, witness, wide)), None)
+            others = [v for v in variable.values if v != value]
+            reason = app_on.get(name)
+            if reason is None and others:  # a one-value variable is decided by its domain, not by any constraint
+                # a stated requirement first, then a kept preference, then a libvirt/QEMU fact
+                for candidates in (stated_on, kept_on, structural_on):
+                    reason = _deciding(candidates.get(name, ()), name, witness, others, wide)
+                    if reason is not None:
+                        break
             passed: list[tuple[str, Constraint]] = []
-            if reason is not None and reason.group:
-                for d in dropped_in.get(reason.group, ()):
+            if reason is not None and reason.group and reason.group in dropped_in:
+                if not order:
+                    order = {id(c): i for i, c in enumerate(self.problem.constraints)}
+                for d in dropped_in[reason.group]:
                     c = d.constraint
                     if order[id(c)] < order[id(reason)]:
                         wish = self._wish(c, witness) or {}
@@ -316,15 +358,6 @@ class Solver:
                             passed.append((wish[name], c))
             decisions[name] = Decision(name, value, reason, passed)
         return decisions
-
-    def _decides(self, c: Constraint, name: str, assignment: Assignment, wide: dict[int, Tally]) -> bool:
-        """Does c, given the other variables, rule out every other value of `name`?"""
-        others = [v for v in self.problem.variables[name].values if v != assignment[name]]
-        if not others:
-            return False  # a one-value variable is decided by its domain, not by any constraint
-        if not _holds_with(c, assignment, name, assignment[name], wide):
-            return False
-        return not any(_holds_with(c, assignment, name, other, wide) for other in others)
 
     # --- conflicts ---------------------------------------------------------------------------------
     def explain_conflict(self, hard: list[Constraint]) -> Conflict:
@@ -377,7 +410,20 @@ def without_gc() -> Iterator[None]:
 Bound = tuple[Constraint, tuple[str, ...], Callable[..., bool]]
 LARGE = 2000  # constraints: a consistency question this big first tries `_search_settled`
 CONSISTENCY_STEPS = 500  # values that search may try in all before `_satisfiable` takes over
+SEARCH_CACHE = 200_000  # variables and constraints the soft loop's cached searches may hold in their keys
 PYTHON_CONSTRAINT = False  # tests set it to compare the engine's own search with python-constraint's
+
+
+def _search_key(
+    group: list[str], domains: dict[str, list[str]], members: list[Bound], fixed: dict[str, str]
+) -> tuple[object, ...]:
+    """What `_first_solution` of a group depends on: its variables and their ordered domains, its constraints
+    in order with their free variables, and the fixed values they read (their binders' and `Search`'s)."""
+    return (
+        tuple(group),
+        tuple([tuple(domains[name]) for name in group]),
+        tuple([(c, free, tuple([fixed.get(v) for v in c.variables])) for c, free, _ in members]),
+    )
 
 
 def _first_solution(
@@ -408,6 +454,8 @@ def _first_solution(
 
 def _binder(c: Constraint, fixed: dict[str, str], free: tuple[str, ...]) -> Callable[..., bool]:
     """c as a function of its free variables only, the fixed ones filled in."""
+    if not fixed:
+        return c.holds  # every variable free: its values come in its own order
     order = c.variables
     position = {name: i for i, name in enumerate(free)}
 
@@ -415,18 +463,6 @@ def _binder(c: Constraint, fixed: dict[str, str], free: tuple[str, ...]) -> Call
         return c.holds(*(values[position[v]] if v in position else fixed[v] for v in order))
 
     return bound
-
-
-def _forbid_state(c: Forbid, fixed: dict[str, str]) -> list[tuple[str, frozenset[str]]] | None:
-    """The free part of a nogood; None when a fixed value already satisfies it."""
-    free = []
-    for var, forbidden in zip(c.variables, c.sets, strict=True):
-        if var in fixed:
-            if fixed[var] not in forbidden:
-                return None
-        else:
-            free.append((var, forbidden))
-    return free
 
 
 def _propagate(domains: dict[str, list[str]], constraints: list[Constraint]) -> list[Bound] | None:
@@ -460,6 +496,9 @@ class _Fixpoint:
         self.free_count: list[int] = []
         self.done: set[int] = set()  # satisfied for good, or already applied to its one free variable
         self.trail: list[tuple[str, object, object]] | None = None  # what a trial changed, to undo it
+        # `bound`'s item per constraint, valid while its variables' fixed values stay (dropped when one changes)
+        self.items: dict[int, Bound] = {}
+        self.waiting: list[Constraint] = []  # kept, not yet added (`keep`, `settle`)
         for c in constraints:
             self._append(c)
         self.ok = self._drain(list(range(len(self.constraints))))
@@ -486,18 +525,29 @@ class _Fixpoint:
             if i in done:
                 continue
             c = constraints[i]
-            if isinstance(c, Forbid):
-                free = _forbid_state(c, fixed)
-                if free is None:
+            if c.kind == FORBID:
+                c = cast(Forbid, c)  # by its kind: no ABCMeta instance check in the loop
+                # its free part: satisfied for good by a fixed value outside its set, or the free variables left
+                free = 0
+                var, forbidden = "", frozenset()
+                for name, values in zip(c.variables, c.sets, strict=True):
+                    if name in fixed:
+                        if fixed[name] not in values:
+                            free = -1
+                            break
+                    else:
+                        free += 1
+                        if free == 1:
+                            var, forbidden = name, values
+                if free < 0:
                     done.add(i)
                     if trail is not None:
                         trail.append(("done", i, None))
                     continue
                 if not free:
                     return False
-                if len(free) > 1:
+                if free > 1:
                     continue
-                var, forbidden = free[0]
                 kept = [value for value in domains[var] if value not in forbidden]
             else:
                 if free_count[i] > 1:
@@ -533,7 +583,9 @@ class _Fixpoint:
             self.fixed[var] = kept[0]
             if self.trail is not None:
                 self.trail.append(("fixed", var, None))
+            items = self.items
             for j in self.watching.get(var, ()):
+                items.pop(j, None)
                 self.free_count[j] -= 1
                 if self.trail is not None:
                     self.trail.append(("count", j, None))
@@ -544,15 +596,20 @@ class _Fixpoint:
 
     def bound(self) -> list[Bound] | None:
         """The constraints left with two or more free variables, in order; None when one left with none fails."""
-        fixed = self.fixed
+        fixed, done, items = self.fixed, self.done, self.items
         result: list[Bound] = []
         for i, c in enumerate(self.constraints):
-            if i in self.done:
+            if i in done:
                 continue
-            free = tuple(v for v in c.variables if v not in fixed)
+            item = items.get(i)
+            if item is not None:
+                result.append(item)
+                continue
+            free = tuple([v for v in c.variables if v not in fixed])
             if len(free) >= 2:
                 own = {v: fixed[v] for v in c.variables if v in fixed}  # fixed's values now: a trial may undo them
-                result.append((c, free, _binder(c, own, free)))
+                item = items[i] = (c, free, _binder(c, own, free))
+                result.append(item)
             elif not free and not c.holds(*(fixed[v] for v in c.variables)):
                 return None
         return result
@@ -561,7 +618,7 @@ class _Fixpoint:
         """c joins the constraints (a one-variable one narrows its variable instead)."""
         if len(c.variables) == 1:
             name = c.variables[0]
-            kept = [v for v in self.domains[name] if c.holds(v)]
+            kept = c.allows(self.domains[name])
             if not kept:
                 return False
             if len(kept) == len(self.domains[name]):
@@ -575,6 +632,7 @@ class _Fixpoint:
 
     def trial(self, c: Constraint) -> list[Bound] | None:
         """The fixpoint with c added, for a search (then `commit` or `rollback`); None when it fails."""
+        assert not self.waiting, "settle() first"
         self.trail = []
         if not self._add(c):
             return None
@@ -593,24 +651,72 @@ class _Fixpoint:
                 self.domains[key] = old  # type: ignore[index,assignment]
             elif kind == "fixed":
                 del self.fixed[key]  # type: ignore[arg-type]
+                for j in self.watching.get(key, ()):  # type: ignore[call-overload]
+                    self.items.pop(j, None)
             elif kind == "count":
                 self.free_count[key] += 1  # type: ignore[index]
             elif kind == "append":
+                self.items.pop(len(self.constraints) - 1, None)
                 c = self.constraints.pop()
                 self.free_count.pop()
                 for v in reversed(c.variables):
                     self.watching[v].pop()
 
     def keep(self, c: Constraint) -> None:
-        """c is kept without a search (the witness meets it): the fixpoint narrows for good."""
+        """c is kept without a search (the witness meets it): the fixpoint narrows for good, at the next
+        `settle` (the soft loop keeps many between two searches, and most after its last one)."""
+        self.waiting.append(c)
+
+    def settle(self) -> bool:
+        """The kept requirements waiting join the fixpoint (in the order kept); whether it still holds."""
+        waiting, self.waiting = self.waiting, []
         self.trail = None
-        self.ok = self.ok and self._add(c)
+        for c in waiting:
+            self.ok = self.ok and self._add(c)
+        return self.ok
+
+
+def _deciding(
+    candidates: Iterable[Constraint], name: str, assignment: Assignment, others: list[str], wide: dict[int, Tally]
+) -> Constraint | None:
+    """The first of `candidates` that decides `name` (see `_decides`)."""
+    for c in candidates:
+        if _decides(c, name, assignment, others, wide):
+            return c
+    return None
+
+
+def _decides(c: Constraint, name: str, assignment: Assignment, others: list[str], wide: dict[int, Tally]) -> bool:
+    """Does c, given the other variables, rule out every other value of `name` (`others`, not empty)?"""
+    if c.kind == FORBID:
+        c = cast(Forbid, c)  # by its kind: no ABCMeta instance check in the loop
+        return _forbid_decides(c, name, assignment, others)
+    if not _holds_with(c, assignment, name, assignment[name], wide):
+        return False
+    return not any(_holds_with(c, assignment, name, other, wide) for other in others)
+
+
+def _forbid_decides(c: Forbid, name: str, assignment: Assignment, others: list[str]) -> bool:
+    """`_decides` for a nogood, from its sets: a variable other than `name` outside its forbidden set satisfies
+    it whatever `name` takes (so it decides nothing); else it holds for a value of `name` outside one of the
+    sets at `name`'s positions, and decides when the value is and every other value is in all of them."""
+    at: list[frozenset[str]] = []
+    for v, forbidden in zip(c.variables, c.sets, strict=True):
+        if v == name:
+            at.append(forbidden)
+        elif assignment[v] not in forbidden:
+            return False
+    value = assignment[name]
+    if all(value in forbidden for forbidden in at):
+        return False
+    return all(other in forbidden for other in others for forbidden in at)
 
 
 def _holds_with(c: Constraint, assignment: Assignment, name: str, value: str, wide: dict[int, Tally]) -> bool:
     """c on the assignment with `name` set to `value`; a bus budget from counts kept at the assignment, so that
     asking about each value of each device's slot is not a scan of every device each time."""
-    if isinstance(c, BusBudget):
+    if c.kind == BUDGET:
+        c = cast(BusBudget, c)
         tally = wide.get(id(c))
         if tally is None:
             tally = wide[id(c)] = Tally(c, assignment.__getitem__, holds=True)
@@ -658,7 +764,7 @@ class _Partial:
         narrowed: dict[str, list[str]] = {}
         if len(c.variables) == 1:
             name = c.variables[0]
-            narrowed[name] = [v for v in domains[name] if c.holds(v)]
+            narrowed[name] = c.allows(domains[name])
         seen: set[int] = set()
         for name in c.variables:
             for p in self.on.get(name, ()):
@@ -694,9 +800,10 @@ def _simplify_counts(domains: dict[str, list[str]], bound: list[Bound]) -> list[
         kept: list[Bound] = []
         for item in bound:
             c, free, _ = item
-            if not isinstance(c, AtMost):
+            if c.kind != ATMOST:
                 kept.append(item)
                 continue
+            c = cast(AtMost, c)
             fixed_hits = sum(1 for v in c.variables if domains[v] == [c.value])
             if fixed_hits > c.limit:
                 return None
@@ -824,23 +931,27 @@ def _branch_variable(domains: dict[str, list[str]], group: list[str], members: l
 def _components(domains: dict[str, list[str]], bound: list[Bound]) -> list[tuple[list[str], list[Bound]]]:
     """Independent groups of free variables (joined by shared constraints), in a stable order."""
     parent = {name: name for name, vals in domains.items() if len(vals) > 1}
-
-    def root(x: str) -> str:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for _, free, _ in bound:
-        first = root(free[0])
+    for _, free, _ in bound:  # union-find, inline: this runs for every constraint of every search
+        first = free[0]
+        while parent[first] != first:
+            parent[first] = parent[parent[first]]
+            first = parent[first]
         for other in free[1:]:
-            parent[root(other)] = first
+            while parent[other] != other:
+                parent[other] = parent[parent[other]]
+                other = parent[other]
+            parent[other] = first
+    rep: dict[str, str] = {}
     groups: dict[str, list[str]] = {}
     for name in parent:  # dict order: the problem's variable order
-        groups.setdefault(root(name), []).append(name)
+        x = name
+        while parent[x] != x:
+            x = parent[x]
+        rep[name] = x
+        groups.setdefault(x, []).append(name)
     members: dict[str, list[Bound]] = {key: [] for key in groups}
     for item in bound:
-        members[root(item[1][0])].append(item)
+        members[rep[item[1][0]]].append(item)
     return [(groups[key], members[key]) for key in groups]
 
 
