@@ -410,6 +410,17 @@ INFEASIBLE = [
     Infeasible("ppc64le", "uefi", ("domcaps",), os_attrs=" firmware='efi'"),
     Infeasible("riscv64", "host-model-cpu", ("riscv64-has-no-cpu-driver",), after_os="<cpu mode='host-model'/>"),
     Infeasible("riscv64", "uefi", ("domcaps",), os_attrs=" firmware='efi'"),
+    # what only an app writes, on a machine that lacks it (structural.toml `written` rows)
+    Infeasible("aarch64", "sclp-console", ("sclp-console-needs-s390",), devices=ELEMENTS["sclp-console-needs-s390"][0]),
+    Infeasible(
+        "s390x", "spapr-vty", ("spapr-vio-serial-needs-pseries",), devices=ELEMENTS["spapr-vio-serial-needs-pseries"][0]
+    ),
+    Infeasible("ppc64le", "parallel-port", ("parallel-needs-isa",), devices=ELEMENTS["parallel-needs-isa"][0]),
+    Infeasible(
+        "riscv64", "pl011-serial", ("pl011-serial-needs-arm-virt",), devices=ELEMENTS["pl011-serial-needs-arm-virt"][0]
+    ),
+    Infeasible("s390x", "ibmvscsi", ("ibmvscsi-needs-pseries",), devices=ELEMENTS["ibmvscsi-needs-pseries"][0]),
+    Infeasible("aarch64", "ibmvscsi", ("ibmvscsi-needs-pseries",), devices=ELEMENTS["ibmvscsi-needs-pseries"][0]),
 ]
 
 
@@ -646,10 +657,16 @@ class Peer:
 
 
 PEER_HOSTS = [
-    Peer("kvm-aarch64", "aarch64", "fedora37", "virt", ("ide-disk", "bios", "secure-boot")),
-    Peer("kvm-ppc64le", "ppc64le", "rhel9.0", "pseries", ("ide-disk", "uefi")),
-    Peer("kvm-s390x", "s390x", "rhel9.0", "s390-ccw-virtio", ("usb-tablet", "usb-controller", "e1000-nic")),
-    Peer("qemu-riscv64", "riscv64", "generic", "virt", ("host-model-cpu",)),
+    Peer("kvm-aarch64", "aarch64", "fedora37", "virt", ("ide-disk", "bios", "secure-boot", "sclp-console", "ibmvscsi")),
+    Peer("kvm-ppc64le", "ppc64le", "rhel9.0", "pseries", ("ide-disk", "uefi", "parallel-port")),
+    Peer(
+        "kvm-s390x",
+        "s390x",
+        "rhel9.0",
+        "s390-ccw-virtio",
+        ("usb-tablet", "usb-controller", "e1000-nic", "spapr-vty", "ibmvscsi"),
+    ),
+    Peer("qemu-riscv64", "riscv64", "generic", "virt", ("host-model-cpu", "pl011-serial")),
     Peer("kvm-armv7l", "armv7l", "debian11", "virt", ("bios",)),
 ]
 TYPICAL = (
