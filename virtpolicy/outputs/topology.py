@@ -23,10 +23,6 @@ from virtpolicy.knowledge.pci import bus_numbers, bus_rule, fixed_layout, root_p
 EXPANDER_HEADROOM = 4  # bus numbers kept free under each expander, for devices added to that cell later
 
 
-def _hex(n: int, width: int = 2) -> str:
-    return f"0x{n:0{width}x}"
-
-
 @dataclass
 class Placement:
     element: etree._Element
@@ -316,9 +312,14 @@ class TopologyBuilder:
     def _address(self, el: etree._Element, bus: int, slot: int, function: int = 0) -> None:
         for old in el.findall("address"):
             el.remove(old)
-        etree.SubElement(
-            el, "address", type="pci", domain="0x0000", bus=_hex(bus), slot=_hex(slot), function=_hex(function, 1)
-        )
+        # one set() per attribute, in the order libvirt writes them: SubElement's keyword attributes cost
+        # about twice as much, and every placed device and new controller gets one
+        address = etree.SubElement(el, "address")
+        address.set("type", "pci")
+        address.set("domain", "0x0000")
+        address.set("bus", f"0x{bus:02x}")
+        address.set("slot", f"0x{slot:02x}")
+        address.set("function", f"0x{function:01x}")
         self._link(bus, slot, function, self._node_of(el))
 
     def _controller(
@@ -335,11 +336,16 @@ class TopologyBuilder:
         index = self.next_index
         self.next_index += 1
         rule = bus_rule(model)
-        el = etree.Element("controller", type="pci", index=str(index), model=model)
-        etree.SubElement(el, "model", name=rule.model_name)
+        el = etree.Element("controller")  # attributes one set() each, as in _address
+        el.set("type", "pci")
+        el.set("index", str(index))
+        el.set("model", model)
+        etree.SubElement(el, "model").set("name", rule.model_name)
         attributes = {**rule.target_attributes(index, slot, function), **(target or {})}
         if attributes or node is not None:
-            t = etree.SubElement(el, "target", **attributes)
+            t = etree.SubElement(el, "target")
+            for name, value in attributes.items():
+                t.set(name, value)
             if node is not None:
                 etree.SubElement(t, "node").text = str(node)
         self._insert(el)
