@@ -309,9 +309,15 @@ class TopologyBuilder:
                 self.devices.insert(0, el)
             self._last_controller = el
 
-    def _address(self, el: etree._Element, bus: int, slot: int, function: int = 0) -> None:
-        for old in el.findall("address"):
-            el.remove(old)
+    def _address(self, el: etree._Element, bus: int, slot: int, function: int = 0, new_bus: int | None = None) -> None:
+        """Give `el` the PCI address (bus, slot, function), replacing any it has.
+
+        `new_bus` is the index of the controller `el` when this builder has just made it: it has no
+        address yet and is that bus's graph node, which saves reading both back from the element.
+        """
+        if new_bus is None:
+            for old in el.findall("address"):
+                el.remove(old)
         # one set() per attribute, in the order libvirt writes them: SubElement's keyword attributes cost
         # about twice as much, and every placed device and new controller gets one
         address = etree.SubElement(el, "address")
@@ -320,7 +326,7 @@ class TopologyBuilder:
         address.set("bus", f"0x{bus:02x}")
         address.set("slot", f"0x{slot:02x}")
         address.set("function", f"0x{function:01x}")
-        self._link(bus, slot, function, self._node_of(el))
+        self._link(bus, slot, function, self._node_of(el) if new_bus is None else ("bus", new_bus))
 
     def _controller(
         self,
@@ -350,7 +356,7 @@ class TopologyBuilder:
                 etree.SubElement(t, "node").text = str(node)
         self._insert(el)
         self._add_bus(index, model, el)
-        self._address(el, parent, slot, function)
+        self._address(el, parent, slot, function, new_bus=index)
         return index
 
     def _root_port(self, parent: int) -> int:
