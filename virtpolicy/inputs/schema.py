@@ -180,17 +180,32 @@ class _DeviceMemo:
     def __init__(self) -> None:
         self.accepted: set[bytes] = set()
         self.stand_ins: dict[str, etree._Element] = {}
+        self._shrunk: set[str] = set()  # names whose stand-in has been made small (on first use)
         self._lock = threading.Lock()
 
-    def remember(self, schema: etree.RelaxNG, devices: list[tuple[etree._Element, bytes]]) -> None:
-        """The devices of a domain the schema accepted as a whole (each then matches its part)."""
+    def remember(self, devices: list[tuple[etree._Element, bytes]]) -> None:
+        """The devices of a domain the schema accepted as a whole (each then matches its part).
+
+        Cheap on purpose (a one-shot CLI run validates once and never uses the memo): the stand-in is a
+        plain copy of the first device of each name until a skeleton first needs it.
+        """
         with self._lock:
             if len(self.accepted) + len(devices) > _MEMO_SIZE:
                 self.accepted = set()
             for element, key in devices:
                 self.accepted.add(key)
                 if element.tag not in self.stand_ins:
-                    self.stand_ins[element.tag] = _shrunk(schema, element)  # type: ignore[index]
+                    stand_in = copy.deepcopy(element)
+                    stand_in.tail = None
+                    self.stand_ins[element.tag] = stand_in  # type: ignore[index]
+
+    def _stand_in(self, schema: etree.RelaxNG, tag: str) -> etree._Element:
+        if tag not in self._shrunk:
+            with self._lock:
+                if tag not in self._shrunk:
+                    self.stand_ins[tag] = _shrunk(schema, self.stand_ins[tag])
+                    self._shrunk.add(tag)
+        return self.stand_ins[tag]
 
     def accepts_with_stand_ins(self, schema: etree.RelaxNG, tree: etree._ElementTree, devices: etree._Element) -> bool:
         """The domain validated with its <devices> swapped for one of stand-ins, then put back.
@@ -212,7 +227,7 @@ class _DeviceMemo:
         stand_ins.tail = devices.tail
         for tag, count in counts.items():
             for _ in range(count):
-                stand_ins.append(copy.deepcopy(self.stand_ins[tag]))
+                stand_ins.append(copy.deepcopy(self._stand_in(schema, tag)))
         parent = devices.getparent()
         parent.replace(devices, stand_ins)
         try:
@@ -268,21 +283,25 @@ _MEMOS: dict[int, _DeviceMemo] = {}
 def _accepts(schema: etree.RelaxNG, tree: etree._ElementTree) -> bool:
     """schema.validate(tree), through the device memo when the domain's devices were all accepted before.
 
-    False always comes from validating `tree` itself, so schema.error_log then describes `tree`.
+    False always comes from validating `tree` itself, so schema.error_log then describes `tree`. The
+    tree's <devices> is swapped out and back while the memo answers: callers pass trees of their own
+    request (the rendered output, a domain being parsed), which no other thread reads meanwhile.
     """
     root = tree.getroot()
     devices = root.find("devices") if root.tag == "domain" else None
-    if devices is None or len(devices) < _MEMO_MIN_DEVICES or not _memo_sound():
+    if devices is None or len(devices) < _MEMO_MIN_DEVICES:
         return bool(schema.validate(tree))
     keys = [(d, etree.tostring(d, with_tail=False)) for d in devices if isinstance(d.tag, str)]
     if any(b"xmlns" in key for _, key in keys):
         return bool(schema.validate(tree))  # namespaced content: not moved around, validated as it is
     memo = _MEMOS.setdefault(id(schema), _DeviceMemo())
-    if all(key in memo.accepted for _, key in keys) and memo.accepts_with_stand_ins(schema, tree, devices):
+    known = all(key in memo.accepted for _, key in keys)
+    # the schema's shape is read (10 ms, once) only when the memo would first answer, not in a one-shot run
+    if known and _memo_sound() and memo.accepts_with_stand_ins(schema, tree, devices):
         return True
     if not schema.validate(tree):
         return False
-    memo.remember(schema, keys)
+    memo.remember(keys)
     return True
 
 
