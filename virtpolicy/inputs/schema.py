@@ -122,12 +122,8 @@ def _pattern_children(el: etree._Element) -> list[etree._Element]:
 
 
 @functools.cache
-def _memo_sound() -> bool:
-    """Whether the installed domain.rng has the <devices> shape the memo relies on (see above).
-
-    Read from the schema files themselves, so a libvirt whose <devices> grows an ordered group, a
-    oneOrMore, or a part that is not a named element simply validates every domain in full.
-    """
+def _grammar_defines() -> dict[str, list[etree._Element]] | None:
+    """Every define of domain.rng and the files it includes, by name (None when one cannot be read)."""
     defines: dict[str, list[etree._Element]] = {}
     todo, seen = [SCHEMA_FILE], set()
     while todo:
@@ -138,10 +134,66 @@ def _memo_sound() -> bool:
         try:
             doc = etree.parse(str(path))
         except (OSError, etree.XMLSyntaxError):
-            return False
+            return None
         todo += [path.parent / i.get("href", "") for i in doc.iter(_rng("include"))]
         for define in doc.iter(_rng("define")):
             defines.setdefault(define.get("name", ""), []).append(define)
+    return defines
+
+
+@functools.cache
+def _metadata_takes_anything() -> bool:
+    """Whether <metadata> is libvirt's "any elements, any content" (basictypes.rng metadata and
+    customElement): its children then cannot make a domain invalid, and a skeleton leaves them out.
+
+    Read from the schema files, so a libvirt that ever constrains metadata gets it validated in full.
+    """
+    defines = _grammar_defines()
+    if defines is None or len(defines.get("metadata", [])) != 1 or len(defines.get("customElement", [])) != 1:
+        return False
+    body = _pattern_children(defines["metadata"][0])
+    if len(body) != 1 or body[0].tag != _rng("element") or body[0].get("name") != "metadata":
+        return False
+    content = _pattern_children(body[0])
+    if len(content) != 1 or content[0].tag != _rng("zeroOrMore"):
+        return False
+    inner = _pattern_children(content[0])
+    if len(inner) != 1 or inner[0].tag != _rng("ref") or inner[0].get("name") != "customElement":
+        return False
+    custom = _pattern_children(defines["customElement"][0])
+    if len(custom) != 1 or custom[0].tag != _rng("element") or custom[0].get("name") is not None:
+        return False
+    parts = _pattern_children(custom[0])
+    if [p.tag for p in parts] != [_rng("anyName"), _rng("zeroOrMore")] or _pattern_children(parts[0]):
+        return False
+    choice = _pattern_children(parts[1])
+    if len(choice) != 1 or choice[0].tag != _rng("choice"):
+        return False
+    options = sorted(_pattern_children(choice[0]), key=lambda o: o.tag)
+    if [o.tag for o in options] != [_rng("attribute"), _rng("ref"), _rng("text")]:
+        return False
+    attribute, ref, text = options
+    any_name = _pattern_children(attribute)
+    return (
+        len(any_name) == 1
+        and any_name[0].tag == _rng("anyName")
+        and not _pattern_children(any_name[0])
+        and ref.get("name") == "customElement"
+        and not _pattern_children(text)
+    )
+
+
+@functools.cache
+def _memo_sound() -> bool:
+    """Whether the installed domain.rng has the <devices> shape the memo relies on (see above).
+
+    Read from the schema files themselves, so a libvirt whose <devices> grows an ordered group, a
+    oneOrMore, or a part that is not a named element simply validates every domain in full.
+    """
+    found_defines = _grammar_defines()
+    if found_defines is None:
+        return False
+    defines = found_defines
 
     def single_elements(node: etree._Element, depth: int = 0) -> bool:
         """A named element, or a choice of them, possibly through refs (each to one define)."""
@@ -208,7 +260,8 @@ class _DeviceMemo:
         return self.stand_ins[tag]
 
     def accepts_with_stand_ins(self, schema: etree.RelaxNG, tree: etree._ElementTree, devices: etree._Element) -> bool:
-        """The domain validated with its <devices> swapped for one of stand-ins, then put back.
+        """The domain validated with its <devices> swapped for one of stand-ins (and its <metadata> for
+        an empty one, when the schema takes anything in it), then put back.
 
         Every part of <devices> is optional or zeroOrMore and an interleave ignores order, so what
         the schema can tell from the devices (once each is known to match its part) is how many there
@@ -228,12 +281,26 @@ class _DeviceMemo:
         for tag, count in counts.items():
             for _ in range(count):
                 stand_ins.append(copy.deepcopy(self._stand_in(schema, tag)))
-        parent = devices.getparent()
-        parent.replace(devices, stand_ins)
+        root = devices.getparent()
+        swaps = [(devices, stand_ins)]
+        metadata = root.find("metadata")
+        if metadata is not None and not root.nsmap and _metadata_takes_anything():
+            # its children match whatever they hold; only what metadata itself carries counts. Moved only
+            # when the root declares no namespace its content could be using
+            texts = [metadata.text, *(c.tail for c in metadata)]
+            if all(t is None or t.isspace() for t in texts):
+                empty = etree.Element(metadata.tag, dict(metadata.attrib))
+                empty.tail = metadata.tail
+                swaps.append((metadata, empty))
+        done: list[tuple[etree._Element, etree._Element]] = []
         try:
+            for real, stand_in in swaps:
+                root.replace(real, stand_in)
+                done.append((real, stand_in))
             return bool(schema.validate(tree))
         finally:
-            parent.replace(stand_ins, devices)
+            for real, stand_in in done:
+                root.replace(stand_in, real)
 
 
 # a minimal domain libvirt's schema accepts, to validate a device on its own in
