@@ -108,7 +108,7 @@ def _relaxed() -> etree.RelaxNG | None:
 # always libxml2's verdict on the document itself, and a device only gets into the memo as part of a
 # domain the schema accepted as a whole. Checked against full validation on every rendered corpus
 # domain and on thousands of mutations of them (benchmarks/check_validation_memo.py).
-_MEMO_SIZE = 4096  # distinct accepted device elements kept per schema (a few hundred bytes each)
+_MEMO_SIZE = 2048  # distinct accepted device elements kept per schema (a few hundred bytes each)
 _MEMO_MIN_DEVICES = 4  # below this the whole domain validates about as fast as its skeleton
 
 
@@ -121,9 +121,11 @@ def _pattern_children(el: etree._Element) -> list[etree._Element]:
     return [c for c in el if isinstance(c.tag, str) and c.tag.startswith(f"{{{RNG_NS}}}")]
 
 
-@functools.cache
 def _grammar_defines() -> dict[str, list[etree._Element]] | None:
-    """Every define of domain.rng and the files it includes, by name (None when one cannot be read)."""
+    """Every define of domain.rng and the files it includes, by name (None when one cannot be read).
+
+    Not kept: the parsed files are a few MiB, and only the two shape checks below read them, once.
+    """
     defines: dict[str, list[etree._Element]] = {}
     todo, seen = [SCHEMA_FILE], set()
     while todo:
@@ -141,15 +143,32 @@ def _grammar_defines() -> dict[str, list[etree._Element]] | None:
     return defines
 
 
-@functools.cache
 def _metadata_takes_anything() -> bool:
+    """Whether a skeleton may leave <metadata>'s children out (_metadata_shape)."""
+    return _schema_shapes()[1]
+
+
+def _memo_sound() -> bool:
+    """Whether the device memo may answer at all (_devices_shape)."""
+    return _schema_shapes()[0]
+
+
+@functools.cache
+def _schema_shapes() -> tuple[bool, bool]:
+    """(_devices_shape, _metadata_shape) of the installed schema, from one reading of its files."""
+    defines = _grammar_defines()
+    if defines is None:
+        return False, False
+    return _devices_shape(defines), _metadata_shape(defines)
+
+
+def _metadata_shape(defines: dict[str, list[etree._Element]]) -> bool:
     """Whether <metadata> is libvirt's "any elements, any content" (basictypes.rng metadata and
     customElement): its children then cannot make a domain invalid, and a skeleton leaves them out.
 
     Read from the schema files, so a libvirt that ever constrains metadata gets it validated in full.
     """
-    defines = _grammar_defines()
-    if defines is None or len(defines.get("metadata", [])) != 1 or len(defines.get("customElement", [])) != 1:
+    if len(defines.get("metadata", [])) != 1 or len(defines.get("customElement", [])) != 1:
         return False
     body = _pattern_children(defines["metadata"][0])
     if len(body) != 1 or body[0].tag != _rng("element") or body[0].get("name") != "metadata":
@@ -183,17 +202,12 @@ def _metadata_takes_anything() -> bool:
     )
 
 
-@functools.cache
-def _memo_sound() -> bool:
+def _devices_shape(defines: dict[str, list[etree._Element]]) -> bool:
     """Whether the installed domain.rng has the <devices> shape the memo relies on (see above).
 
     Read from the schema files themselves, so a libvirt whose <devices> grows an ordered group, a
     oneOrMore, or a part that is not a named element simply validates every domain in full.
     """
-    found_defines = _grammar_defines()
-    if found_defines is None:
-        return False
-    defines = found_defines
 
     def single_elements(node: etree._Element, depth: int = 0) -> bool:
         """A named element, or a choice of them, possibly through refs (each to one define)."""
