@@ -225,9 +225,10 @@ class Engine:
         outcome = run_solver(built.problem)
         if isinstance(outcome, Conflict):
             return Result("solve", built, outcome, elapsed_ms=(time.perf_counter() - start) * 1000)
-        xml = to_bytes(render(built, outcome))
+        rendered = render(built, outcome)
+        xml = to_bytes(rendered)
         try:
-            validate_output(xml, output_name)
+            validate_output(rendered, output_name, printed=xml)
         except OutputRejected:
             if built.complete:  # the app's own domain lacks what libvirt requires: its input error, not ours
                 validate_complete(original.tree, original.source, built.completeness.reason)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 from pathlib import Path
 
 from lxml import etree
@@ -93,6 +94,296 @@ def _relaxed() -> etree.RelaxNG | None:
     start = etree.SubElement(grammar, f"{{{RNG_NS}}}start")
     etree.SubElement(start, f"{{{RNG_NS}}}ref", name="domain")
     return etree.RelaxNG(overrides)
+
+
+# --- remembering accepted devices ------------------------------------------------------------------
+# RelaxNG validation is mostly spent on <devices> (libxml2 compiles each typed value's pattern anew: a
+# pcie-root-port costs as much as the whole domain without devices), and the same device elements come
+# back solve after solve. domain.rng's <devices> is an interleave of optional / zeroOrMore parts, each
+# over single element definitions; whether a child matches its part depends on that child's subtree only
+# (RelaxNG has no context beyond it), and children of one name fall in one part. So a domain whose
+# devices have all been accepted before (each as an exact serialisation) validates exactly when the same
+# domain does with its devices swapped for accepted ones of the same names (small "stand-ins"): that
+# cheaper document is what libxml2 then checks. Only acceptance is taken from the memo: a refusal is
+# always libxml2's verdict on the document itself, and a device only gets into the memo as part of a
+# domain the schema accepted as a whole. Checked against full validation on every rendered corpus
+# domain and on thousands of mutations of them (benchmarks/check_validation_memo.py).
+_MEMO_SIZE = 2048  # distinct accepted device elements kept per schema (a few hundred bytes each)
+_MEMO_MIN_DEVICES = 4  # below this the whole domain validates about as fast as its skeleton
+
+
+def _rng(tag: str) -> str:
+    return f"{{{RNG_NS}}}{tag}"
+
+
+def _pattern_children(el: etree._Element) -> list[etree._Element]:
+    """The pattern elements of a RelaxNG node (annotations and comments are not patterns)."""
+    return [c for c in el if isinstance(c.tag, str) and c.tag.startswith(f"{{{RNG_NS}}}")]
+
+
+def _grammar_defines() -> dict[str, list[etree._Element]] | None:
+    """Every define of domain.rng and the files it includes, by name (None when one cannot be read).
+
+    Not kept: the parsed files are a few MiB, and only the two shape checks below read them, once.
+    """
+    defines: dict[str, list[etree._Element]] = {}
+    todo, seen = [SCHEMA_FILE], set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        try:
+            doc = etree.parse(str(path))
+        except (OSError, etree.XMLSyntaxError):
+            return None
+        todo += [path.parent / i.get("href", "") for i in doc.iter(_rng("include"))]
+        for define in doc.iter(_rng("define")):
+            defines.setdefault(define.get("name", ""), []).append(define)
+    return defines
+
+
+def _metadata_takes_anything() -> bool:
+    """Whether a skeleton may leave <metadata>'s children out (_metadata_shape)."""
+    return _schema_shapes()[1]
+
+
+def _memo_sound() -> bool:
+    """Whether the device memo may answer at all (_devices_shape)."""
+    return _schema_shapes()[0]
+
+
+@functools.cache
+def _schema_shapes() -> tuple[bool, bool]:
+    """(_devices_shape, _metadata_shape) of the installed schema, from one reading of its files."""
+    defines = _grammar_defines()
+    if defines is None:
+        return False, False
+    return _devices_shape(defines), _metadata_shape(defines)
+
+
+def _metadata_shape(defines: dict[str, list[etree._Element]]) -> bool:
+    """Whether <metadata> is libvirt's "any elements, any content" (basictypes.rng metadata and
+    customElement): its children then cannot make a domain invalid, and a skeleton leaves them out.
+
+    Read from the schema files, so a libvirt that ever constrains metadata gets it validated in full.
+    """
+    if len(defines.get("metadata", [])) != 1 or len(defines.get("customElement", [])) != 1:
+        return False
+    body = _pattern_children(defines["metadata"][0])
+    if len(body) != 1 or body[0].tag != _rng("element") or body[0].get("name") != "metadata":
+        return False
+    content = _pattern_children(body[0])
+    if len(content) != 1 or content[0].tag != _rng("zeroOrMore"):
+        return False
+    inner = _pattern_children(content[0])
+    if len(inner) != 1 or inner[0].tag != _rng("ref") or inner[0].get("name") != "customElement":
+        return False
+    custom = _pattern_children(defines["customElement"][0])
+    if len(custom) != 1 or custom[0].tag != _rng("element") or custom[0].get("name") is not None:
+        return False
+    parts = _pattern_children(custom[0])
+    if [p.tag for p in parts] != [_rng("anyName"), _rng("zeroOrMore")] or _pattern_children(parts[0]):
+        return False
+    choice = _pattern_children(parts[1])
+    if len(choice) != 1 or choice[0].tag != _rng("choice"):
+        return False
+    options = sorted(_pattern_children(choice[0]), key=lambda o: o.tag)
+    if [o.tag for o in options] != [_rng("attribute"), _rng("ref"), _rng("text")]:
+        return False
+    attribute, ref, text = options
+    any_name = _pattern_children(attribute)
+    return (
+        len(any_name) == 1
+        and any_name[0].tag == _rng("anyName")
+        and not _pattern_children(any_name[0])
+        and ref.get("name") == "customElement"
+        and not _pattern_children(text)
+    )
+
+
+def _devices_shape(defines: dict[str, list[etree._Element]]) -> bool:
+    """Whether the installed domain.rng has the <devices> shape the memo relies on (see above).
+
+    Read from the schema files themselves, so a libvirt whose <devices> grows an ordered group, a
+    oneOrMore, or a part that is not a named element simply validates every domain in full.
+    """
+
+    def single_elements(node: etree._Element, depth: int = 0) -> bool:
+        """A named element, or a choice of them, possibly through refs (each to one define)."""
+        if depth > 8:
+            return False
+        if node.tag == _rng("element"):
+            return bool(node.get("name")) and ":" not in node.get("name", "")
+        if node.tag == _rng("ref"):
+            found = defines.get(node.get("name", ""), [])
+            body = _pattern_children(found[0]) if len(found) == 1 else []
+            return len(body) == 1 and single_elements(body[0], depth + 1)
+        if node.tag == _rng("choice"):
+            options = _pattern_children(node)
+            return bool(options) and all(single_elements(o, depth + 1) for o in options)
+        return False
+
+    found = defines.get("devices", [])
+    body = _pattern_children(found[0]) if len(found) == 1 else []
+    if len(body) != 1 or body[0].tag != _rng("element") or body[0].get("name") != "devices":
+        return False
+    content = _pattern_children(body[0])
+    if len(content) != 1 or content[0].tag != _rng("interleave"):
+        return False
+    for part in _pattern_children(content[0]):
+        inner = _pattern_children(part)
+        if part.tag not in (_rng("optional"), _rng("zeroOrMore")) or len(inner) != 1:
+            return False
+        if not single_elements(inner[0]):
+            return False
+    return True
+
+
+class _DeviceMemo:
+    """Device elements one schema accepted under <devices>, by serialisation, and a stand-in per name."""
+
+    def __init__(self) -> None:
+        self.accepted: set[bytes] = set()
+        self.stand_ins: dict[str, etree._Element] = {}
+        self._shrunk: set[str] = set()  # names whose stand-in has been made small (on first use)
+        self._lock = threading.Lock()
+
+    def remember(self, devices: list[tuple[etree._Element, bytes]]) -> None:
+        """The devices of a domain the schema accepted as a whole (each then matches its part).
+
+        Cheap on purpose (a one-shot CLI run validates once and never uses the memo): the stand-in is a
+        plain copy of the first device of each name until a skeleton first needs it.
+        """
+        with self._lock:
+            if len(self.accepted) + len(devices) > _MEMO_SIZE:
+                self.accepted = set()
+            for element, key in devices:
+                self.accepted.add(key)
+                if element.tag not in self.stand_ins:
+                    stand_in = copy.deepcopy(element)
+                    stand_in.tail = None
+                    self.stand_ins[element.tag] = stand_in  # type: ignore[index]
+
+    def _stand_in(self, schema: etree.RelaxNG, tag: str) -> etree._Element:
+        if tag not in self._shrunk:
+            with self._lock:
+                if tag not in self._shrunk:
+                    self.stand_ins[tag] = _shrunk(schema, self.stand_ins[tag])
+                    self._shrunk.add(tag)
+        return self.stand_ins[tag]
+
+    def accepts_with_stand_ins(self, schema: etree.RelaxNG, tree: etree._ElementTree, devices: etree._Element) -> bool:
+        """The domain validated with its <devices> swapped for one of stand-ins (and its <metadata> for
+        an empty one, when the schema takes anything in it), then put back.
+
+        Every part of <devices> is optional or zeroOrMore and an interleave ignores order, so what
+        the schema can tell from the devices (once each is known to match its part) is how many there
+        are of each name, up to two: the stand-in <devices> has one or two of each name, nothing else.
+        Text between devices would be refused, so a domain with any gets validated in full instead.
+        """
+        counts: dict[str, int] = {}
+        if devices.text and not devices.text.isspace():
+            return bool(schema.validate(tree))
+        for device in devices:
+            if device.tail and not device.tail.isspace():
+                return bool(schema.validate(tree))
+            if isinstance(device.tag, str):  # comments and processing instructions RelaxNG skips
+                counts[device.tag] = min(counts.get(device.tag, 0) + 1, 2)
+        stand_ins = etree.Element(devices.tag, dict(devices.attrib))
+        stand_ins.tail = devices.tail
+        for tag, count in counts.items():
+            for _ in range(count):
+                stand_ins.append(copy.deepcopy(self._stand_in(schema, tag)))
+        root = devices.getparent()
+        swaps = [(devices, stand_ins)]
+        metadata = root.find("metadata")
+        if metadata is not None and not root.nsmap and _metadata_takes_anything():
+            # its children match whatever they hold; only what metadata itself carries counts. Moved only
+            # when the root declares no namespace its content could be using
+            texts = [metadata.text, *(c.tail for c in metadata)]
+            if all(t is None or t.isspace() for t in texts):
+                empty = etree.Element(metadata.tag, dict(metadata.attrib))
+                empty.tail = metadata.tail
+                swaps.append((metadata, empty))
+        done: list[tuple[etree._Element, etree._Element]] = []
+        try:
+            for real, stand_in in swaps:
+                root.replace(real, stand_in)
+                done.append((real, stand_in))
+            return bool(schema.validate(tree))
+        finally:
+            for real, stand_in in done:
+                root.replace(stand_in, real)
+
+
+# a minimal domain libvirt's schema accepts, to validate a device on its own in
+_STUB = b"<domain type='kvm'><name>device</name><memory>1</memory><os><type>hvm</type></os><devices/></domain>"
+_SHRINK_BUDGET = 48  # validations spent once per device name on a cheap stand-in
+
+
+def _shrunk(schema: etree.RelaxNG, device: etree._Element) -> etree._Element:
+    """A copy of an accepted device without the children and attributes the schema lets it do without.
+
+    Each removal is kept only when a minimal domain holding the copy as its only device still validates,
+    so the stand-in matches the same part of <devices> (devices of one name share a part); its cost is
+    what every later skeleton pays for that device (an <address> alone is most of a device's).
+    """
+    stub = etree.fromstring(_STUB)
+    holder = stub.find("devices")
+    candidate = copy.deepcopy(device)
+    candidate.tail = None
+    holder.append(candidate)
+    budget = _SHRINK_BUDGET - 1
+    if not schema.validate(stub):
+        candidate = copy.deepcopy(device)  # the stub itself is refused (a changed schema): as it is
+        candidate.tail = None
+        return candidate
+    for index in range(len(candidate) - 1, -1, -1):
+        if budget <= 0:
+            break
+        child = candidate[index]
+        budget -= 1
+        candidate.remove(child)
+        if not schema.validate(stub):
+            candidate.insert(index, child)
+    for name in list(candidate.attrib):
+        if budget <= 0:
+            break
+        budget -= 1
+        value = candidate.attrib.pop(name)
+        if not schema.validate(stub):
+            candidate.set(name, value)
+    holder.remove(candidate)
+    return candidate
+
+
+_MEMOS: dict[int, _DeviceMemo] = {}
+
+
+def _accepts(schema: etree.RelaxNG, tree: etree._ElementTree) -> bool:
+    """schema.validate(tree), through the device memo when the domain's devices were all accepted before.
+
+    False always comes from validating `tree` itself, so schema.error_log then describes `tree`. The
+    tree's <devices> is swapped out and back while the memo answers: callers pass trees of their own
+    request (the rendered output, a domain being parsed), which no other thread reads meanwhile.
+    """
+    root = tree.getroot()
+    devices = root.find("devices") if root.tag == "domain" else None
+    if devices is None or len(devices) < _MEMO_MIN_DEVICES:
+        return bool(schema.validate(tree))
+    keys = [(d, etree.tostring(d, with_tail=False)) for d in devices if isinstance(d.tag, str)]
+    if any(b"xmlns" in key for _, key in keys):
+        return bool(schema.validate(tree))  # namespaced content: not moved around, validated as it is
+    memo = _MEMOS.setdefault(id(schema), _DeviceMemo())
+    known = all(key in memo.accepted for _, key in keys)
+    # the schema's shape is read (10 ms, once) only when the memo would first answer, not in a one-shot run
+    if known and _memo_sound() and memo.accepts_with_stand_ins(schema, tree, devices):
+        return True
+    if not schema.validate(tree):
+        return False
+    memo.remember(keys)
+    return True
 
 
 def _as_tree(doc: etree._ElementTree | etree._Element | bytes, source: str) -> etree._ElementTree:
@@ -224,7 +515,7 @@ def validate_input(tree: etree._ElementTree | etree._Element, source: str) -> No
     """Refuse a domain libvirt's schema rejects (with `RELAXED` applied): InputError, one line."""
     schema = _relaxed()
     doc = _as_tree(tree, source)
-    if schema is None or schema.validate(doc):
+    if schema is None or _accepts(schema, doc):
         return
     raise InputError(_message(schema, doc, source))
 
@@ -232,7 +523,7 @@ def validate_input(tree: etree._ElementTree | etree._Element, source: str) -> No
 def accepted_strictly(tree: etree._ElementTree | etree._Element) -> bool:
     """Whether libvirt's unmodified schema accepts the domain (True when the schema is not installed)."""
     schema = _strict()
-    return schema is None or bool(schema.validate(_as_tree(tree, "")))
+    return schema is None or _accepts(schema, _as_tree(tree, ""))
 
 
 def validate_complete(tree: etree._ElementTree | etree._Element, source: str, why_complete: str) -> None:
@@ -240,7 +531,7 @@ def validate_complete(tree: etree._ElementTree | etree._Element, source: str, wh
     InputError naming the rejected element, and the way to have the engine fill it instead."""
     schema = _strict()
     doc = _as_tree(tree, source)
-    if schema is None or schema.validate(doc):
+    if schema is None or _accepts(schema, doc):
         return
     raise InputError(
         f"{_message(schema, doc, source)}; the domain counts as complete ({why_complete}), so nothing is "
@@ -248,21 +539,30 @@ def validate_complete(tree: etree._ElementTree | etree._Element, source: str, wh
     )
 
 
-def validate_output(doc: etree._ElementTree | etree._Element | bytes, source: str) -> None:
+def validate_output(
+    doc: etree._ElementTree | etree._Element | bytes, source: str, printed: bytes | None = None
+) -> None:
     """Refuse to print a domain the unmodified schema rejects: OutputRejected, one line.
 
-    Given bytes, the printed text itself is parsed, so the line numbers are the output's own.
+    Given bytes, the printed text itself is parsed, so the line numbers are the output's own. Given the
+    rendered tree and the text printed from it (`printed`), the tree is validated as it is: parsing the
+    text again costs a fifth of the validation and tells the schema nothing new (the text is that tree,
+    serialised; indentation is whitespace the schema skips). Only a rejection parses `printed`, so the
+    message still names the printed text's lines, and it is that text's verdict which is reported.
     """
     schema = _strict()
-    tree = _as_tree(doc, source)
-    if schema is None or schema.validate(tree):
+    if schema is None:
         return
+    tree = _as_tree(doc, source)
+    if _accepts(schema, tree):
+        return
+    if printed is not None:
+        tree = _as_tree(printed, source)
+        if schema.validate(tree):
+            return
     raise OutputRejected(
         "virtpolicy would have printed a domain libvirt's schema rejects: " + _message(schema, tree, source)
     )
-
-
-_STUB = b"<domain type='kvm'><name>device</name><memory>1</memory><os><type>hvm</type></os><devices/></domain>"
 
 
 def validate_device(device: etree._Element, source: str) -> None:

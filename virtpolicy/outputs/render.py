@@ -157,7 +157,9 @@ class Renderer:
             self.elements[i] = twins.get(inst.element) if inst.element is not None else None
 
     def render(self) -> etree._ElementTree:
-        check_controllers(self.domain.devices_element, self.domain.source)  # before anything walks the buses
+        # made here if the app wrote none, and never replaced after: looked up once, not by every step
+        self.devices = self.domain.devices_element
+        check_controllers(self.devices, self.domain.source)  # before anything walks the buses
         if self.built.complete:
             return self._render_complete()
         self._domain_type_and_machine()
@@ -286,7 +288,7 @@ class Renderer:
     def _device(self, inst: Instance, element: etree._Element | None) -> etree._Element | None:
         values = {v: self.values[inst.var(v)] for v in inst.cls.variables}
         main = next(iter(values.values()))
-        devices = self.domain.devices_element
+        devices = self.devices
         if element is None:
             if main == "none" and not (inst.cls.explicit_none or self._implied(inst.cls.explicit_none_with)):
                 return None
@@ -346,7 +348,7 @@ class Renderer:
         model = self.values.get("agent.model", "none")
         if model == "none":
             return
-        devices = self.domain.devices_element
+        devices = self.devices
         controller = devices.find("controller[@type='virtio-serial']")
         if controller is None:
             el = etree.Element("controller", type="virtio-serial", index="0")
@@ -379,8 +381,9 @@ class Renderer:
             return  # libvirt places the devices (channel I/O, or a machine the engine has no rows for)
         layout = fixed_layout(family)  # pci.toml [fixed.FAMILY]
         placements = []
+        pci_devices = [d for d, _ in self.built.pci_devices]  # once, not once per instance
         for i, inst in enumerate(self.built.instances):
-            if inst not in [d for d, _ in self.built.pci_devices]:
+            if inst not in pci_devices:
                 continue
             slot = self.values[inst.var("slot")]
             element = pci_element(inst, self.root) if inst.cls.name == "agent" else self.device_elements.get(i)
@@ -394,14 +397,14 @@ class Renderer:
             elif inst.cls.name == "usb" and model in usb2_layouts():
                 usb2 = usb2_layouts()[model]
                 position = (layout.usb2_slots[0], usb2.function) if layout.usb2_slots else None
-                devices = self.domain.devices_element
+                devices = self.devices
                 companions = [c for m, _ in usb2.companions for c in devices.findall(f"controller[@model='{m}']")]
             elif inst.cls.name == "usb" and model == "piix3-uhci":
                 position = layout.piix3_usb
             placement = Placement(element, slot, int(self.values[inst.var("node")]), position, companions)
             placements.append(placement)
         builder = TopologyBuilder(
-            self.domain.devices_element,
+            self.devices,
             family,
             int(self.values["numa.cells"]),
             int(self.values["hotplug.ports"]),
@@ -424,21 +427,8 @@ class Renderer:
             position = metadata.index(old)
             tail = old.tail
             metadata.remove(old)
-        record = etree.Element(f"{{{VIRTPOLICY_NS}}}policy", nsmap={"virtpolicy": VIRTPOLICY_NS})
-        metadata.insert(position, record)
-        if old is not None:
-            record.tail = tail
-        record.set("version", __version__)
-        record.set("os", self.built.guest.id)
-        for sel in self.built.profiles:
-            etree.SubElement(
-                record,
-                f"{{{VIRTPOLICY_NS}}}applied",
-                name=sel.profile.name,
-                version=sel.profile.version,
-                digest=sel.profile.digest,
-                priority=str(sel.priority),
-            )
+        applied = [(s.profile.name, s.profile.version, s.profile.digest, str(s.priority)) for s in self.built.profiles]
+        decisions = []
         for name, decision in self.solution.decisions.items():
             reason = decision.reason.id if decision.reason is not None else "search order"
             if (
@@ -447,11 +437,75 @@ class Renderer:
                 and (reason.startswith("app:") or self.built.complete)
             ):
                 reason = previous[name][1]  # decided by an earlier solve: keep its reason (idempotence)
-            # one set() per attribute, in this order: about half the time of SubElement's keyword attributes
-            entry = etree.SubElement(record, DECISION_TAG)
-            entry.set("variable", name)
-            entry.set("value", decision.value)
-            entry.set("reason", reason)
+            decisions.append((name, decision.value, reason))
+        head = (__version__, self.built.guest.id)
+        try:
+            record = _parsed_record(head, applied, decisions)
+        except (TypeError, ValueError, etree.XMLSyntaxError):
+            record = _built_record(head, applied, decisions)  # a value XML cannot hold: lxml says so, as before
+        metadata.insert(position, record)
+        if old is not None:
+            record.tail = tail
+
+
+def _attr(value: str) -> str:
+    """`value` as attribute text the parser reads back exactly: &, < and " escaped, and the whitespace
+    characters it would normalise to spaces (tab, newline, carriage return) as character references."""
+    if not isinstance(value, str):
+        raise TypeError(value)
+    return (
+        value.replace("&", "&amp;")
+        .replace("<", "&lt;")
+        .replace('"', "&quot;")
+        .replace("\t", "&#9;")
+        .replace("\n", "&#10;")
+        .replace("\r", "&#13;")
+    )
+
+
+_RECORD_PARSER = etree.XMLParser(resolve_entities=False, no_network=True)
+
+
+def _parsed_record(
+    head: tuple[str, str], applied: list[tuple[str, str, str, str]], decisions: list[tuple[str, str, str]]
+) -> etree._Element:
+    """The <virtpolicy:policy> record, written as text and parsed in one call.
+
+    A domain's record holds an element per decision (three dozen for a typical VM, thousands for a big
+    one); made one by one, with an lxml call per attribute, it was a fifth of rendering. The text has
+    the attributes in the order _built_record sets them, so the tree, and every byte printed from it,
+    is the same.
+    """
+    parts = [f'<virtpolicy:policy xmlns:virtpolicy="{VIRTPOLICY_NS}" version="{_attr(head[0])}" os="{_attr(head[1])}">']
+    parts += [
+        f'<virtpolicy:applied name="{_attr(n)}" version="{_attr(v)}" digest="{_attr(d)}" priority="{_attr(p)}"/>'
+        for n, v, d, p in applied
+    ]
+    parts += [
+        f'<virtpolicy:decision variable="{_attr(n)}" value="{_attr(v)}" reason="{_attr(r)}"/>' for n, v, r in decisions
+    ]
+    parts.append("</virtpolicy:policy>")
+    return etree.fromstring("".join(parts), _RECORD_PARSER)
+
+
+def _built_record(
+    head: tuple[str, str], applied: list[tuple[str, str, str, str]], decisions: list[tuple[str, str, str]]
+) -> etree._Element:
+    """The record element by element: what _parsed_record gives, or lxml's own error for a value it refuses."""
+    record = etree.Element(f"{{{VIRTPOLICY_NS}}}policy", nsmap={"virtpolicy": VIRTPOLICY_NS})
+    record.set("version", head[0])
+    record.set("os", head[1])
+    for name, version, digest, priority in applied:
+        etree.SubElement(
+            record, f"{{{VIRTPOLICY_NS}}}applied", name=name, version=version, digest=digest, priority=priority
+        )
+    for name, value, reason in decisions:
+        # one set() per attribute, in this order: about half the time of SubElement's keyword attributes
+        entry = etree.SubElement(record, DECISION_TAG)
+        entry.set("variable", name)
+        entry.set("value", value)
+        entry.set("reason", reason)
+    return record
 
 
 DECISION_TAG = f"{{{VIRTPOLICY_NS}}}decision"

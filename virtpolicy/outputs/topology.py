@@ -23,10 +23,6 @@ from virtpolicy.knowledge.pci import bus_numbers, bus_rule, fixed_layout, root_p
 EXPANDER_HEADROOM = 4  # bus numbers kept free under each expander, for devices added to that cell later
 
 
-def _hex(n: int, width: int = 2) -> str:
-    return f"0x{n:0{width}x}"
-
-
 @dataclass
 class Placement:
     element: etree._Element
@@ -313,13 +309,24 @@ class TopologyBuilder:
                 self.devices.insert(0, el)
             self._last_controller = el
 
-    def _address(self, el: etree._Element, bus: int, slot: int, function: int = 0) -> None:
-        for old in el.findall("address"):
-            el.remove(old)
-        etree.SubElement(
-            el, "address", type="pci", domain="0x0000", bus=_hex(bus), slot=_hex(slot), function=_hex(function, 1)
-        )
-        self._link(bus, slot, function, self._node_of(el))
+    def _address(self, el: etree._Element, bus: int, slot: int, function: int = 0, new_bus: int | None = None) -> None:
+        """Give `el` the PCI address (bus, slot, function), replacing any it has.
+
+        `new_bus` is the index of the controller `el` when this builder has just made it: it has no
+        address yet and is that bus's graph node, which saves reading both back from the element.
+        """
+        if new_bus is None:
+            for old in el.findall("address"):
+                el.remove(old)
+        # one set() per attribute, in the order libvirt writes them: SubElement's keyword attributes cost
+        # about twice as much, and every placed device and new controller gets one
+        address = etree.SubElement(el, "address")
+        address.set("type", "pci")
+        address.set("domain", "0x0000")
+        address.set("bus", f"0x{bus:02x}")
+        address.set("slot", f"0x{slot:02x}")
+        address.set("function", f"0x{function:01x}")
+        self._link(bus, slot, function, self._node_of(el) if new_bus is None else ("bus", new_bus))
 
     def _controller(
         self,
@@ -335,16 +342,21 @@ class TopologyBuilder:
         index = self.next_index
         self.next_index += 1
         rule = bus_rule(model)
-        el = etree.Element("controller", type="pci", index=str(index), model=model)
-        etree.SubElement(el, "model", name=rule.model_name)
+        el = etree.Element("controller")  # attributes one set() each, as in _address
+        el.set("type", "pci")
+        el.set("index", str(index))
+        el.set("model", model)
+        etree.SubElement(el, "model").set("name", rule.model_name)
         attributes = {**rule.target_attributes(index, slot, function), **(target or {})}
         if attributes or node is not None:
-            t = etree.SubElement(el, "target", **attributes)
+            t = etree.SubElement(el, "target")
+            for name, value in attributes.items():
+                t.set(name, value)
             if node is not None:
                 etree.SubElement(t, "node").text = str(node)
         self._insert(el)
         self._add_bus(index, model, el)
-        self._address(el, parent, slot, function)
+        self._address(el, parent, slot, function, new_bus=index)
         return index
 
     def _root_port(self, parent: int) -> int:
