@@ -112,38 +112,32 @@ class GuestSource:
         what = f"{inst.prefix} ({inst.xpath})"
         if dev.virtio:
             self._guest_virtio(inst, var, value, dev)
-        elif dev.ids and not g.supports_any(dev.ids):
-            self._guest_forbid(
-                f"{name}={value}",
-                [(name, frozenset([value]))],
-                f"{g.short_id} has no driver for {dev.name or value} (osinfo-db lists none of its ids): "
-                f"{what} cannot be {value}",
-                ", ".join(dev.ids),
-                inst=inst,
-                value=value,
-            )
-        elif dev.assumed and self.ctx.arch in dev.not_on:
-            self._guest_forbid(
-                f"{name}={value}",
-                [(name, frozenset([value]))],
-                f"{g.short_id} on {self.ctx.arch} has no driver for {value}: {dev.assumed}; osinfo-db lists "
-                f"none (catalog.toml): {what} cannot be {value}",
-                "catalog.toml",
-                inst=inst,
-                value=value,
-            )
-        elif dev.supplement:
-            lack = self.ctx.catalog.lacks(g.short_id, dev.supplement)
-            if lack:
+        else:
+            missing = self._missing_driver(dev, value)
+            if missing is not None:
+                reason, source = missing
                 self._guest_forbid(
                     f"{name}={value}",
                     [(name, frozenset([value]))],
-                    f"{g.short_id} has no driver for {lack.name} ({lack.why}; osinfo-supplement.toml): "
-                    f"{what} cannot be {value}",
-                    "osinfo-supplement.toml",
+                    f"{g.short_id} {reason}: {what} cannot be {value}",
+                    source,
                     inst=inst,
                     value=value,
                 )
+
+    def _missing_driver(self, dev: GuestDevice, value: str) -> tuple[str, str] | None:
+        """Why the guest has no driver for a non-virtio value (and where that is known from), if it has none."""
+        g = self.ctx.guest
+        if dev.ids and not g.supports_any(dev.ids):
+            return f"has no driver for {dev.name or value} (osinfo-db lists none of its ids)", ", ".join(dev.ids)
+        if dev.assumed and self.ctx.arch in dev.not_on:
+            why = f"on {self.ctx.arch} has no driver for {value}: {dev.assumed}; osinfo-db lists none (catalog.toml)"
+            return why, "catalog.toml"
+        if dev.supplement:
+            lack = self.ctx.catalog.lacks(g.short_id, dev.supplement)
+            if lack:
+                return f"has no driver for {lack.name} ({lack.why}; osinfo-supplement.toml)", "osinfo-supplement.toml"
+        return None
 
     def _guest_virtio(self, inst: Instance, var: ClassVariable, value: str, dev: GuestDevice) -> None:
         g = self.ctx.guest
@@ -233,5 +227,3 @@ class GuestSource:
                         break
             found = self._modes_of[key] = (by_mode, rule_of)
         return found
-
-
