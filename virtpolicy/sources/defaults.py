@@ -6,10 +6,24 @@ drives it, q35, UEFI where the OS supports it), and the Hyper-V enlightenments f
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from virtpolicy.core.problem import Forbid, Provenance, Source, Strength
-from virtpolicy.knowledge.tables import engine_defaults
+from virtpolicy.knowledge.tables import Preference, engine_defaults
 from virtpolicy.sources.app import hyperv_written
 from virtpolicy.sources.context import BuildContext
+
+# id(preference) -> (that preference, its provenance, its recipes by (name, domains)): kept across builds, as
+# the tables and the shapes of typical domains repeat; a reloaded table's rows make their own entries
+_Recipe = tuple[tuple[str, tuple[str, ...], tuple[frozenset[str], ...], str, str], ...]
+_PREFERRED: dict[int, tuple[Preference, Provenance, dict[tuple[object, ...], _Recipe]]] = {}
+_RECIPES_PER_PREFERENCE = 4096  # a bound on what a stream of unusual domains can leave behind
+
+
+@lru_cache(maxsize=8192)
+def _rest(domain: tuple[str, ...], value: str) -> frozenset[str]:
+    """The rest of a domain: one set per (domain, value), shared by every preference over that domain."""
+    return frozenset(v for v in domain if v != value)
 
 
 class DefaultsSource:
@@ -31,44 +45,34 @@ class DefaultsSource:
 
     def prefer(self) -> None:
         prefs, _ = engine_defaults()
-        variables = self.ctx.problem.variables
-        # (domain, value) -> the rest of the domain: twenty disks share one domain, so one set serves them all
-        others: dict[tuple[tuple[str, ...], str], frozenset[str]] = {}
+        ctx = self.ctx
+        variables = ctx.problem.variables
         for pref in prefs:
-            if any(getattr(self.ctx.guest, k) not in v for k, v in pref.when_guest.items()):
+            if any(getattr(ctx.guest, k) not in v for k, v in pref.when_guest.items()):
                 continue
-            # one provenance per preference (frozen, so shared): a 40-device domain makes ~600 of these
-            prov = Provenance(Source.ENGINE, pref.id, pref.where, data=(("preference", pref.id),))
-            for mapping in self.ctx.expand([pref.variable, *pref.when]):
+            kept = _PREFERRED.get(id(pref))
+            if kept is None or kept[0] is not pref:
+                # one provenance per preference (frozen, so shared): a 40-device domain makes ~600 of these
+                prov = Provenance(Source.ENGINE, pref.id, pref.where, data=(("preference", pref.id),))
+                kept = _PREFERRED[id(pref)] = (pref, prov, {})
+            _, prov, recipes = kept
+            for mapping in ctx.expand([pref.variable, *pref.when]):
                 name = mapping[pref.variable]
                 if name not in variables:
                     continue
-                domain = variables[name].values
-                when = [(mapping[w], self.ctx.values(mapping[w], vals)) for w, vals in pref.when.items()]
-                group = f"{pref.id}:{name}"
-                # what _add_forbid would make of the `when` part, worked out once for all values (it is the
-                # same for each); a shape it does not cover (a missing or repeated variable) goes through it
-                names = [w for w, _ in when]
+                names = [mapping[w] for w in pref.when]
                 plain = name not in names and len(set(names)) == len(names) and all(w in variables for w in names)
-                if plain and any(not vals for _, vals in when):
-                    continue  # can never be violated, whatever the value
-                kept = [(w, vals) for w, vals in when if not vals.issuperset(variables[w].values)] if plain else []
-                kept_names = (*(w for w, _ in kept), name)
-                kept_sets = tuple(vals for _, vals in kept)
-                for value in pref.order:
-                    if value not in domain:
-                        continue
-                    rest = others.get((domain, value))
-                    if rest is None:
-                        rest = others[(domain, value)] = frozenset(v for v in domain if v != value)
-                    cid, message = f"{group}={value}", f"prefer {name} = {value}: {pref.why}"
-                    if not plain:
-                        self.ctx.forbid(cid, [*when, (name, rest)], message, prov, strength=Strength.SOFT, group=group)
-                    elif rest:  # else the domain is this value alone: never violated
-                        # `rest` never covers the domain (it lacks `value`), so it always stays
-                        self.ctx.forbid_sets(
-                            cid, kept_names, (*kept_sets, rest), message, prov, Strength.SOFT, 0, (), group
-                        )
+                if not plain:  # a shape the recipes do not cover (a missing or repeated variable): as it comes
+                    self._prefer_through_forbid(pref, prov, mapping, name)
+                    continue
+                key = (name, *names, variables[name].values, *(variables[w].values for w in names))
+                recipe = recipes.get(key)
+                if recipe is None:
+                    if len(recipes) >= _RECIPES_PER_PREFERENCE:
+                        recipes.clear()
+                    recipe = recipes[key] = self._recipe(pref, mapping, name)
+                for cid, kept_names, sets, message, group in recipe:
+                    ctx.forbid_sets(cid, kept_names, sets, message, prov, Strength.SOFT, 0, (), group)
         for feature in self.ctx.hyperv:
             name = f"hyperv.{feature.feature}"
             self.ctx.forbid(
@@ -79,6 +83,45 @@ class DefaultsSource:
                 strength=Strength.SOFT,
             )
         self._order_domains()
+
+    def _recipe(self, pref: Preference, mapping: dict[str, str], name: str) -> _Recipe:
+        """The soft Forbids of one preference over one instance, as forbid_sets' arguments in order.
+
+        What _add_forbid would make of the `when` part is worked out once for all values (it is the same for
+        each). It depends only on the names and the domains of the variables involved, which is the key
+        `prefer` keeps it under: twenty disks, and every request for the same typical VM, share it."""
+        variables = self.ctx.problem.variables
+        domain = variables[name].values
+        when = [(mapping[w], self.ctx.values(mapping[w], vals)) for w, vals in pref.when.items()]
+        if any(not vals for _, vals in when):
+            return ()  # can never be violated, whatever the value
+        kept = [(w, vals) for w, vals in when if not vals.issuperset(variables[w].values)]
+        kept_names = (*(w for w, _ in kept), name)
+        kept_sets = tuple(vals for _, vals in kept)
+        group = f"{pref.id}:{name}"
+        found = []
+        for value in pref.order:
+            if value not in domain:
+                continue
+            rest = _rest(domain, value)
+            if rest:  # else the domain is this value alone: never violated
+                # `rest` never covers the domain (it lacks `value`), so it always stays
+                cid, message = f"{group}={value}", f"prefer {name} = {value}: {pref.why}"
+                found.append((cid, kept_names, (*kept_sets, rest), message, group))
+        return tuple(found)
+
+    def _prefer_through_forbid(self, pref: Preference, prov: Provenance, mapping: dict[str, str], name: str) -> None:
+        """A preference whose `when` repeats a variable, names a missing one or the preferred one itself."""
+        domain = self.ctx.problem.variables[name].values
+        when = [(mapping[w], self.ctx.values(mapping[w], vals)) for w, vals in pref.when.items()]
+        group = f"{pref.id}:{name}"
+        for value in pref.order:
+            if value not in domain:
+                continue
+            cid, message = f"{group}={value}", f"prefer {name} = {value}: {pref.why}"
+            self.ctx.forbid(
+                cid, [*when, (name, _rest(domain, value))], message, prov, strength=Strength.SOFT, group=group
+            )
 
     def _order_domains(self) -> None:
         """Put each variable's preferred values first, so the first search already finds good witnesses."""
