@@ -449,19 +449,32 @@ class BuildContext:
         group: str = "",
     ) -> None:
         # Hot (a 40-device domain adds ~1,200 constraints through here), hence one plain loop per step.
-        variables = self.problem.variables
         if not conds:
             return  # a citation-only row
+        settled = self.settle(conds)
+        if settled is not None:
+            self.forbid_sets(cid, settled[0], settled[1], message, prov, strength, priority, cites, group)
+
+    def settle(
+        self, conds: list[tuple[str, frozenset[str]]]
+    ) -> tuple[tuple[str, ...], tuple[frozenset[str], ...]] | None:
+        """The (variables, sets) of the Forbid `forbid` makes of `conds`, or None when it makes none.
+
+        It depends only on the names, the sets and the variables' domains, so a source that meets the same
+        conditions on every build may keep the answer (sources.placement does)."""
+        variables = self.problem.variables
+        if not conds:
+            return None
         merged: dict[str, frozenset[str]] = {}
         for name, vals in conds:
             if name not in variables:
-                return  # a rule about variables this domain does not have
+                return None  # a rule about variables this domain does not have
             if not vals:
-                return  # can never be violated
+                return None  # can never be violated
             if name in merged:
                 vals = merged[name] & vals
                 if not vals:
-                    return
+                    return None
             merged[name] = vals
         # a condition covering the whole domain says nothing: leave it out (issuperset reads the tuple as is)
         kept = {}
@@ -470,7 +483,7 @@ class BuildContext:
                 kept[name] = vals
         if kept:
             merged = kept
-        self.forbid_sets(cid, tuple(merged), tuple(merged.values()), message, prov, strength, priority, cites, group)
+        return tuple(merged), tuple(merged.values())
 
     def forbid_sets(
         self,
