@@ -10,10 +10,33 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from virtpolicy.core.problem import Constraint, Provenance, Source
-from virtpolicy.inputs.host import DomainCaps
+from virtpolicy.inputs.host import DomainCaps, Host
 from virtpolicy.knowledge.machines import family_of
 from virtpolicy.knowledge.tables import host_enums
 from virtpolicy.sources.context import BuildContext
+
+_Lacking = dict[tuple[str, str], list[tuple[str, str, DomainCaps, tuple[str, ...]]]]
+# id(host) -> (that host, its answers of _caps_lacking by (arch, machine values, domain-type values)): the
+# host is held, so its id is not reused while it is here; a few hosts only (an engine's fleet is small, and
+# a host loaded per request must not pile up)
+_HOST_LACKING: dict[int, tuple[Host, dict[tuple[str, tuple[str, ...], tuple[str, ...]], _Lacking]]] = {}
+_HOSTS_KEPT = 16
+_ANSWERS_KEPT = 64  # per host: the machine and domain-type values a request can make are few
+
+
+def _lacking_on(host: Host, over: tuple[str, tuple[str, ...], tuple[str, ...]]) -> _Lacking:
+    kept = _HOST_LACKING.get(id(host))
+    if kept is None or kept[0] is not host:
+        if len(_HOST_LACKING) >= _HOSTS_KEPT:
+            _HOST_LACKING.clear()
+        kept = _HOST_LACKING[id(host)] = (host, {})
+    answers = kept[1]
+    found = answers.get(over)
+    if found is None:
+        if len(answers) >= _ANSWERS_KEPT:
+            answers.clear()
+        found = answers[over] = {}
+    return found
 
 
 class HostSource:
@@ -25,7 +48,7 @@ class HostSource:
         self._host_per_type: dict[str, list[Constraint]] = {}  # fact -> its per-virt-type constraints so far
         self._superseded: set[int] = set()  # ids of per-virt-type constraints a merged one replaced
         self._lacking: dict[tuple[str, str], list[tuple[str, str, DomainCaps, tuple[str, ...]]]] = {}
-        self._lacking_over: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # the values _lacking is for
+        self._lacking_over: tuple[str, tuple[str, ...], tuple[str, ...]] | None = None  # what _lacking is for
 
     def _caps(self) -> Iterator[tuple[str, str, DomainCaps | None]]:
         for fam in self.ctx.problem.variables["machine"].values:
@@ -99,12 +122,14 @@ class HostSource:
     def _caps_lacking(self, key: str, wanted: str) -> list[tuple[str, str, DomainCaps, tuple[str, ...]]]:
         """(machine, virt type, domcaps, enum) of every domcaps whose `key` enum lacks `wanted`.
 
-        Every device of a class asks the same question (20 disks: 20 times per value), so the answer is kept
-        for as long as the machine and domain-type values it was computed over stay the same.
+        Every device of a class asks the same question (20 disks: 20 times per value), and every request
+        to the same host again, so the answer is kept per host (its domcaps do not change once loaded) for
+        the architecture and the machine and domain-type values it was computed over.
         """
-        over = (self.ctx.problem.variables["machine"].values, self.ctx.problem.variables["domain.type"].values)
+        variables = self.ctx.problem.variables
+        over = (self.ctx.arch, variables["machine"].values, variables["domain.type"].values)
         if over != self._lacking_over:
-            self._lacking, self._lacking_over = {}, over
+            self._lacking, self._lacking_over = _lacking_on(self.ctx.host, over), over
         found = self._lacking.get((key, wanted))
         if found is None:
             found = []
