@@ -15,7 +15,10 @@ from virtpolicy.sources.context import BuildContext
 
 # id(preference) -> (that preference, its provenance, its recipes by (name, domains)): kept across builds, as
 # the tables and the shapes of typical domains repeat; a reloaded table's rows make their own entries
-_Recipe = tuple[tuple[str, tuple[str, ...], tuple[frozenset[str], ...], str, str], ...]
+# (id, variables, sets, message, group, what _order_domains reads of it) per soft Forbid
+_Recipe = tuple[
+    tuple[str, tuple[str, ...], tuple[frozenset[str], ...], str, str, tuple[tuple[str, str | None], ...]], ...
+]
 _PREFERRED: dict[int, tuple[Preference, Provenance, dict[tuple[object, ...], _Recipe]]] = {}
 _RECIPES_PER_PREFERENCE = 4096  # a bound on what a stream of unusual domains can leave behind
 
@@ -26,11 +29,20 @@ def _rest(domain: tuple[str, ...], value: str) -> frozenset[str]:
     return frozenset(v for v in domain if v != value)
 
 
+def _one_left(values: tuple[str, ...], forbidden: frozenset[str]) -> str | None:
+    """The one value of a domain a set leaves allowed, or None when it leaves none or several."""
+    allowed = [v for v in values if v not in forbidden]
+    return allowed[0] if len(allowed) == 1 else None
+
+
 class DefaultsSource:
     name = "defaults"
 
     def __init__(self, ctx: BuildContext) -> None:
         self.ctx = ctx
+        # position in the constraints -> what _order_domains reads of the recipe's Forbid there, worked
+        # out with its recipe (the domains are the recipe's key, and nothing changes them before it runs)
+        self._ones_at: dict[int, tuple[tuple[str, str | None], ...]] = {}
 
     def declare(self) -> None:
         _, features = engine_defaults()
@@ -71,7 +83,9 @@ class DefaultsSource:
                     if len(recipes) >= _RECIPES_PER_PREFERENCE:
                         recipes.clear()
                     recipe = recipes[key] = self._recipe(pref, mapping, name)
-                for cid, kept_names, sets, message, group in recipe:
+                constraints = ctx.problem.constraints
+                for cid, kept_names, sets, message, group, ones in recipe:
+                    self._ones_at[len(constraints)] = ones  # forbid_sets appends this one Forbid there
                     ctx.forbid_sets(cid, kept_names, sets, message, prov, Strength.SOFT, 0, (), group)
         for feature in self.ctx.hyperv:
             name = f"hyperv.{feature.feature}"
@@ -107,7 +121,13 @@ class DefaultsSource:
             if rest:  # else the domain is this value alone: never violated
                 # `rest` never covers the domain (it lacks `value`), so it always stays
                 cid, message = f"{group}={value}", f"prefer {name} = {value}: {pref.why}"
-                found.append((cid, kept_names, (*kept_sets, rest), message, group))
+                sets = (*kept_sets, rest)
+                ones = tuple(
+                    (n, _one_left(variables[n].values, f))
+                    for n, f in zip(kept_names, sets, strict=True)
+                    if len(variables[n].values) - len(f) <= 1
+                )
+                found.append((cid, kept_names, sets, message, group, ones))
         return tuple(found)
 
     def _prefer_through_forbid(self, pref: Preference, prov: Provenance, mapping: dict[str, str], name: str) -> None:
@@ -130,8 +150,16 @@ class DefaultsSource:
         # (domain, forbidden set) -> the one value left, or None: preferences share their sets (one per
         # domain and value), so twenty disks' preferences are worked out once
         only: dict[tuple[tuple[str, ...], frozenset[str]], str | None] = {}
-        for c in self.ctx.problem.constraints:
+        ones_at = self._ones_at
+        for index, c in enumerate(self.ctx.problem.constraints):
             if c.strength is Strength.HARD or not isinstance(c, Forbid):
+                continue
+            ones = ones_at.get(index)
+            if ones is not None:  # a preference's Forbid: its pairs were read with its recipe
+                for name, one in ones:
+                    order = preferred.setdefault(name, [])
+                    if one is not None and one not in order:
+                        order.append(one)
                 continue
             for name, forbidden in zip(c.variables, c.sets, strict=True):
                 values = variables[name].values
@@ -141,8 +169,7 @@ class DefaultsSource:
                 if key is not None and key in only:
                     one = only[key]
                 else:
-                    allowed = [v for v in values if v not in forbidden]
-                    one = allowed[0] if len(allowed) == 1 else None
+                    one = _one_left(values, forbidden)
                     if key is not None:
                         only[key] = one
                 order = preferred.setdefault(name, [])
