@@ -19,6 +19,14 @@ from virtpolicy.sources.context import BuildContext
 _Recipe = tuple[
     tuple[str, tuple[str, ...], tuple[frozenset[str], ...], str, str, tuple[tuple[str, str | None], ...]], ...
 ]
+# (id, variables, sets, message, provenance, group, what _order_domains reads of it or None) per soft Forbid
+_Planned = tuple[
+    str, tuple[str, ...], tuple[frozenset[str], ...], str, Provenance, str, tuple[tuple[str, str | None], ...] | None
+]
+_Plan = tuple[_Planned, ...]
+# DefaultsSource.prefer's plans by what they read, each with the table it was made from; bounded
+_PLANS: dict[tuple[object, ...], tuple[tuple[Preference, ...], _Plan]] = {}
+_PLANS_KEPT = 256
 _PREFERRED: dict[int, tuple[Preference, Provenance, dict[tuple[object, ...], _Recipe]]] = {}
 _RECIPES_PER_PREFERENCE = 4096  # a bound on what a stream of unusual domains can leave behind
 
@@ -58,7 +66,32 @@ class DefaultsSource:
     def prefer(self) -> None:
         prefs, _ = engine_defaults()
         ctx = self.ctx
+        # everything the preferences read: the guest facts their rows test, the instances they expand over,
+        # the variables and their domains, the Hyper-V features this build decides
+        key = (
+            tuple(getattr(ctx.guest, k) for pref in prefs for k in pref.when_guest),
+            tuple(i.prefix for i in ctx.instances),
+            tuple((n, v.values) for n, v in ctx.problem.variables.items()),
+            tuple(f.feature for f in ctx.hyperv),
+        )
+        kept = _PLANS.get(key)
+        if kept is None or kept[0] is not prefs:
+            if len(_PLANS) >= _PLANS_KEPT:
+                _PLANS.clear()
+            kept = _PLANS[key] = (prefs, self._plan(prefs))
+        constraints = ctx.problem.constraints
+        for cid, names, sets, message, prov, group, ones in kept[1]:
+            if ones is not None:
+                self._ones_at[len(constraints)] = ones  # forbid_sets appends this one Forbid there
+            ctx.forbid_sets(cid, names, sets, message, prov, Strength.SOFT, 0, (), group)
+        self._order_domains()
+
+    def _plan(self, prefs: tuple[Preference, ...]) -> _Plan:
+        """The soft Forbids of every preference, in order, as forbid_sets' arguments (the id before a
+        clash with an earlier one is settled): the same for every build with the same key (`prefer`)."""
+        ctx = self.ctx
         variables = ctx.problem.variables
+        plan: list[_Planned] = []
         for pref in prefs:
             if any(getattr(ctx.guest, k) not in v for k, v in pref.when_guest.items()):
                 continue
@@ -75,7 +108,7 @@ class DefaultsSource:
                 names = [mapping[w] for w in pref.when]
                 plain = name not in names and len(set(names)) == len(names) and all(w in variables for w in names)
                 if not plain:  # a shape the recipes do not cover (a missing or repeated variable): as it comes
-                    self._prefer_through_forbid(pref, prov, mapping, name)
+                    plan += self._prefer_through_forbid(pref, prov, mapping, name)
                     continue
                 key = (name, *names, variables[name].values, *(variables[w].values for w in names))
                 recipe = recipes.get(key)
@@ -83,20 +116,16 @@ class DefaultsSource:
                     if len(recipes) >= _RECIPES_PER_PREFERENCE:
                         recipes.clear()
                     recipe = recipes[key] = self._recipe(pref, mapping, name)
-                constraints = ctx.problem.constraints
                 for cid, kept_names, sets, message, group, ones in recipe:
-                    self._ones_at[len(constraints)] = ones  # forbid_sets appends this one Forbid there
-                    ctx.forbid_sets(cid, kept_names, sets, message, prov, Strength.SOFT, 0, (), group)
-        for feature in self.ctx.hyperv:
+                    plan.append((cid, kept_names, sets, message, prov, group, ones))
+        hyperv = Provenance(Source.ENGINE, "engine.hyperv", "engine-defaults.toml [[hyperv]]")
+        for feature in ctx.hyperv:
             name = f"hyperv.{feature.feature}"
-            self.ctx.forbid(
-                f"engine.hyperv:{name}=on",
-                [(name, frozenset(["off"]))],
-                f"prefer Hyper-V {feature.feature} on for Windows guests, where the host offers it",
-                Provenance(Source.ENGINE, "engine.hyperv", "engine-defaults.toml [[hyperv]]"),
-                strength=Strength.SOFT,
-            )
-        self._order_domains()
+            settled = ctx.settle([(name, frozenset(["off"]))])
+            if settled is not None:
+                message = f"prefer Hyper-V {feature.feature} on for Windows guests, where the host offers it"
+                plan.append((f"engine.hyperv:{name}=on", *settled, message, hyperv, "", None))
+        return tuple(plan)
 
     def _recipe(self, pref: Preference, mapping: dict[str, str], name: str) -> _Recipe:
         """The soft Forbids of one preference over one instance, as forbid_sets' arguments in order.
@@ -130,18 +159,22 @@ class DefaultsSource:
                 found.append((cid, kept_names, sets, message, group, ones))
         return tuple(found)
 
-    def _prefer_through_forbid(self, pref: Preference, prov: Provenance, mapping: dict[str, str], name: str) -> None:
+    def _prefer_through_forbid(
+        self, pref: Preference, prov: Provenance, mapping: dict[str, str], name: str
+    ) -> list[_Planned]:
         """A preference whose `when` repeats a variable, names a missing one or the preferred one itself."""
         domain = self.ctx.problem.variables[name].values
         when = [(mapping[w], self.ctx.values(mapping[w], vals)) for w, vals in pref.when.items()]
         group = f"{pref.id}:{name}"
+        found: list[_Planned] = []
         for value in pref.order:
             if value not in domain:
                 continue
-            cid, message = f"{group}={value}", f"prefer {name} = {value}: {pref.why}"
-            self.ctx.forbid(
-                cid, [*when, (name, _rest(domain, value))], message, prov, strength=Strength.SOFT, group=group
-            )
+            settled = self.ctx.settle([*when, (name, _rest(domain, value))])
+            if settled is not None:
+                message = f"prefer {name} = {value}: {pref.why}"
+                found.append((f"{group}={value}", *settled, message, prov, group, None))
+        return found
 
     def _order_domains(self) -> None:
         """Put each variable's preferred values first, so the first search already finds good witnesses."""
