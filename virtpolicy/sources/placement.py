@@ -8,6 +8,7 @@ so running out is a conflict that names the numbers rather than a libvirt define
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from lxml import etree
@@ -661,7 +662,7 @@ class PciPlanner:
         domain = self.ctx.problem.variables[name].values
         self.ctx.forbid(
             cid,
-            [(name, frozenset(v for v in domain if v != value))],
+            [(name, _rest(domain, value))],
             message,
             provenance,
             strength=Strength.SOFT,
@@ -670,8 +671,24 @@ class PciPlanner:
 
 
 def _provenance(row: Preference) -> Provenance:
-    """An engine-defaults.toml [[placement_prefer]] row as provenance: its id and file:line."""
-    return Provenance(Source.ENGINE, row.id, row.where, data=(("preference", row.id),))
+    """An engine-defaults.toml [[placement_prefer]] row as provenance: its id and file:line.
+
+    Made once per row (frozen, so shared): every device's slot and node preference asks for one."""
+    kept = _ROW_PROVENANCE.get(id(row))
+    if kept is not None and kept[0] is row:
+        return kept[1]
+    prov = Provenance(Source.ENGINE, row.id, row.where, data=(("preference", row.id),))
+    _ROW_PROVENANCE[id(row)] = (row, prov)  # the row is held, so its id is not reused
+    return prov
+
+
+_ROW_PROVENANCE: dict[int, tuple[Preference, Provenance]] = {}
+
+
+@lru_cache(maxsize=1024)
+def _rest(domain: tuple[str, ...], value: str) -> frozenset[str]:
+    """A domain but one value: the set a preference for that value forbids (one per domain and value)."""
+    return frozenset(v for v in domain if v != value)
 
 
 def _allowed_slots(
