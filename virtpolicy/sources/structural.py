@@ -6,7 +6,7 @@ and its citation in libvirt's or QEMU's source.
 
 from __future__ import annotations
 
-from virtpolicy.core.problem import AtMost, Strength
+from virtpolicy.core.problem import AtMost, Provenance, Strength
 from virtpolicy.knowledge.tables import StructuralRule, structural
 from virtpolicy.sources.context import BuildContext, structural_provenance
 
@@ -16,14 +16,77 @@ _KEPT: dict[tuple[object, ...], tuple[StructuralRule, _Settled]] = {}
 _KEPT_AT_MOST = 16384
 
 
+# (id, variables, sets, message, provenance, (value, limit) of an AtMost or None for a Forbid), in order
+_Planned = tuple[str, tuple[str, ...], tuple[frozenset[str], ...], str, Provenance, tuple[str, int] | None]
+# StructuralSource.constrain's plans by what the rows read, each with the table it was made from; bounded
+_PLANS: dict[tuple[object, ...], tuple[dict[str, StructuralRule], tuple[_Planned, ...]]] = {}
+_PLANS_KEPT = 256
+_LACKING: list[tuple[dict[str, StructuralRule], tuple[str, ...]]] = []  # _lacking_paths' answer, with its table
+
+
+def _lacking_paths(rules: dict[str, StructuralRule]) -> tuple[str, ...]:
+    """The children whose presence leaves an instance out of some row (`only_where_missing`)."""
+    if _LACKING and _LACKING[0][0] is rules:
+        return _LACKING[0][1]
+    paths = tuple(sorted({r.only_where_missing for r in rules.values() if r.only_where_missing}))
+    _LACKING[:] = [(rules, paths)]
+    return paths
+
+
 class StructuralSource:
     name = "structural"
 
     def __init__(self, ctx: BuildContext) -> None:
         self.ctx = ctx
+        self._plan: list[_Planned] = []  # what _rows adds, in order (see constrain)
 
     def constrain(self) -> None:
+        """The rows, as the plan kept for everything they read (worked out on the first request with that key),
+        then the app's `written` elements: a repeated request only adds the plan's constraints."""
         _, rules = structural()
+        ctx = self.ctx
+        key = (
+            ctx.arch,
+            tuple(i.prefix for i in ctx.instances),
+            tuple((n, v.values) for n, v in ctx.problem.variables.items()),
+            # the instances each `only_where_missing` row leaves out (their element has that child)
+            tuple(
+                tuple(i.prefix for i in ctx.instances if i.element is not None and i.element.find(path) is not None)
+                for path in _lacking_paths(rules)
+            ),
+        )
+        kept = _PLANS.get(key)
+        if kept is not None and kept[0] is rules:
+            for cid, names, sets, message, prov, at_most in kept[1]:
+                if at_most is None:
+                    ctx.forbid_sets(cid, names, sets, message, prov, Strength.HARD, 0, (), "")
+                else:
+                    ctx.problem.add(
+                        AtMost(
+                            id=cid,
+                            variables=names,
+                            message=message,
+                            provenance=prov,
+                            value=at_most[0],
+                            limit=at_most[1],
+                        )
+                    )
+        else:
+            self._plan = []
+            self._rows(rules)
+            if len(_PLANS) >= _PLANS_KEPT:
+                _PLANS.clear()
+            _PLANS[key] = (rules, tuple(self._plan))
+        self._written()
+
+    def _forbid(
+        self, cid: str, settled: tuple[tuple[str, ...], tuple[frozenset[str], ...]], message: str, prov: Provenance
+    ) -> None:
+        self._plan.append((cid, *settled, message, prov, None))
+        self.ctx.forbid_sets(cid, *settled, message, prov, Strength.HARD, 0, (), "")
+
+    def _rows(self, rules: dict[str, StructuralRule]) -> None:
+        """Every row (but the `written` ones) expanded over the instances, each constraint noted in the plan."""
         ctx = self.ctx
         variables = ctx.problem.variables
         for rule in rules.values():
@@ -37,14 +100,12 @@ class StructuralSource:
                 refs = list(rule.at_most["variables"])  # type: ignore[arg-type]
                 names = [i.var(r.split(".")[1]) for r in refs for i in by_class.get(r.split(".")[0], ())]
                 if names:
+                    value, limit = str(rule.at_most["value"]), int(rule.at_most["limit"])  # type: ignore[call-overload]
+                    cid = f"structural:{rule.id}"
+                    self._plan.append((cid, tuple(names), (), rule.text, prov, (value, limit)))
                     ctx.problem.add(
                         AtMost(
-                            id=f"structural:{rule.id}",
-                            variables=tuple(names),
-                            message=rule.text,
-                            provenance=prov,
-                            value=str(rule.at_most["value"]),
-                            limit=int(rule.at_most["limit"]),  # type: ignore[call-overload]
+                            id=cid, variables=tuple(names), message=rule.text, provenance=prov, value=value, limit=limit
                         )
                     )
                 continue
@@ -57,7 +118,7 @@ class StructuralSource:
                             conds.append((mapping[ref], frozenset(rule.forbid_values)))
                             found = self._keep(rule, mapping, f"structural:{rule.id}:{mapping[ref]}", conds)
                         if found[1] is not None:
-                            ctx.forbid_sets(found[0], *found[1], rule.text, prov, Strength.HARD, 0, (), "")
+                            self._forbid(found[0], found[1], rule.text, prov)
                 continue
             refs = list(rule.forbid) + list(rule.when) + list(rule.require)
             for mapping in ctx.expand(refs, rule.only_where_missing):
@@ -73,8 +134,7 @@ class StructuralSource:
                     cid = f"structural:{rule.id}" + (f":{suffix}" if suffix else "")
                     found = self._keep(rule, mapping, cid, conds)
                 if found[1] is not None:
-                    ctx.forbid_sets(found[0], *found[1], rule.text, prov, Strength.HARD, 0, (), "")
-        self._written()
+                    self._forbid(found[0], found[1], rule.text, prov)
 
     def _key(self, rule: StructuralRule, mapping: dict[str, str]) -> tuple[object, ...]:
         variables = self.ctx.problem.variables
