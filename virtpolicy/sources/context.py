@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from virtpolicy.core.solve import Solution
 
 VIRTIO_MODELS = ("virtio", "virtio-transitional", "virtio-non-transitional")
+# A source's plan of more constraints than this is not kept across builds: a domain that large rarely comes
+# again, and its plan would hold megabytes (a typical VM's plans are a few hundred entries in all)
+PLAN_ENTRIES_KEPT = 2048
 
 
 @dataclass(frozen=True)

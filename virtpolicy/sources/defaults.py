@@ -11,7 +11,7 @@ from functools import lru_cache
 from virtpolicy.core.problem import Forbid, Provenance, Source, Strength
 from virtpolicy.knowledge.tables import Preference, engine_defaults
 from virtpolicy.sources.app import hyperv_written
-from virtpolicy.sources.context import BuildContext
+from virtpolicy.sources.context import PLAN_ENTRIES_KEPT, BuildContext
 
 # id(preference) -> (that preference, its provenance, its recipes by (name, domains)): kept across builds, as
 # the tables and the shapes of typical domains repeat; a reloaded table's rows make their own entries
@@ -26,9 +26,9 @@ _Planned = tuple[
 _Plan = tuple[_Planned, ...]
 # DefaultsSource.prefer's plans by what they read, each with the table it was made from; bounded
 _PLANS: dict[tuple[object, ...], tuple[tuple[Preference, ...], _Plan]] = {}
-_PLANS_KEPT = 256
+_PLANS_KEPT = 32
 _PREFERRED: dict[int, tuple[Preference, Provenance, dict[tuple[object, ...], _Recipe]]] = {}
-_RECIPES_PER_PREFERENCE = 4096  # a bound on what a stream of unusual domains can leave behind
+_RECIPES_PER_PREFERENCE = 1024  # a bound on what a stream of unusual domains can leave behind
 
 
 @lru_cache(maxsize=8192)
@@ -76,9 +76,11 @@ class DefaultsSource:
         )
         kept = _PLANS.get(key)
         if kept is None or kept[0] is not prefs:
-            if len(_PLANS) >= _PLANS_KEPT:
-                _PLANS.clear()
-            kept = _PLANS[key] = (prefs, self._plan(prefs))
+            kept = (prefs, self._plan(prefs))
+            if len(kept[1]) <= PLAN_ENTRIES_KEPT:
+                if len(_PLANS) >= _PLANS_KEPT:
+                    _PLANS.clear()
+                _PLANS[key] = kept
         constraints = ctx.problem.constraints
         for cid, names, sets, message, prov, group, ones in kept[1]:
             if ones is not None:

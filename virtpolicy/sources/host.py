@@ -13,7 +13,7 @@ from virtpolicy.core.problem import Constraint, Provenance, Source, Strength
 from virtpolicy.inputs.host import DomainCaps, Host
 from virtpolicy.knowledge.machines import family_of
 from virtpolicy.knowledge.tables import HostEnum, host_enums
-from virtpolicy.sources.context import BuildContext
+from virtpolicy.sources.context import PLAN_ENTRIES_KEPT, BuildContext
 
 _Lacking = dict[tuple[str, str], list[tuple[str, str, DomainCaps, tuple[str, ...]]]]
 # id(host) -> (that host, its answers of _caps_lacking by (arch, machine values, domain-type values)): the
@@ -22,6 +22,7 @@ _Lacking = dict[tuple[str, str], list[tuple[str, str, DomainCaps, tuple[str, ...
 _HOST_LACKING: dict[int, tuple[Host, dict[tuple[str, tuple[str, ...], tuple[str, ...]], _Lacking]]] = {}
 _HOSTS_KEPT = 16
 _ANSWERS_KEPT = 64  # per host: the machine and domain-type values a request can make are few
+_PLANS_KEPT = 32  # per host: each plan's key holds every variable's domain
 
 
 # id(host) -> (that host, HostSource.constrain's plans by what they read); held and bounded as _HOST_LACKING
@@ -101,7 +102,9 @@ class HostSource:
             return
         self._plan = []
         self._constrain(rows)
-        if len(plans) >= _ANSWERS_KEPT:
+        if len(self._plan) > PLAN_ENTRIES_KEPT:
+            return
+        if len(plans) >= _PLANS_KEPT:
             plans.clear()
         plans[key] = (rows, tuple((cid, n, s, m, p, bool(sup)) for cid, n, s, m, p, sup in self._plan))
 

@@ -60,7 +60,7 @@ _SlotRecipe = tuple[tuple[str, tuple[str, ...], tuple[frozenset[str], ...], str]
 # PciPlanner._slot_types' answers by key, each with the [slots] table it was read from (a reloaded table's
 # answers are its own); bounded, so a stream of unusual domains cannot grow it without end
 _SLOT_RECIPES: dict[tuple[object, ...], tuple[dict[str, dict[str, list[str]]], _SlotRecipe]] = {}
-_SLOT_RECIPES_KEPT = 8192
+_SLOT_RECIPES_KEPT = 2048
 
 
 class PciPlanner:
@@ -206,9 +206,9 @@ class PciPlanner:
                 allowed = _allowed_slots(fam, row, kind, at)
                 settled = self.ctx.settle(
                     [
-                        (driver, frozenset([value])),
-                        ("machine", frozenset([fam])),
-                        (slot, frozenset(s for s in slot_values() if s not in allowed)),
+                        (driver, _just(value)),
+                        ("machine", _just(fam)),
+                        (slot, _slots_but(tuple(allowed))),
                     ]
                 )
                 if settled is not None:
@@ -683,6 +683,18 @@ def _provenance(row: Preference) -> Provenance:
 
 
 _ROW_PROVENANCE: dict[int, tuple[Preference, Provenance]] = {}
+
+
+@lru_cache(maxsize=1024)
+def _just(value: str) -> frozenset[str]:
+    """One value as a set, shared: the kept slot-type recipes hold thousands of these."""
+    return frozenset([value])
+
+
+@lru_cache(maxsize=256)
+def _slots_but(allowed: tuple[str, ...]) -> frozenset[str]:
+    """The slot types a device may not take, when it may take `allowed` (shared, as _just)."""
+    return frozenset(s for s in slot_values() if s not in allowed)
 
 
 @lru_cache(maxsize=1024)

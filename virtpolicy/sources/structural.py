@@ -8,19 +8,19 @@ from __future__ import annotations
 
 from virtpolicy.core.problem import AtMost, Provenance, Strength
 from virtpolicy.knowledge.tables import StructuralRule, structural
-from virtpolicy.sources.context import BuildContext, structural_provenance
+from virtpolicy.sources.context import PLAN_ENTRIES_KEPT, BuildContext, structural_provenance
 
 _Settled = tuple[str, tuple[tuple[str, ...], tuple[frozenset[str], ...]] | None]
 # (row id, names, their domains) -> (the row, what it made): StructuralSource._kept; bounded
 _KEPT: dict[tuple[object, ...], tuple[StructuralRule, _Settled]] = {}
-_KEPT_AT_MOST = 16384
+_KEPT_AT_MOST = 8192
 
 
 # (id, variables, sets, message, provenance, (value, limit) of an AtMost or None for a Forbid), in order
 _Planned = tuple[str, tuple[str, ...], tuple[frozenset[str], ...], str, Provenance, tuple[str, int] | None]
 # StructuralSource.constrain's plans by what the rows read, each with the table it was made from; bounded
 _PLANS: dict[tuple[object, ...], tuple[dict[str, StructuralRule], tuple[_Planned, ...]]] = {}
-_PLANS_KEPT = 256
+_PLANS_KEPT = 32
 _LACKING: list[tuple[dict[str, StructuralRule], tuple[str, ...]]] = []  # _lacking_paths' answer, with its table
 
 
@@ -74,9 +74,10 @@ class StructuralSource:
         else:
             self._plan = []
             self._rows(rules)
-            if len(_PLANS) >= _PLANS_KEPT:
-                _PLANS.clear()
-            _PLANS[key] = (rules, tuple(self._plan))
+            if len(self._plan) <= PLAN_ENTRIES_KEPT:
+                if len(_PLANS) >= _PLANS_KEPT:
+                    _PLANS.clear()
+                _PLANS[key] = (rules, tuple(self._plan))
         self._written()
 
     def _forbid(
