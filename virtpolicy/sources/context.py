@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from virtpolicy.core.solve import Solution
 
 VIRTIO_MODELS = ("virtio", "virtio-transitional", "virtio-non-transitional")
+# A source's plan of more constraints than this is not kept across builds: a domain that large rarely comes
+# again, and its plan would hold megabytes (a typical VM's plans are a few hundred entries in all)
+PLAN_ENTRIES_KEPT = 2048
 
 
 @dataclass(frozen=True)
@@ -67,12 +70,17 @@ class Instance:
     _xpath: str | None = field(default=None, init=False, repr=False, compare=False)
     _has_address: bool | None = field(default=None, init=False, repr=False, compare=False)
     _explicit: dict[str, Explicit | None] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _vars: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.prefix = self.cls.name if self.cls.singleton else f"{self.cls.name}[{self.index}]"
 
     def var(self, name: str) -> str:
-        return f"{self.prefix}.{name}"
+        """Kept per name: every source asks for the same few names of each instance (~400 asks a build)."""
+        found = self._vars.get(name)
+        if found is None:
+            found = self._vars[name] = f"{self.prefix}.{name}"
+        return found
 
     @property
     def xpath(self) -> str:
@@ -159,11 +167,22 @@ def read_explicit(element: etree._Element | None, variable: ClassVariable) -> Ex
 
 
 def structural_provenance(rule_id: str) -> Provenance:
-    """The provenance of a structural.toml row: its id, file:line and citation."""
+    """The provenance of a structural.toml row: its id, file:line and citation.
+
+    Made once per row (a Provenance is frozen, so builds share it): every build asks for ~45 of them. Kept
+    with the row it was made from, so a reloaded table makes its own."""
     rule = structural()[1][rule_id]
+    kept = _STRUCTURAL_PROVENANCE.get(rule_id)
+    if kept is not None and kept[0] is rule:
+        return kept[1]
     file, _, line = rule.where.rpartition(":")
     data = (("rule", rule.id), ("file", file), ("line", int(line or 0)))
-    return Provenance(Source.STRUCTURAL, rule.id, rule.where, rule.citation, data=data)
+    prov = Provenance(Source.STRUCTURAL, rule.id, rule.where, rule.citation, data=data)
+    _STRUCTURAL_PROVENANCE[rule_id] = (rule, prov)
+    return prov
+
+
+_STRUCTURAL_PROVENANCE: dict[str, tuple[StructuralRule, Provenance]] = {}
 
 
 @dataclass(frozen=True)
@@ -204,6 +223,31 @@ def written_facts(root: etree._Element) -> list[WrittenFact]:
 @cache
 def _compiled(xpath: str) -> etree.XPath:
     return etree.XPath(xpath)
+
+
+_EXPAND_PLANS: dict[tuple[str, ...], tuple[Catalog, list[str], list[tuple[str, str, str]]]] = {}
+
+
+def _expand_plan(cat: Catalog, refs: tuple[str, ...]) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """The multi-instance classes `refs` name (sorted) and each ref split into (ref, class, variable).
+
+    The same few hundred rule references are expanded on every build; their parse depends only on the
+    catalog, so it is kept per catalog (a reloaded catalog makes its own)."""
+    kept = _EXPAND_PLANS.get(refs)
+    if kept is not None and kept[0] is cat:
+        return kept[1], kept[2]
+    multi = sorted({r.split(".")[0] for r in refs if _is_multi(cat, r.split(".")[0])})
+    split = []
+    for r in refs:
+        cls, _, var = r.partition(".")
+        split.append((r, cls, var))
+    _EXPAND_PLANS[refs] = (cat, multi, split)
+    return multi, split
+
+
+def _is_multi(cat: Catalog, cls: str) -> bool:
+    c = cat.classes.get(cls)
+    return c is not None and not c.singleton
 
 
 def supplemented(guest: GuestOS, cat: Catalog) -> GuestOS:
@@ -346,8 +390,11 @@ class BuildContext:
 
         With `lacking`, only instances whose element has no such child count (e.g. cdroms without media).
         """
-        refs = list(refs)
-        multi = sorted({r.split(".")[0] for r in refs if self.is_multi(r.split(".")[0])})
+        refs = tuple(refs)
+        multi, split = _expand_plan(self.catalog, refs)
+        if not multi:
+            yield {r: r for r in refs}  # singletons and globals only: one mapping, the names themselves
+            return
         by_class = self.instances_by_class()
         per_class = [
             [
@@ -357,14 +404,15 @@ class BuildContext:
             ]
             for c in multi
         ]
-        if not multi:
-            yield {r: r for r in refs}  # singletons and globals only: one mapping, the names themselves
+        if len(multi) == 1:  # the common case: one class, one mapping per instance
+            for inst in per_class[0]:
+                name = inst.cls.name
+                yield {r: inst.var(var) if cls == name else r for r, cls, var in split}
             return
         for combo in itertools.product(*per_class):
             chosen = {i.cls.name: i for i in combo}
             mapping = {}
-            for r in refs:
-                cls, _, var = r.partition(".")
+            for r, cls, var in split:
                 mapping[r] = chosen[cls].var(var) if cls in chosen else r
             yield mapping
 
@@ -378,8 +426,7 @@ class BuildContext:
         return self._by_class
 
     def is_multi(self, cls: str) -> bool:
-        c = self.catalog.classes.get(cls)
-        return c is not None and not c.singleton
+        return _is_multi(self.catalog, cls)
 
     def values(self, variable: str, spec: Iterable[str]) -> frozenset[str]:
         """The values a rule's spec names (`["!none"]`: all but none), as one shared set per (domain, spec):
@@ -405,19 +452,32 @@ class BuildContext:
         group: str = "",
     ) -> None:
         # Hot (a 40-device domain adds ~1,200 constraints through here), hence one plain loop per step.
-        variables = self.problem.variables
         if not conds:
             return  # a citation-only row
+        settled = self.settle(conds)
+        if settled is not None:
+            self.forbid_sets(cid, settled[0], settled[1], message, prov, strength, priority, cites, group)
+
+    def settle(
+        self, conds: list[tuple[str, frozenset[str]]]
+    ) -> tuple[tuple[str, ...], tuple[frozenset[str], ...]] | None:
+        """The (variables, sets) of the Forbid `forbid` makes of `conds`, or None when it makes none.
+
+        It depends only on the names, the sets and the variables' domains, so a source that meets the same
+        conditions on every build may keep the answer (sources.placement does)."""
+        variables = self.problem.variables
+        if not conds:
+            return None
         merged: dict[str, frozenset[str]] = {}
         for name, vals in conds:
             if name not in variables:
-                return  # a rule about variables this domain does not have
+                return None  # a rule about variables this domain does not have
             if not vals:
-                return  # can never be violated
+                return None  # can never be violated
             if name in merged:
                 vals = merged[name] & vals
                 if not vals:
-                    return
+                    return None
             merged[name] = vals
         # a condition covering the whole domain says nothing: leave it out (issuperset reads the tuple as is)
         kept = {}
@@ -426,7 +486,7 @@ class BuildContext:
                 kept[name] = vals
         if kept:
             merged = kept
-        self.forbid_sets(cid, tuple(merged), tuple(merged.values()), message, prov, strength, priority, cites, group)
+        return tuple(merged), tuple(merged.values())
 
     def forbid_sets(
         self,
@@ -440,20 +500,12 @@ class BuildContext:
         cites: tuple[str, ...],
         group: str,
     ) -> None:
-        """The Forbid `_add_forbid` settled on, under an id of its own."""
-        if cid in self._ids:
+        """The Forbid `_add_forbid` settled on, under an id of its own.
+
+        Every name in `variables` is one of the problem's (forbid checked them, and so does the one other
+        caller, sources.defaults), so it is appended without Problem.add's check: ~200 a typical build."""
+        ids = self._ids
+        if cid in ids:
             cid = f"{cid}#{len(self.problem.constraints)}"
-        self._ids.add(cid)
-        self.problem.add(
-            Forbid(
-                id=cid,
-                variables=variables,
-                message=message,
-                provenance=prov,
-                strength=strength,
-                priority=priority,
-                cites=cites,
-                group=group,
-                sets=sets,
-            )
-        )
+        ids.add(cid)
+        self.problem.constraints.append(Forbid(cid, variables, message, prov, strength, priority, cites, group, sets))

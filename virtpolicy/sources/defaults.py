@@ -6,10 +6,41 @@ drives it, q35, UEFI where the OS supports it), and the Hyper-V enlightenments f
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from virtpolicy.core.problem import Forbid, Provenance, Source, Strength
-from virtpolicy.knowledge.tables import engine_defaults
+from virtpolicy.knowledge.tables import Preference, engine_defaults
 from virtpolicy.sources.app import hyperv_written
-from virtpolicy.sources.context import BuildContext
+from virtpolicy.sources.context import PLAN_ENTRIES_KEPT, BuildContext
+
+# id(preference) -> (that preference, its provenance, its recipes by (name, domains)): kept across builds, as
+# the tables and the shapes of typical domains repeat; a reloaded table's rows make their own entries
+# (id, variables, sets, message, group, what _order_domains reads of it) per soft Forbid
+_Recipe = tuple[
+    tuple[str, tuple[str, ...], tuple[frozenset[str], ...], str, str, tuple[tuple[str, str | None], ...]], ...
+]
+# (id, variables, sets, message, provenance, group, what _order_domains reads of it or None) per soft Forbid
+_Planned = tuple[
+    str, tuple[str, ...], tuple[frozenset[str], ...], str, Provenance, str, tuple[tuple[str, str | None], ...] | None
+]
+_Plan = tuple[_Planned, ...]
+# DefaultsSource.prefer's plans by what they read, each with the table it was made from; bounded
+_PLANS: dict[tuple[object, ...], tuple[tuple[Preference, ...], _Plan]] = {}
+_PLANS_KEPT = 32
+_PREFERRED: dict[int, tuple[Preference, Provenance, dict[tuple[object, ...], _Recipe]]] = {}
+_RECIPES_PER_PREFERENCE = 1024  # a bound on what a stream of unusual domains can leave behind
+
+
+@lru_cache(maxsize=8192)
+def _rest(domain: tuple[str, ...], value: str) -> frozenset[str]:
+    """The rest of a domain: one set per (domain, value), shared by every preference over that domain."""
+    return frozenset(v for v in domain if v != value)
+
+
+def _one_left(values: tuple[str, ...], forbidden: frozenset[str]) -> str | None:
+    """The one value of a domain a set leaves allowed, or None when it leaves none or several."""
+    allowed = [v for v in values if v not in forbidden]
+    return allowed[0] if len(allowed) == 1 else None
 
 
 class DefaultsSource:
@@ -17,6 +48,9 @@ class DefaultsSource:
 
     def __init__(self, ctx: BuildContext) -> None:
         self.ctx = ctx
+        # position in the constraints -> what _order_domains reads of the recipe's Forbid there, worked
+        # out with its recipe (the domains are the recipe's key, and nothing changes them before it runs)
+        self._ones_at: dict[int, tuple[tuple[str, str | None], ...]] = {}
 
     def declare(self) -> None:
         _, features = engine_defaults()
@@ -31,54 +65,118 @@ class DefaultsSource:
 
     def prefer(self) -> None:
         prefs, _ = engine_defaults()
-        variables = self.ctx.problem.variables
-        # (domain, value) -> the rest of the domain: twenty disks share one domain, so one set serves them all
-        others: dict[tuple[tuple[str, ...], str], frozenset[str]] = {}
+        ctx = self.ctx
+        # everything the preferences read: the guest facts their rows test, the instances they expand over,
+        # the variables and their domains, the Hyper-V features this build decides
+        key = (
+            tuple(getattr(ctx.guest, k) for pref in prefs for k in pref.when_guest),
+            tuple(i.prefix for i in ctx.instances),
+            tuple((n, v.values) for n, v in ctx.problem.variables.items()),
+            tuple(f.feature for f in ctx.hyperv),
+        )
+        kept = _PLANS.get(key)
+        if kept is None or kept[0] is not prefs:
+            kept = (prefs, self._plan(prefs))
+            if len(kept[1]) <= PLAN_ENTRIES_KEPT:
+                if len(_PLANS) >= _PLANS_KEPT:
+                    _PLANS.clear()
+                _PLANS[key] = kept
+        constraints = ctx.problem.constraints
+        for cid, names, sets, message, prov, group, ones in kept[1]:
+            if ones is not None:
+                self._ones_at[len(constraints)] = ones  # forbid_sets appends this one Forbid there
+            ctx.forbid_sets(cid, names, sets, message, prov, Strength.SOFT, 0, (), group)
+        self._order_domains()
+
+    def _plan(self, prefs: tuple[Preference, ...]) -> _Plan:
+        """The soft Forbids of every preference, in order, as forbid_sets' arguments (the id before a
+        clash with an earlier one is settled): the same for every build with the same key (`prefer`)."""
+        ctx = self.ctx
+        variables = ctx.problem.variables
+        plan: list[_Planned] = []
         for pref in prefs:
-            if any(getattr(self.ctx.guest, k) not in v for k, v in pref.when_guest.items()):
+            if any(getattr(ctx.guest, k) not in v for k, v in pref.when_guest.items()):
                 continue
-            # one provenance per preference (frozen, so shared): a 40-device domain makes ~600 of these
-            prov = Provenance(Source.ENGINE, pref.id, pref.where, data=(("preference", pref.id),))
-            for mapping in self.ctx.expand([pref.variable, *pref.when]):
+            kept = _PREFERRED.get(id(pref))
+            if kept is None or kept[0] is not pref:
+                # one provenance per preference (frozen, so shared): a 40-device domain makes ~600 of these
+                prov = Provenance(Source.ENGINE, pref.id, pref.where, data=(("preference", pref.id),))
+                kept = _PREFERRED[id(pref)] = (pref, prov, {})
+            _, prov, recipes = kept
+            for mapping in ctx.expand([pref.variable, *pref.when]):
                 name = mapping[pref.variable]
                 if name not in variables:
                     continue
-                domain = variables[name].values
-                when = [(mapping[w], self.ctx.values(mapping[w], vals)) for w, vals in pref.when.items()]
-                group = f"{pref.id}:{name}"
-                # what _add_forbid would make of the `when` part, worked out once for all values (it is the
-                # same for each); a shape it does not cover (a missing or repeated variable) goes through it
-                names = [w for w, _ in when]
+                names = [mapping[w] for w in pref.when]
                 plain = name not in names and len(set(names)) == len(names) and all(w in variables for w in names)
-                if plain and any(not vals for _, vals in when):
-                    continue  # can never be violated, whatever the value
-                kept = [(w, vals) for w, vals in when if not vals.issuperset(variables[w].values)] if plain else []
-                kept_names = (*(w for w, _ in kept), name)
-                kept_sets = tuple(vals for _, vals in kept)
-                for value in pref.order:
-                    if value not in domain:
-                        continue
-                    rest = others.get((domain, value))
-                    if rest is None:
-                        rest = others[(domain, value)] = frozenset(v for v in domain if v != value)
-                    cid, message = f"{group}={value}", f"prefer {name} = {value}: {pref.why}"
-                    if not plain:
-                        self.ctx.forbid(cid, [*when, (name, rest)], message, prov, strength=Strength.SOFT, group=group)
-                    elif rest:  # else the domain is this value alone: never violated
-                        # `rest` never covers the domain (it lacks `value`), so it always stays
-                        self.ctx.forbid_sets(
-                            cid, kept_names, (*kept_sets, rest), message, prov, Strength.SOFT, 0, (), group
-                        )
-        for feature in self.ctx.hyperv:
+                if not plain:  # a shape the recipes do not cover (a missing or repeated variable): as it comes
+                    plan += self._prefer_through_forbid(pref, prov, mapping, name)
+                    continue
+                key = (name, *names, variables[name].values, *(variables[w].values for w in names))
+                recipe = recipes.get(key)
+                if recipe is None:
+                    if len(recipes) >= _RECIPES_PER_PREFERENCE:
+                        recipes.clear()
+                    recipe = recipes[key] = self._recipe(pref, mapping, name)
+                for cid, kept_names, sets, message, group, ones in recipe:
+                    plan.append((cid, kept_names, sets, message, prov, group, ones))
+        hyperv = Provenance(Source.ENGINE, "engine.hyperv", "engine-defaults.toml [[hyperv]]")
+        for feature in ctx.hyperv:
             name = f"hyperv.{feature.feature}"
-            self.ctx.forbid(
-                f"engine.hyperv:{name}=on",
-                [(name, frozenset(["off"]))],
-                f"prefer Hyper-V {feature.feature} on for Windows guests, where the host offers it",
-                Provenance(Source.ENGINE, "engine.hyperv", "engine-defaults.toml [[hyperv]]"),
-                strength=Strength.SOFT,
-            )
-        self._order_domains()
+            settled = ctx.settle([(name, frozenset(["off"]))])
+            if settled is not None:
+                message = f"prefer Hyper-V {feature.feature} on for Windows guests, where the host offers it"
+                plan.append((f"engine.hyperv:{name}=on", *settled, message, hyperv, "", None))
+        return tuple(plan)
+
+    def _recipe(self, pref: Preference, mapping: dict[str, str], name: str) -> _Recipe:
+        """The soft Forbids of one preference over one instance, as forbid_sets' arguments in order.
+
+        What _add_forbid would make of the `when` part is worked out once for all values (it is the same for
+        each). It depends only on the names and the domains of the variables involved, which is the key
+        `prefer` keeps it under: twenty disks, and every request for the same typical VM, share it."""
+        variables = self.ctx.problem.variables
+        domain = variables[name].values
+        when = [(mapping[w], self.ctx.values(mapping[w], vals)) for w, vals in pref.when.items()]
+        if any(not vals for _, vals in when):
+            return ()  # can never be violated, whatever the value
+        kept = [(w, vals) for w, vals in when if not vals.issuperset(variables[w].values)]
+        kept_names = (*(w for w, _ in kept), name)
+        kept_sets = tuple(vals for _, vals in kept)
+        group = f"{pref.id}:{name}"
+        found = []
+        for value in pref.order:
+            if value not in domain:
+                continue
+            rest = _rest(domain, value)
+            if rest:  # else the domain is this value alone: never violated
+                # `rest` never covers the domain (it lacks `value`), so it always stays
+                cid, message = f"{group}={value}", f"prefer {name} = {value}: {pref.why}"
+                sets = (*kept_sets, rest)
+                ones = tuple(
+                    (n, _one_left(variables[n].values, f))
+                    for n, f in zip(kept_names, sets, strict=True)
+                    if len(variables[n].values) - len(f) <= 1
+                )
+                found.append((cid, kept_names, sets, message, group, ones))
+        return tuple(found)
+
+    def _prefer_through_forbid(
+        self, pref: Preference, prov: Provenance, mapping: dict[str, str], name: str
+    ) -> list[_Planned]:
+        """A preference whose `when` repeats a variable, names a missing one or the preferred one itself."""
+        domain = self.ctx.problem.variables[name].values
+        when = [(mapping[w], self.ctx.values(mapping[w], vals)) for w, vals in pref.when.items()]
+        group = f"{pref.id}:{name}"
+        found: list[_Planned] = []
+        for value in pref.order:
+            if value not in domain:
+                continue
+            settled = self.ctx.settle([*when, (name, _rest(domain, value))])
+            if settled is not None:
+                message = f"prefer {name} = {value}: {pref.why}"
+                found.append((f"{group}={value}", *settled, message, prov, group, None))
+        return found
 
     def _order_domains(self) -> None:
         """Put each variable's preferred values first, so the first search already finds good witnesses."""
@@ -87,8 +185,16 @@ class DefaultsSource:
         # (domain, forbidden set) -> the one value left, or None: preferences share their sets (one per
         # domain and value), so twenty disks' preferences are worked out once
         only: dict[tuple[tuple[str, ...], frozenset[str]], str | None] = {}
-        for c in self.ctx.problem.constraints:
+        ones_at = self._ones_at
+        for index, c in enumerate(self.ctx.problem.constraints):
             if c.strength is Strength.HARD or not isinstance(c, Forbid):
+                continue
+            ones = ones_at.get(index)
+            if ones is not None:  # a preference's Forbid: its pairs were read with its recipe
+                for name, one in ones:
+                    order = preferred.setdefault(name, [])
+                    if one is not None and one not in order:
+                        order.append(one)
                 continue
             for name, forbidden in zip(c.variables, c.sets, strict=True):
                 values = variables[name].values
@@ -98,8 +204,7 @@ class DefaultsSource:
                 if key is not None and key in only:
                     one = only[key]
                 else:
-                    allowed = [v for v in values if v not in forbidden]
-                    one = allowed[0] if len(allowed) == 1 else None
+                    one = _one_left(values, forbidden)
                     if key is not None:
                         only[key] = one
                 order = preferred.setdefault(name, [])

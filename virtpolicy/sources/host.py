@@ -9,11 +9,49 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import replace
 
-from virtpolicy.core.problem import Constraint, Provenance, Source
-from virtpolicy.inputs.host import DomainCaps
+from virtpolicy.core.problem import Constraint, Provenance, Source, Strength
+from virtpolicy.inputs.host import DomainCaps, Host
 from virtpolicy.knowledge.machines import family_of
-from virtpolicy.knowledge.tables import host_enums
-from virtpolicy.sources.context import BuildContext
+from virtpolicy.knowledge.tables import HostEnum, host_enums
+from virtpolicy.sources.context import PLAN_ENTRIES_KEPT, BuildContext
+
+_Lacking = dict[tuple[str, str], list[tuple[str, str, DomainCaps, tuple[str, ...]]]]
+# id(host) -> (that host, its answers of _caps_lacking by (arch, machine values, domain-type values)): the
+# host is held, so its id is not reused while it is here; a few hosts only (an engine's fleet is small, and
+# a host loaded per request must not pile up)
+_HOST_LACKING: dict[int, tuple[Host, dict[tuple[str, tuple[str, ...], tuple[str, ...]], _Lacking]]] = {}
+_HOSTS_KEPT = 16
+_ANSWERS_KEPT = 64  # per host: the machine and domain-type values a request can make are few
+_PLANS_KEPT = 32  # per host: each plan's key holds every variable's domain
+
+
+# id(host) -> (that host, HostSource.constrain's plans by what they read); held and bounded as _HOST_LACKING
+_HOST_PLANS: dict[int, tuple[Host, dict[tuple[object, ...], tuple[tuple[HostEnum, ...], _Plan]]]] = {}
+_Plan = tuple[tuple[str, tuple[str, ...], tuple[frozenset[str], ...], str, Provenance, bool], ...]
+
+
+def _plans_on(host: Host) -> dict[tuple[object, ...], tuple[tuple[HostEnum, ...], _Plan]]:
+    kept = _HOST_PLANS.get(id(host))
+    if kept is None or kept[0] is not host:
+        if len(_HOST_PLANS) >= _HOSTS_KEPT:
+            _HOST_PLANS.clear()
+        kept = _HOST_PLANS[id(host)] = (host, {})
+    return kept[1]
+
+
+def _lacking_on(host: Host, over: tuple[str, tuple[str, ...], tuple[str, ...]]) -> _Lacking:
+    kept = _HOST_LACKING.get(id(host))
+    if kept is None or kept[0] is not host:
+        if len(_HOST_LACKING) >= _HOSTS_KEPT:
+            _HOST_LACKING.clear()
+        kept = _HOST_LACKING[id(host)] = (host, {})
+    answers = kept[1]
+    found = answers.get(over)
+    if found is None:
+        if len(answers) >= _ANSWERS_KEPT:
+            answers.clear()
+        found = answers[over] = {}
+    return found
 
 
 class HostSource:
@@ -22,10 +60,12 @@ class HostSource:
     def __init__(self, ctx: BuildContext) -> None:
         self.ctx = ctx
         self._host_lacks: dict[str, dict[str, str]] = {}  # fact -> virt type -> file lacking it
-        self._host_per_type: dict[str, list[Constraint]] = {}  # fact -> its per-virt-type constraints so far
+        # fact -> its per-virt-type constraints so far, each with its plan entry
+        self._host_per_type: dict[str, list[tuple[Constraint, list[object]]]] = {}
+        self._plan: list[list[object]] = []  # every Forbid constrain makes, in order (see _forbid)
         self._superseded: set[int] = set()  # ids of per-virt-type constraints a merged one replaced
         self._lacking: dict[tuple[str, str], list[tuple[str, str, DomainCaps, tuple[str, ...]]]] = {}
-        self._lacking_over: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # the values _lacking is for
+        self._lacking_over: tuple[str, tuple[str, ...], tuple[str, ...]] | None = None  # what _lacking is for
 
     def _caps(self) -> Iterator[tuple[str, str, DomainCaps | None]]:
         for fam in self.ctx.problem.variables["machine"].values:
@@ -36,10 +76,56 @@ class HostSource:
         return self.ctx.host.source.rsplit("/", 1)[-1]
 
     def constrain(self) -> None:
+        """The host's facts, as the plan kept for this host and everything the facts read (worked out on the
+        first request with that key): a repeated request, the usual case, only appends the plan's Forbids."""
+        ctx = self.ctx
+        key = (
+            ctx.arch,
+            ctx.app_machine.value if ctx.app_machine is not None else None,
+            ctx.domain.vcpus,
+            tuple(i.prefix for i in ctx.instances),
+            tuple((n, v.values) for n, v in ctx.problem.variables.items()),
+            tuple((f.feature, f.domcaps) for f in ctx.hyperv),
+        )
+        plans = _plans_on(ctx.host)
+        rows = host_enums()
+        kept = plans.get(key)
+        if kept is not None and kept[0] is rows:
+            constraints = ctx.problem.constraints
+            dropped = set()
+            for cid, names, sets, message, prov, superseded in kept[1]:
+                ctx.forbid_sets(cid, names, sets, message, prov, Strength.HARD, 0, (), "")
+                if superseded:
+                    dropped.add(id(constraints[-1]))
+            if dropped:  # one pass, as the plan's first build did
+                ctx.problem.constraints = [c for c in constraints if id(c) not in dropped]
+            return
+        self._plan = []
+        self._constrain(rows)
+        if len(self._plan) > PLAN_ENTRIES_KEPT:
+            return
+        if len(plans) >= _PLANS_KEPT:
+            plans.clear()
+        plans[key] = (rows, tuple((cid, n, s, m, p, bool(sup)) for cid, n, s, m, p, sup in self._plan))
+
+    def _forbid(
+        self, cid: str, conds: list[tuple[str, frozenset[str]]], message: str, prov: Provenance
+    ) -> list[object] | None:
+        """ctx.forbid, noting the Forbid it makes in the plan (the entry, whose last item says whether a
+        merged fact superseded it), or None when it makes none."""
+        settled = self.ctx.settle(conds)
+        if settled is None:
+            return None
+        entry: list[object] = [cid, settled[0], settled[1], message, prov, False]
+        self._plan.append(entry)
+        self.ctx.forbid_sets(cid, settled[0], settled[1], message, prov, Strength.HARD, 0, (), "")
+        return entry
+
+    def _constrain(self, rows: tuple[HostEnum, ...]) -> None:
         offered = self.ctx.host.virt_types(self.ctx.arch)
         for vt in self.ctx.problem.variables["domain.type"].values:
             if vt not in offered:
-                self.ctx.forbid(
+                self._forbid(
                     f"host:domain-type:{vt}",
                     [("domain.type", frozenset([vt]))],
                     f"the host offers no '{vt}' domains for {self.ctx.arch} (it offers {', '.join(offered) or 'none'})",
@@ -49,7 +135,7 @@ class HostSource:
             if vt not in offered:
                 continue
             if caps is None:
-                self.ctx.forbid(
+                self._forbid(
                     f"host:machine:{fam}:{vt}",
                     [("machine", frozenset([fam])), ("domain.type", frozenset([vt]))],
                     f"the host describes no {fam} machine for {self.ctx.arch} {vt} domains",
@@ -65,7 +151,7 @@ class HostSource:
                     Provenance(Source.HOST, caps.source, f"vcpu max='{caps.vcpu_max}'"),
                 )
             self._host_lists_app_machine(fam, vt)
-        for row in host_enums():
+        for row in rows:
             for mapping in self.ctx.expand([row.variable]):
                 name = mapping[row.variable]
                 if name not in self.ctx.problem.variables:
@@ -99,12 +185,14 @@ class HostSource:
     def _caps_lacking(self, key: str, wanted: str) -> list[tuple[str, str, DomainCaps, tuple[str, ...]]]:
         """(machine, virt type, domcaps, enum) of every domcaps whose `key` enum lacks `wanted`.
 
-        Every device of a class asks the same question (20 disks: 20 times per value), so the answer is kept
-        for as long as the machine and domain-type values it was computed over stay the same.
+        Every device of a class asks the same question (20 disks: 20 times per value), and every request
+        to the same host again, so the answer is kept per host (its domcaps do not change once loaded) for
+        the architecture and the machine and domain-type values it was computed over.
         """
-        over = (self.ctx.problem.variables["machine"].values, self.ctx.problem.variables["domain.type"].values)
+        variables = self.ctx.problem.variables
+        over = (self.ctx.arch, variables["machine"].values, variables["domain.type"].values)
         if over != self._lacking_over:
-            self._lacking, self._lacking_over = {}, over
+            self._lacking, self._lacking_over = _lacking_on(self.ctx.host, over), over
         found = self._lacking.get((key, wanted))
         if found is None:
             found = []
@@ -135,16 +223,17 @@ class HostSource:
         lacking[vt] = prov.where
         offered = set(self.ctx.host.virt_types(self.ctx.arch)) & set(self.ctx.problem.variables["domain.type"].values)
         if set(lacking) >= offered:
-            self._superseded.update(id(c) for c in self._host_per_type.pop(key, []))
+            for c, entry in self._host_per_type.pop(key, []):
+                self._superseded.add(id(c))
+                entry[5] = True
             order = self.ctx.problem.variables["domain.type"].values
             files = tuple(dict.fromkeys(lacking[v] for v in order if v in lacking))
             merged = replace(prov, where=", ".join(files), data=(*prov.data, ("files", files)))
-            self.ctx.forbid(f"host:{key}", conds, message, merged)
+            self._forbid(f"host:{key}", conds, message, merged)
         else:
             one = replace(prov, data=(*prov.data, ("files", (prov.where,))))
-            count = len(self.ctx.problem.constraints)
-            self.ctx.forbid(
+            entry = self._forbid(
                 f"host:{key}:{vt}", [*conds, ("domain.type", frozenset([vt]))], f"{message} ({vt} domains)", one
             )
-            if len(self.ctx.problem.constraints) > count:
-                self._host_per_type.setdefault(key, []).append(self.ctx.problem.constraints[-1])
+            if entry is not None:
+                self._host_per_type.setdefault(key, []).append((self.ctx.problem.constraints[-1], entry))

@@ -8,6 +8,7 @@ so running out is a conflict that names the numbers rather than a libvirt define
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from lxml import etree
@@ -46,6 +47,20 @@ NOVA_DEFAULT_POLICY = "legacy"  # nova/objects/fields.py PCINUMAAffinityPolicy: 
 
 def cells_in(domain_root: etree._Element) -> int:
     return len(domain_root.findall("cpu/numa/cell"))
+
+
+_SLOT_TYPES = Provenance(
+    Source.STRUCTURAL,
+    "pci-slot-types",
+    "pci.toml",
+    "libvirt src/qemu/qemu_domain_address.c qemuDomainDeviceCalculatePCIConnectFlags",
+    data=(("rule", "pci-slot-types"), ("file", "pci.toml"), ("line", 0)),
+)
+_SlotRecipe = tuple[tuple[str, tuple[str, ...], tuple[frozenset[str], ...], str], ...]
+# PciPlanner._slot_types' answers by key, each with the [slots] table it was read from (a reloaded table's
+# answers are its own); bounded, so a stream of unusual domains cannot grow it without end
+_SLOT_RECIPES: dict[tuple[object, ...], tuple[dict[str, dict[str, list[str]]], _SlotRecipe]] = {}
+_SLOT_RECIPES_KEPT = 2048
 
 
 class PciPlanner:
@@ -116,15 +131,8 @@ class PciPlanner:
         return found
 
     def constrain(self) -> None:
-        p = self.ctx.problem
-        structural = Provenance(
-            Source.STRUCTURAL,
-            "pci-slot-types",
-            "pci.toml",
-            "libvirt src/qemu/qemu_domain_address.c qemuDomainDeviceCalculatePCIConnectFlags",
-            data=(("rule", "pci-slot-types"), ("file", "pci.toml"), ("line", 0)),
-        )
-        families = self._possible_families()
+        structural = _SLOT_TYPES
+        families = tuple(self._possible_families())
         for inst, var in self.devices:
             driver = inst.var(var)
             el = self.app_element(inst)
@@ -144,20 +152,8 @@ class PciPlanner:
                     )
                     self.ctx.add(_node_in_cells(inst.var("node")))
                     continue
-            for value in p.variables[driver].values:
-                row = self.slots[f"{inst.cls.name}.{var}"].get(value)
-                for fam in families:
-                    allowed = _allowed_slots(fam, row, kind, at)
-                    self.ctx.forbid(
-                        f"structural:pci-slot:{inst.var('slot')}:{value}:{fam}",
-                        [
-                            (driver, frozenset([value])),
-                            ("machine", frozenset([fam])),
-                            (inst.var("slot"), frozenset(s for s in slot_values() if s not in allowed)),
-                        ],
-                        f"{inst.prefix} as {value} on {fam} sits in a {' or '.join(allowed)} slot",
-                        structural,
-                    )
+            for cid, names, sets, message in self._slot_types(inst, var, driver, families, kind, at):
+                self.ctx.forbid_sets(cid, names, sets, message, structural, Strength.HARD, 0, (), "")
             # a device's node is a guest cell
             self.ctx.add(_node_in_cells(inst.var("node")))
         self._app_cells()
@@ -169,6 +165,59 @@ class PciPlanner:
             self._hotplug_slots()
         else:
             self._capacity()
+
+    def _slot_types(
+        self,
+        inst: Instance,
+        var: str,
+        driver: str,
+        families: tuple[str, ...],
+        kind: Addressing | None,
+        at: list[str] | None,
+    ) -> tuple[tuple[str, tuple[str, ...], tuple[frozenset[str], ...], str], ...]:
+        """The slot-type Forbids of one device, one per (value of its driver, machine family), as forbid_sets'
+        arguments in order.
+
+        They depend only on the device's names, the [slots] rows, the [[addressing]] kind, the slot types of
+        its address and the domains of the variables involved: every request for a typical VM asks the same
+        ~80 of them, so they are worked out once per such key and kept across builds."""
+        variables = self.ctx.problem.variables
+        slot = inst.var("slot")
+        domain = variables[driver].values
+        key = (
+            driver,
+            slot,
+            inst.cls.name,
+            var,
+            domain,
+            families,
+            variables["machine"].values if "machine" in variables else None,
+            variables[slot].values,
+            kind.takes if kind is not None else None,
+            tuple(at) if at is not None else None,
+        )
+        kept = _SLOT_RECIPES.get(key)
+        if kept is not None and kept[0] is self.slots:
+            return kept[1]
+        found = []
+        for value in domain:
+            row = self.slots[f"{inst.cls.name}.{var}"].get(value)
+            for fam in families:
+                allowed = _allowed_slots(fam, row, kind, at)
+                settled = self.ctx.settle(
+                    [
+                        (driver, _just(value)),
+                        ("machine", _just(fam)),
+                        (slot, _slots_but(tuple(allowed))),
+                    ]
+                )
+                if settled is not None:
+                    message = f"{inst.prefix} as {value} on {fam} sits in a {' or '.join(allowed)} slot"
+                    found.append((f"structural:pci-slot:{slot}:{value}:{fam}", *settled, message))
+        if len(_SLOT_RECIPES) >= _SLOT_RECIPES_KEPT:
+            _SLOT_RECIPES.clear()
+        recipe = _SLOT_RECIPES[key] = (self.slots, tuple(found))
+        return recipe[1]
 
     def _slot_rows_say_none(self, inst: Instance, var: str) -> bool:
         """Whether the [slots] row of the value the app wrote already puts the device in no PCI slot (a USB
@@ -613,7 +662,7 @@ class PciPlanner:
         domain = self.ctx.problem.variables[name].values
         self.ctx.forbid(
             cid,
-            [(name, frozenset(v for v in domain if v != value))],
+            [(name, _rest(domain, value))],
             message,
             provenance,
             strength=Strength.SOFT,
@@ -622,8 +671,36 @@ class PciPlanner:
 
 
 def _provenance(row: Preference) -> Provenance:
-    """An engine-defaults.toml [[placement_prefer]] row as provenance: its id and file:line."""
-    return Provenance(Source.ENGINE, row.id, row.where, data=(("preference", row.id),))
+    """An engine-defaults.toml [[placement_prefer]] row as provenance: its id and file:line.
+
+    Made once per row (frozen, so shared): every device's slot and node preference asks for one."""
+    kept = _ROW_PROVENANCE.get(id(row))
+    if kept is not None and kept[0] is row:
+        return kept[1]
+    prov = Provenance(Source.ENGINE, row.id, row.where, data=(("preference", row.id),))
+    _ROW_PROVENANCE[id(row)] = (row, prov)  # the row is held, so its id is not reused
+    return prov
+
+
+_ROW_PROVENANCE: dict[int, tuple[Preference, Provenance]] = {}
+
+
+@lru_cache(maxsize=1024)
+def _just(value: str) -> frozenset[str]:
+    """One value as a set, shared: the kept slot-type recipes hold thousands of these."""
+    return frozenset([value])
+
+
+@lru_cache(maxsize=256)
+def _slots_but(allowed: tuple[str, ...]) -> frozenset[str]:
+    """The slot types a device may not take, when it may take `allowed` (shared, as _just)."""
+    return frozenset(s for s in slot_values() if s not in allowed)
+
+
+@lru_cache(maxsize=1024)
+def _rest(domain: tuple[str, ...], value: str) -> frozenset[str]:
+    """A domain but one value: the set a preference for that value forbids (one per domain and value)."""
+    return frozenset(v for v in domain if v != value)
 
 
 def _allowed_slots(
