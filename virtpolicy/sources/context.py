@@ -9,10 +9,10 @@ No source holds another source or reaches into its state; sources.build runs the
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from lxml import etree
 
@@ -36,6 +36,32 @@ VIRTIO_MODELS = ("virtio", "virtio-transitional", "virtio-non-transitional")
 # A source's plan of more constraints than this is not kept across builds: a domain that large rarely comes
 # again, and its plan would hold megabytes (a typical VM's plans are a few hundred entries in all)
 PLAN_ENTRIES_KEPT = 2048
+V = TypeVar("V")
+
+
+class Kept(Generic[V]):
+    """What a source keeps across builds: answers that depend only on their key and on the table (or host)
+    they were worked out from. Each entry is held with that owner and answers only for it (by identity), so
+    a reloaded table or another host object works its own out; and each memo is bounded (emptied when full),
+    so a stream of unusual requests cannot make a long-running service grow."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._entries: dict[Hashable, tuple[object, V]] = {}
+
+    def get(self, key: Hashable, owner: object) -> V | None:
+        found = self._entries.get(key)
+        return found[1] if found is not None and found[0] is owner else None
+
+    def put(self, key: Hashable, owner: object, value: V) -> V:
+        if len(self._entries) >= self.limit:
+            self._entries.clear()
+        self._entries[key] = (owner, value)
+        return value
+
+    def get_or_make(self, key: Hashable, owner: object, make: Callable[[], V]) -> V:
+        found = self.get(key, owner)
+        return found if found is not None else self.put(key, owner, make())
 
 
 @dataclass(frozen=True)

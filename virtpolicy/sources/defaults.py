@@ -11,7 +11,7 @@ from functools import lru_cache
 from virtpolicy.core.problem import Forbid, Provenance, Source, Strength
 from virtpolicy.knowledge.tables import Preference, engine_defaults
 from virtpolicy.sources.app import hyperv_written
-from virtpolicy.sources.context import PLAN_ENTRIES_KEPT, BuildContext
+from virtpolicy.sources.context import PLAN_ENTRIES_KEPT, BuildContext, Kept
 
 # id(preference) -> (that preference, its provenance, its recipes by (name, domains)): kept across builds, as
 # the tables and the shapes of typical domains repeat; a reloaded table's rows make their own entries
@@ -25,8 +25,7 @@ _Planned = tuple[
 ]
 _Plan = tuple[_Planned, ...]
 # DefaultsSource.prefer's plans by what they read, each with the table it was made from; bounded
-_PLANS: dict[tuple[object, ...], tuple[tuple[Preference, ...], _Plan]] = {}
-_PLANS_KEPT = 32
+_PLANS: Kept[_Plan] = Kept(32)
 _PREFERRED: dict[int, tuple[Preference, Provenance, dict[tuple[object, ...], _Recipe]]] = {}
 _RECIPES_PER_PREFERENCE = 1024  # a bound on what a stream of unusual domains can leave behind
 
@@ -74,15 +73,13 @@ class DefaultsSource:
             tuple((n, v.values) for n, v in ctx.problem.variables.items()),
             tuple(f.feature for f in ctx.hyperv),
         )
-        kept = _PLANS.get(key)
-        if kept is None or kept[0] is not prefs:
-            kept = (prefs, self._plan(prefs))
-            if len(kept[1]) <= PLAN_ENTRIES_KEPT:
-                if len(_PLANS) >= _PLANS_KEPT:
-                    _PLANS.clear()
-                _PLANS[key] = kept
+        plan = _PLANS.get(key, prefs)
+        if plan is None:
+            plan = self._plan(prefs)
+            if len(plan) <= PLAN_ENTRIES_KEPT:
+                _PLANS.put(key, prefs, plan)
         constraints = ctx.problem.constraints
-        for cid, names, sets, message, prov, group, ones in kept[1]:
+        for cid, names, sets, message, prov, group, ones in plan:
             if ones is not None:
                 self._ones_at[len(constraints)] = ones  # forbid_sets appends this one Forbid there
             ctx.forbid_sets(cid, names, sets, message, prov, Strength.SOFT, 0, (), group)

@@ -13,45 +13,29 @@ from virtpolicy.core.problem import Constraint, Provenance, Source, Strength
 from virtpolicy.inputs.host import DomainCaps, Host
 from virtpolicy.knowledge.machines import family_of
 from virtpolicy.knowledge.tables import HostEnum, host_enums
-from virtpolicy.sources.context import PLAN_ENTRIES_KEPT, BuildContext
+from virtpolicy.sources.context import PLAN_ENTRIES_KEPT, BuildContext, Kept
 
 _Lacking = dict[tuple[str, str], list[tuple[str, str, DomainCaps, tuple[str, ...]]]]
 # id(host) -> (that host, its answers of _caps_lacking by (arch, machine values, domain-type values)): the
 # host is held, so its id is not reused while it is here; a few hosts only (an engine's fleet is small, and
 # a host loaded per request must not pile up)
-_HOST_LACKING: dict[int, tuple[Host, dict[tuple[str, tuple[str, ...], tuple[str, ...]], _Lacking]]] = {}
-_HOSTS_KEPT = 16
+_HOST_LACKING: Kept[Kept[_Lacking]] = Kept(16)
 _ANSWERS_KEPT = 64  # per host: the machine and domain-type values a request can make are few
 _PLANS_KEPT = 32  # per host: each plan's key holds every variable's domain
 
 
 # id(host) -> (that host, HostSource.constrain's plans by what they read); held and bounded as _HOST_LACKING
-_HOST_PLANS: dict[int, tuple[Host, dict[tuple[object, ...], tuple[tuple[HostEnum, ...], _Plan]]]] = {}
 _Plan = tuple[tuple[str, tuple[str, ...], tuple[frozenset[str], ...], str, Provenance, bool], ...]
+_HOST_PLANS: Kept[Kept[_Plan]] = Kept(16)
 
 
-def _plans_on(host: Host) -> dict[tuple[object, ...], tuple[tuple[HostEnum, ...], _Plan]]:
-    kept = _HOST_PLANS.get(id(host))
-    if kept is None or kept[0] is not host:
-        if len(_HOST_PLANS) >= _HOSTS_KEPT:
-            _HOST_PLANS.clear()
-        kept = _HOST_PLANS[id(host)] = (host, {})
-    return kept[1]
+def _plans_on(host: Host) -> Kept[_Plan]:
+    return _HOST_PLANS.get_or_make(id(host), host, lambda: Kept(_PLANS_KEPT))
 
 
 def _lacking_on(host: Host, over: tuple[str, tuple[str, ...], tuple[str, ...]]) -> _Lacking:
-    kept = _HOST_LACKING.get(id(host))
-    if kept is None or kept[0] is not host:
-        if len(_HOST_LACKING) >= _HOSTS_KEPT:
-            _HOST_LACKING.clear()
-        kept = _HOST_LACKING[id(host)] = (host, {})
-    answers = kept[1]
-    found = answers.get(over)
-    if found is None:
-        if len(answers) >= _ANSWERS_KEPT:
-            answers.clear()
-        found = answers[over] = {}
-    return found
+    answers = _HOST_LACKING.get_or_make(id(host), host, lambda: Kept(_ANSWERS_KEPT))
+    return answers.get_or_make(over, host, dict)
 
 
 class HostSource:
@@ -89,11 +73,11 @@ class HostSource:
         )
         plans = _plans_on(ctx.host)
         rows = host_enums()
-        kept = plans.get(key)
-        if kept is not None and kept[0] is rows:
+        kept = plans.get(key, rows)
+        if kept is not None:
             constraints = ctx.problem.constraints
             dropped = set()
-            for cid, names, sets, message, prov, superseded in kept[1]:
+            for cid, names, sets, message, prov, superseded in kept:
                 ctx.forbid_sets(cid, names, sets, message, prov, Strength.HARD, 0, (), "")
                 if superseded:
                     dropped.add(id(constraints[-1]))
@@ -104,9 +88,7 @@ class HostSource:
         self._constrain(rows)
         if len(self._plan) > PLAN_ENTRIES_KEPT:
             return
-        if len(plans) >= _PLANS_KEPT:
-            plans.clear()
-        plans[key] = (rows, tuple((cid, n, s, m, p, bool(sup)) for cid, n, s, m, p, sup in self._plan))
+        plans.put(key, rows, tuple((cid, n, s, m, p, bool(sup)) for cid, n, s, m, p, sup in self._plan))
 
     def _forbid(
         self, cid: str, conds: list[tuple[str, frozenset[str]]], message: str, prov: Provenance

@@ -35,7 +35,7 @@ from virtpolicy.knowledge.pci import (
     takes_slots,
 )
 from virtpolicy.knowledge.tables import Preference, placement_preferences
-from virtpolicy.sources.context import structural_provenance
+from virtpolicy.sources.context import Kept, structural_provenance
 from virtpolicy.sources.locality import Affinity, HostLocality
 
 if TYPE_CHECKING:
@@ -59,8 +59,7 @@ _SLOT_TYPES = Provenance(
 _SlotRecipe = tuple[tuple[str, tuple[str, ...], tuple[frozenset[str], ...], str], ...]
 # PciPlanner._slot_types' answers by key, each with the [slots] table it was read from (a reloaded table's
 # answers are its own); bounded, so a stream of unusual domains cannot grow it without end
-_SLOT_RECIPES: dict[tuple[object, ...], tuple[dict[str, dict[str, list[str]]], _SlotRecipe]] = {}
-_SLOT_RECIPES_KEPT = 2048
+_SLOT_RECIPES: Kept[_SlotRecipe] = Kept(2048)
 
 
 class PciPlanner:
@@ -196,9 +195,9 @@ class PciPlanner:
             kind.takes if kind is not None else None,
             tuple(at) if at is not None else None,
         )
-        kept = _SLOT_RECIPES.get(key)
-        if kept is not None and kept[0] is self.slots:
-            return kept[1]
+        kept = _SLOT_RECIPES.get(key, self.slots)
+        if kept is not None:
+            return kept
         found = []
         for value in domain:
             row = self.slots[f"{inst.cls.name}.{var}"].get(value)
@@ -214,10 +213,7 @@ class PciPlanner:
                 if settled is not None:
                     message = f"{inst.prefix} as {value} on {fam} sits in a {' or '.join(allowed)} slot"
                     found.append((f"structural:pci-slot:{slot}:{value}:{fam}", *settled, message))
-        if len(_SLOT_RECIPES) >= _SLOT_RECIPES_KEPT:
-            _SLOT_RECIPES.clear()
-        recipe = _SLOT_RECIPES[key] = (self.slots, tuple(found))
-        return recipe[1]
+        return _SLOT_RECIPES.put(key, self.slots, tuple(found))
 
     def _slot_rows_say_none(self, inst: Instance, var: str) -> bool:
         """Whether the [slots] row of the value the app wrote already puts the device in no PCI slot (a USB

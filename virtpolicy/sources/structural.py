@@ -8,19 +8,17 @@ from __future__ import annotations
 
 from virtpolicy.core.problem import AtMost, Provenance, Strength
 from virtpolicy.knowledge.tables import StructuralRule, structural
-from virtpolicy.sources.context import PLAN_ENTRIES_KEPT, BuildContext, structural_provenance
+from virtpolicy.sources.context import PLAN_ENTRIES_KEPT, BuildContext, Kept, structural_provenance
 
 _Settled = tuple[str, tuple[tuple[str, ...], tuple[frozenset[str], ...]] | None]
 # (row id, names, their domains) -> (the row, what it made): StructuralSource._kept; bounded
-_KEPT: dict[tuple[object, ...], tuple[StructuralRule, _Settled]] = {}
-_KEPT_AT_MOST = 8192
+_KEPT: Kept[_Settled] = Kept(8192)
 
 
 # (id, variables, sets, message, provenance, (value, limit) of an AtMost or None for a Forbid), in order
 _Planned = tuple[str, tuple[str, ...], tuple[frozenset[str], ...], str, Provenance, tuple[str, int] | None]
 # StructuralSource.constrain's plans by what the rows read, each with the table it was made from; bounded
-_PLANS: dict[tuple[object, ...], tuple[dict[str, StructuralRule], tuple[_Planned, ...]]] = {}
-_PLANS_KEPT = 32
+_PLANS: Kept[tuple[_Planned, ...]] = Kept(32)
 _LACKING: list[tuple[dict[str, StructuralRule], tuple[str, ...]]] = []  # _lacking_paths' answer, with its table
 
 
@@ -55,9 +53,9 @@ class StructuralSource:
                 for path in _lacking_paths(rules)
             ),
         )
-        kept = _PLANS.get(key)
-        if kept is not None and kept[0] is rules:
-            for cid, names, sets, message, prov, at_most in kept[1]:
+        kept = _PLANS.get(key, rules)
+        if kept is not None:
+            for cid, names, sets, message, prov, at_most in kept:
                 if at_most is None:
                     ctx.forbid_sets(cid, names, sets, message, prov, Strength.HARD, 0, (), "")
                 else:
@@ -75,9 +73,7 @@ class StructuralSource:
             self._plan = []
             self._rows(rules)
             if len(self._plan) <= PLAN_ENTRIES_KEPT:
-                if len(_PLANS) >= _PLANS_KEPT:
-                    _PLANS.clear()
-                _PLANS[key] = (rules, tuple(self._plan))
+                _PLANS.put(key, rules, tuple(self._plan))
         self._written()
 
     def _forbid(
@@ -93,9 +89,9 @@ class StructuralSource:
         for rule in rules.values():
             if rule.arches and ctx.arch not in rule.arches:
                 continue  # a fact of other architectures
-            prov = structural_provenance(rule.id)
             if rule.written:
                 continue  # expanded over the app's elements below
+            prov = structural_provenance(rule.id)
             if rule.at_most:
                 by_class = ctx.instances_by_class()
                 refs = list(rule.at_most["variables"])  # type: ignore[arg-type]
@@ -148,17 +144,12 @@ class StructuralSource:
 
         A row's conditions depend only on its names and their domains (its specs are the table's), so
         every request for a typical VM asks the same ~100 of them again."""
-        kept = _KEPT.get(self._key(rule, mapping))
-        return kept[1] if kept is not None and kept[0] is rule else None
+        return _KEPT.get(self._key(rule, mapping), rule)
 
     def _keep(
         self, rule: StructuralRule, mapping: dict[str, str], cid: str, conds: list[tuple[str, frozenset[str]]]
     ) -> _Settled:
-        if len(_KEPT) >= _KEPT_AT_MOST:
-            _KEPT.clear()
-        found = (cid, self.ctx.settle(conds) if conds else None)
-        _KEPT[self._key(rule, mapping)] = (rule, found)
-        return found
+        return _KEPT.put(self._key(rule, mapping), rule, (cid, self.ctx.settle(conds) if conds else None))
 
     def _written(self) -> None:
         """The app's element exists only on the machines (and architectures) its row allows."""
